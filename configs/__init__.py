@@ -1,0 +1,1 @@
+"""Data only: the bundled model registry (`models.toml`), shipped as package data."""

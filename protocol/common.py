@@ -1,0 +1,124 @@
+"""Messages and enums used on more than one socket direction.
+
+Every message is a frozen msgspec Struct tagged in the `type` field; the tag is
+also the `type` a `--json` consumer sees. A struct may belong to several
+direction unions (a `Hello` starts both worker and client connections), but a
+tag names exactly one struct across the whole protocol.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from bastion.protocol.errors import ErrorCode
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every wire message."""
+
+
+class Role(enum.Enum):
+    CLIENT = "client"
+    WORKER = "worker"
+    SANDBOX = "sandbox"
+
+
+class StopReason(enum.Enum):
+    STOP = "stop"  # end-of-generation token or a stop string
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # process spawned, no hello yet
+    LOADING = "loading"  # hello received, model loading
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+    DEAD = "dead"
+
+
+class Hello(Message, tag="hello"):
+    """First message of every connection, from the side that connects."""
+
+    protocol_version: int
+    role: Role
+    name: str = ""
+    pid: int = 0
+
+
+class HelloAccepted(Message, tag="hello_accepted"):
+    protocol_version: int
+    supervisor_pid: int
+
+
+class Heartbeat(Message, tag="heartbeat"):
+    """Sent both ways on the worker link. `progress` only ever grows while the
+    worker does useful work (tokens evaluated), so a stuck counter during a
+    generation means a hang even when heartbeats still arrive."""
+
+    seq: int
+    progress: int = 0
+    kv_tokens: int = 0
+    busy: bool = False
+
+
+class RequestFailed(Message, tag="error"):
+    """An error as data. `request_id` is empty when the failure is not tied to
+    a request (a malformed frame, a refused hello)."""
+
+    code: ErrorCode
+    message: str
+    request_id: str = ""
+    retryable: bool = False
+    retry_after_ms: int | None = None
+
+
+class Cancel(Message, tag="cancel"):
+    request_id: str
+
+
+class Shutdown(Message, tag="shutdown"):
+    request_id: str = ""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    seed: int | None = None
+    # Keep generating through end-of-generation tokens (benchmarks that need a
+    # fixed number of tokens).
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+
+
+class TokenDelta(Message, tag="token"):
+    """New text of a generation. `n` is the running count of generated tokens;
+    `text` may be empty while a multi-byte character is incomplete."""
+
+    request_id: str
+    text: str
+    n: int
+    tokens_per_s: float
+
+
+class GenerationStats(Message, tag="generation_stats"):
+    """Exactly one per generation that produced any result, before its end."""
+
+    request_id: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    ttft_ms: float
+    prefill_ms: float
+    decode_ms: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    kv_tokens: int

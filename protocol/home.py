@@ -1,0 +1,98 @@
+"""Where a bastion home keeps its state, and the socket endpoints derived from it.
+
+One home directory holds everything: `BASTION_HOME` if set, otherwise the
+platform's user data directory. The supervisor and every client derive the same
+paths from it, so agreeing on a home is agreeing on the sockets.
+
+Unix socket paths are limited to about 107 bytes. When the home is too deep for
+that, the sockets move to a short per-home directory under the system's runtime
+or temp directory, named by a hash of the home's path (still mode 0700).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import platformdirs
+
+HOME_ENV = "BASTION_HOME"
+_MAX_SOCKET_PATH = 100
+
+
+def default_home() -> Path:
+    configured = os.environ.get(HOME_ENV)
+    if configured:
+        return Path(configured).expanduser().absolute()
+    return Path(platformdirs.user_data_dir("bastion", appauthor=False))
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    root: Path
+
+    @classmethod
+    def from_env(cls) -> HomeLayout:
+        return cls(default_home())
+
+    @property
+    def runtime_dir(self) -> Path:
+        preferred = self.root / "run"
+        if len(str(preferred / "workers.sock")) <= _MAX_SOCKET_PATH:
+            return preferred
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:12]
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        return Path(base) / f"bastion-{os.getuid()}-{digest}"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime_dir / "control.sock"
+
+    @property
+    def workers_socket(self) -> Path:
+        return self.runtime_dir / "workers.sock"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.control_socket}"
+
+    @property
+    def workers_endpoint(self) -> str:
+        return f"ipc://{self.workers_socket}"
+
+    @property
+    def lock_file(self) -> Path:
+        """Held (flock, exclusive) by the running supervisor for its lifetime."""
+        return self.runtime_dir / "supervisor.lock"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.runtime_dir / "supervisor.pid"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def supervisor_log(self) -> Path:
+        return self.logs_dir / "supervisor.log"
+
+    @property
+    def models_dir(self) -> Path:
+        """Models assembled or converted by bastion (e.g. from chunked packages)."""
+        return self.root / "models"
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.toml"
+
+    def ensure(self) -> None:
+        """Create the home and a private runtime directory (mode 0700)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(exist_ok=True)
+        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # mkdir's mode is masked by umask and ignored for existing directories.
+        os.chmod(self.runtime_dir, 0o700)

@@ -1,0 +1,91 @@
+"""Messages between the supervisor and a model worker.
+
+The worker's DEALER connects to the supervisor's workers ROUTER and speaks first:
+
+    worker  -> Hello(role=worker, name=<worker id>)
+    supervisor -> HelloAccepted | RequestFailed(protocol_mismatch)
+    worker  -> WorkerReady | WorkerLoadFailed        (after loading the GGUF)
+    supervisor -> Generate ...; worker -> TokenDelta* GenerationStats GenerationFinished
+                                         | RequestFailed
+    both ways  Heartbeat every second
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from bastion.protocol.common import (
+    Cancel,
+    GenerationStats,
+    Heartbeat,
+    Hello,
+    HelloAccepted,
+    Message,
+    RequestFailed,
+    SamplingParams,
+    Shutdown,
+    StopReason,
+    TokenDelta,
+)
+from bastion.protocol.errors import ErrorCode
+
+
+class Generate(Message, tag="generate"):
+    """Generate a completion of `prompt` (already rendered by the supervisor).
+
+    `session_id` names whose KV state this is; the worker reuses the longest
+    common prefix with the state it holds and evaluates only the rest."""
+
+    request_id: str
+    session_id: str
+    prompt: str
+    sampling: SamplingParams = SamplingParams()
+
+
+class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker holds, sent once it has loaded its GGUF."""
+
+    name: str
+    path: str
+    architecture: str
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    n_params: int
+    threads: int
+    has_chat_template: bool
+    chat_template: str
+    bos_token: str
+    eos_token: str
+    file_size: int
+    load_ms: float
+    rss_bytes: int
+
+
+class WorkerReady(Message, tag="worker_ready"):
+    model: ModelDescription
+
+
+class WorkerLoadFailed(Message, tag="load_failed"):
+    code: ErrorCode
+    message: str
+
+
+class GenerationFinished(Message, tag="generation_finished"):
+    request_id: str
+    stop_reason: StopReason
+    completion_tokens: int
+    kv_tokens: int
+
+
+ToWorker = HelloAccepted | Heartbeat | Generate | Cancel | Shutdown | RequestFailed
+FromWorker = (
+    Hello
+    | WorkerReady
+    | WorkerLoadFailed
+    | Heartbeat
+    | TokenDelta
+    | GenerationStats
+    | GenerationFinished
+    | RequestFailed
+)

@@ -1,0 +1,174 @@
+"""Wire protocol: every message round-trips; bad frames are typed errors."""
+
+from __future__ import annotations
+
+import typing
+
+import msgspec
+import pytest
+
+from bastion.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ErrorCode,
+    GenerationStats,
+    Heartbeat,
+    Hello,
+    HelloAccepted,
+    ProtocolError,
+    RequestFailed,
+    Role,
+    SamplingParams,
+    Shutdown,
+    StopReason,
+    TokenDelta,
+    WorkerState,
+    client_codec,
+    supervisor_control_codec,
+    supervisor_worker_codec,
+    worker_codec,
+)
+from bastion.protocol.codec import all_tags
+from bastion.protocol.control import (
+    ControlEvent,
+    ControlRequest,
+    GetStatus,
+    ListModels,
+    LoadModel,
+    LoadProgress,
+    LoadStage,
+    ModelList,
+    ModelLoaded,
+    ModelStatus,
+    ModelUnloaded,
+    Run,
+    RunFinished,
+    RunStarted,
+    ShutdownStarted,
+    StatusReport,
+    UnloadModel,
+)
+from bastion.protocol.worker_wire import (
+    FromWorker,
+    Generate,
+    GenerationFinished,
+    ModelDescription,
+    ToWorker,
+    WorkerLoadFailed,
+    WorkerReady,
+)
+
+STATUS = ModelStatus(name="m", path="/m.gguf", state=WorkerState.IDLE, pid=42, n_ctx=4096, kv_tokens=7)
+DESCRIPTION = ModelDescription(
+    name="m", path="/m.gguf", architecture="llama", n_ctx=4096, n_ctx_train=8192, n_vocab=49152,
+    n_params=134_515_008, threads=2, has_chat_template=True, chat_template="{{ x }}", bos_token="<s>",
+    eos_token="</s>", file_size=1, load_ms=2.5, rss_bytes=3,
+)  # fmt: skip
+STATS = GenerationStats(
+    request_id="r", prompt_tokens=10, cached_tokens=4, completion_tokens=3, ttft_ms=1.0, prefill_ms=0.5,
+    decode_ms=2.0, prefill_tokens_per_s=12.0, decode_tokens_per_s=1500.0, kv_tokens=13,
+)  # fmt: skip
+
+SAMPLES: list[msgspec.Struct] = [
+    Hello(protocol_version=PROTOCOL_VERSION, role=Role.CLIENT, name="cli", pid=1),
+    HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=2),
+    Heartbeat(seq=3, progress=4, kv_tokens=5, busy=True),
+    RequestFailed(request_id="r", code=ErrorCode.BUSY, message="full", retryable=True, retry_after_ms=100),
+    Cancel(request_id="r"),
+    Shutdown(request_id="r"),
+    TokenDelta(request_id="r", text="hé", n=2, tokens_per_s=50.5),
+    STATS,
+    Generate(request_id="r", session_id="s", prompt="p", sampling=SamplingParams(seed=3, stop=("\n",))),
+    WorkerReady(model=DESCRIPTION),
+    WorkerLoadFailed(code=ErrorCode.INVALID_MODEL_FILE, message="not a gguf"),
+    GenerationFinished(request_id="r", stop_reason=StopReason.LENGTH, completion_tokens=3, kv_tokens=9),
+    Run(request_id="r", prompt="hi", model="smollm2-135m", system="be brief", sampling=SamplingParams(max_tokens=5)),
+    GetStatus(request_id="r"),
+    ListModels(request_id="r"),
+    LoadModel(request_id="r", model="gemma3-270m"),
+    UnloadModel(request_id="r", model="gemma3-270m"),
+    LoadProgress(request_id="r", model="m", stage=LoadStage.ASSEMBLING, done=5, total=10),
+    RunStarted(request_id="r", model="m", worker_pid=3, template="gguf"),
+    RunFinished(request_id="r", stop_reason=StopReason.CANCELLED),
+    ModelList(request_id="r", models=[STATUS]),
+    ModelLoaded(request_id="r", model=STATUS, already_loaded=True),
+    ModelUnloaded(request_id="r", name="m"),
+    StatusReport(request_id="r", pid=1, version="0.1", protocol_version=1, home="/h", control_endpoint="ipc://x",
+                 uptime_s=1.0, models_loaded=0, runs_active=0),
+    ShutdownStarted(request_id="r"),
+]
+
+DIRECTIONS = [
+    ("to_worker", ToWorker, supervisor_worker_codec, worker_codec),
+    ("from_worker", FromWorker, worker_codec, supervisor_worker_codec),
+    ("control_request", ControlRequest, client_codec, supervisor_control_codec),
+    ("control_event", ControlEvent, supervisor_control_codec, client_codec),
+]
+
+
+def members(union: object) -> set[type]:
+    return set(typing.get_args(union))
+
+
+def test_samples_cover_every_message_of_every_direction() -> None:
+    covered = {type(sample) for sample in SAMPLES}
+    for _, union, _, _ in DIRECTIONS:
+        assert members(union) <= covered
+
+
+def test_every_tag_names_exactly_one_struct() -> None:
+    structs = set().union(*(members(union) for _, union, _, _ in DIRECTIONS))
+    tags = [msgspec.inspect.type_info(cls).tag for cls in structs]
+    assert len(tags) == len(set(tags)) == len(all_tags())
+
+
+@pytest.mark.parametrize(("name", "union", "sender", "receiver"), DIRECTIONS, ids=[d[0] for d in DIRECTIONS])
+def test_every_message_round_trips(name, union, sender, receiver) -> None:
+    send, receive = sender(), receiver()
+    for sample in SAMPLES:
+        if type(sample) in members(union):
+            assert receive.decode(send.encode(sample)) == sample
+
+
+@pytest.mark.parametrize(("name", "union", "sender", "receiver"), DIRECTIONS, ids=[d[0] for d in DIRECTIONS])
+def test_message_of_another_direction_is_rejected_on_both_edges(name, union, sender, receiver) -> None:
+    send, receive = sender(), receiver()
+    raw = msgspec.msgpack.Encoder()
+    foreign = [s for s in SAMPLES if type(s) not in members(union)]
+    assert foreign
+    for sample in foreign:
+        with pytest.raises(ProtocolError) as sent:
+            send.encode(sample)
+        assert sent.value.code is ErrorCode.WRONG_DIRECTION
+        with pytest.raises(ProtocolError) as received:
+            receive.decode(raw.encode(sample))
+        assert received.value.code is ErrorCode.WRONG_DIRECTION, sample
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (b"\xc1garbage", ErrorCode.MALFORMED_MESSAGE),
+        (b"", ErrorCode.MALFORMED_MESSAGE),
+        (msgspec.msgpack.encode(Run(request_id="r", prompt="hello"))[:-3], ErrorCode.MALFORMED_MESSAGE),
+        (msgspec.msgpack.encode({"type": "teleport", "request_id": "r"}), ErrorCode.UNKNOWN_MESSAGE),
+        (msgspec.msgpack.encode({"type": "run", "request_id": 5, "prompt": "x"}), ErrorCode.MALFORMED_MESSAGE),
+        (msgspec.msgpack.encode([1, 2, 3]), ErrorCode.MALFORMED_MESSAGE),
+        (msgspec.msgpack.encode({"no_type": 1}), ErrorCode.MALFORMED_MESSAGE),
+    ],
+    ids=["garbage", "empty", "truncated", "unknown_tag", "wrong_field_type", "not_a_map", "untagged"],
+)
+def test_bad_frames_are_typed_errors(frame: bytes, code: ErrorCode) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        supervisor_control_codec().decode(frame)
+    assert caught.value.code is code
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility() -> None:
+    frame = msgspec.msgpack.encode({"type": "cancel", "request_id": "r", "added_in_v2": True})
+    assert supervisor_control_codec().decode(frame) == Cancel(request_id="r")
+
+
+def test_json_events_carry_their_type() -> None:
+    line = msgspec.json.encode(TokenDelta(request_id="r", text="a", n=1, tokens_per_s=2.0))
+    assert msgspec.json.decode(line) == {"type": "token", "request_id": "r", "text": "a", "n": 1, "tokens_per_s": 2.0}

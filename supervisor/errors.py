@@ -1,0 +1,45 @@
+"""The supervisor's exception tree.
+
+    SupervisorError(code, message)       every failure that may reach a client
+    ├── RegistryError                    a models registry/config file is invalid
+    ├── UnknownModelError                no such model name, and not a GGUF path
+    ├── InvalidModelFileError            the file is missing or not a GGUF
+    ├── ModelSourceError                 a package/chunk could not be located or assembled
+    └── TemplateError                    a chat template failed to render (or tried to escape)
+
+Each carries the `ErrorCode` a client sees, so the daemon turns any of them into
+a `RequestFailed` without guessing. Foreign exceptions are translated where they
+happen, with `raise ... from ...`.
+"""
+
+from __future__ import annotations
+
+from bastion.protocol import ErrorCode
+
+
+class SupervisorError(Exception):
+    code: ErrorCode = ErrorCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RegistryError(SupervisorError):
+    code = ErrorCode.INVALID_REQUEST
+
+
+class UnknownModelError(SupervisorError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class InvalidModelFileError(SupervisorError):
+    code = ErrorCode.INVALID_MODEL_FILE
+
+
+class ModelSourceError(SupervisorError):
+    code = ErrorCode.MODEL_LOAD_FAILED
+
+
+class TemplateError(SupervisorError):
+    code = ErrorCode.INVALID_REQUEST

@@ -1,0 +1,238 @@
+"""The models bastion knows by name, and what a name (or a path) the user gives resolves to.
+
+Owns `ModelSpec`, the registry file format and `ModelRegistry`. The registry
+is the bundled `bastion.configs/models.toml` overlaid by the user's
+`<home>/config.toml` (only its `default` key and `[models.*]` tables; the rest of
+that file belongs to other parts of the supervisor). A user entry that names a
+source (`source` or `path`) replaces the bundled entry of that name; one that
+names none adjusts the bundled entry field by field.
+
+Every problem in either file is a RegistryError naming the file, the line when
+it is known, and the key path (`models.foo.n_ctx`). Locating and assembling the
+GGUF a spec points at is model_sources.py's job; lookup only checks that a
+path given on the command line is a GGUF.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from bastion.protocol import HomeLayout
+from bastion.supervisor.errors import RegistryError, UnknownModelError
+from bastion.supervisor.model_sources import LocalPath, ModelSource, read_gguf_header
+from bastion.supervisor.prompt import BuiltinTemplate
+
+DEFAULT_N_CTX = 4096
+_BUNDLED_PACKAGE = "bastion.configs"
+_BUNDLED_FILE = "models.toml"
+# Names must not look like paths: lookup() treats those as files.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+
+
+class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    source: ModelSource
+    n_ctx: int = DEFAULT_N_CTX
+    threads: int | None = None  # None: the worker picks
+    template: BuiltinTemplate | None = None  # None: the GGUF's own, else by architecture
+    description: str = ""
+
+
+class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One `[models.<name>]` table as written; UNSET marks what the file left out."""
+
+    source: ModelSource | UnsetType = UNSET
+    path: str | UnsetType = UNSET
+    n_ctx: Annotated[int, msgspec.Meta(ge=16)] | UnsetType = UNSET
+    threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | UnsetType = UNSET
+    template: BuiltinTemplate | UnsetType = UNSET
+    description: str | UnsetType = UNSET
+
+
+class _Layer(msgspec.Struct, frozen=True, kw_only=True):
+    """What one file contributes."""
+
+    file: str
+    text: str
+    default: str | None
+    entries: dict[str, _Entry]
+
+
+class ModelRegistry:
+    def __init__(self, models: Mapping[str, ModelSpec], default_name: str) -> None:
+        if default_name not in models:
+            raise RegistryError(f"default model {default_name!r} is not among {sorted(models)}")
+        self._models = dict(models)
+        self.default_name = default_name
+
+    @classmethod
+    def load(cls, layout: HomeLayout) -> ModelRegistry:
+        """The bundled registry overlaid by `layout.config_file` (if it exists)."""
+        bundled = resources.files(_BUNDLED_PACKAGE).joinpath(_BUNDLED_FILE)
+        layers = [_read_layer(str(bundled), bundled.read_text(encoding="utf-8"), user=False)]
+        try:
+            user_text = layout.config_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError) as exc:
+            raise RegistryError(f"{layout.config_file}: cannot read: {exc}") from exc
+        else:
+            layers.append(_read_layer(str(layout.config_file), user_text, user=True))
+        return _merge(layers)
+
+    def names(self) -> list[str]:
+        return sorted(self._models)
+
+    def specs(self) -> list[ModelSpec]:
+        return [self._models[name] for name in self.names()]
+
+    def lookup(self, name_or_path: str | None) -> ModelSpec:
+        """None: the default model; a registry name: its spec; a path to a .gguf: an ad-hoc spec.
+
+        Raises UnknownModelError (listing the known names), or InvalidModelFileError
+        for a path that is missing or not a GGUF."""
+        if name_or_path is None:
+            return self._models[self.default_name]
+        if name_or_path in self._models:
+            return self._models[name_or_path]
+        if "/" in name_or_path or name_or_path.endswith(".gguf"):
+            path = Path(name_or_path).expanduser().absolute()
+            read_gguf_header(path)
+            return ModelSpec(name=path.stem, source=LocalPath(path=str(path)))
+        raise UnknownModelError(
+            f"unknown model {name_or_path!r}; known models: {', '.join(self.names())} "
+            "(or give the path of a .gguf file)"
+        )
+
+
+def _read_layer(file: str, text: str, *, user: bool) -> _Layer:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{file}: invalid TOML: {exc}") from exc
+    if not user:
+        unknown = sorted(set(doc) - {"default", "models"})
+        if unknown:
+            raise RegistryError(f"{file}: unknown top-level key {unknown[0]!r}")
+    default = doc.get("default")
+    if default is not None and not isinstance(default, str):
+        raise RegistryError(f"{_where(file, text, (), 'default')}: default: expected a model name (a string)")
+    models = doc.get("models", {})
+    if not isinstance(models, dict):
+        where = _where(file, text, (), "models")
+        raise RegistryError(f"{where}: models: expected a table of [models.<name>]")
+    entries = {name: _entry(file, text, name, raw) for name, raw in models.items()}
+    return _Layer(file=file, text=text, default=default, entries=entries)
+
+
+def _entry(file: str, text: str, name: str, raw: Any) -> _Entry:
+    if not _NAME.match(name) or name.endswith(".gguf"):
+        raise RegistryError(
+            f"{_where(file, text, ('models', name), None)}: models.{name}: a model name is letters, digits "
+            "and . _ : + - (starting with a letter or digit), and must not end in .gguf"
+        )
+    try:
+        entry = msgspec.convert(raw, type=_Entry)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.n_ctx`".
+        detail, _, at = str(exc).partition(" - at `$")
+        at = at.rstrip("`")
+        unknown = re.search(r"unknown field `(.+?)`", detail)
+        if unknown:
+            at = f"{at}.{unknown.group(1)}"
+        leaf = re.split(r"[.\[]", at.lstrip("."))[0] or None
+        where = _where(file, text, ("models", name), leaf)
+        raise RegistryError(f"{where}: models.{name}{at}: {detail}") from exc
+    if isinstance(entry.path, str):
+        path = Path(entry.path).expanduser()
+        # Relative paths are relative to the file that names them, not to the cwd.
+        resolved = path if path.is_absolute() else Path(file).parent / path
+        entry = msgspec.structs.replace(entry, path=str(resolved))
+    return entry
+
+
+def _merge(layers: list[_Layer]) -> ModelRegistry:
+    entries: dict[str, _Entry] = {}
+    origin: dict[str, _Layer] = {}
+    default: tuple[str, _Layer] | None = None
+    for layer in layers:
+        for name, entry in layer.entries.items():
+            entries[name] = _overlay(entries.get(name), entry)
+            origin[name] = layer
+        if layer.default is not None:
+            default = (layer.default, layer)
+    specs = {name: _spec(name, entry, origin[name]) for name, entry in entries.items()}
+    if default is None:
+        raise RegistryError(f"{layers[0].file}: no `default` model is set")
+    name, layer = default
+    if name not in specs:
+        raise RegistryError(
+            f"{_where(layer.file, layer.text, (), 'default')}: default = {name!r} names no model; "
+            f"known models: {', '.join(sorted(specs))}"
+        )
+    return ModelRegistry(specs, name)
+
+
+def _overlay(base: _Entry | None, top: _Entry) -> _Entry:
+    if base is None:
+        return top
+    changes = {f: v for f in top.__struct_fields__ if (v := getattr(top, f)) is not UNSET}
+    if "source" in changes or "path" in changes:
+        base = msgspec.structs.replace(base, source=UNSET, path=UNSET)
+    return msgspec.structs.replace(base, **changes)
+
+
+def _spec(name: str, entry: _Entry, layer: _Layer) -> ModelSpec:
+    where = _where(layer.file, layer.text, ("models", name), None)
+    source: ModelSource
+    if not isinstance(entry.source, UnsetType) and not isinstance(entry.path, UnsetType):
+        raise RegistryError(f"{where}: models.{name}: give `source` or `path`, not both")
+    if not isinstance(entry.source, UnsetType):
+        source = entry.source
+    elif not isinstance(entry.path, UnsetType):
+        source = LocalPath(path=entry.path)
+    else:
+        raise RegistryError(f"{where}: models.{name}: no `source` or `path` says where its GGUF is")
+    return ModelSpec(
+        name=name,
+        source=source,
+        n_ctx=DEFAULT_N_CTX if entry.n_ctx is UNSET else entry.n_ctx,
+        threads=None if entry.threads is UNSET else entry.threads,
+        template=None if entry.template is UNSET else entry.template,
+        description="" if entry.description is UNSET else entry.description,
+    )
+
+
+def _where(file: str, text: str, table: tuple[str, ...], key: str | None) -> str:
+    """`file:line` for a key, best effort (tomllib keeps no positions after parsing)."""
+    line = _line_of(text, table, key)
+    return f"{file}:{line}" if line else file
+
+
+def _line_of(text: str, table: tuple[str, ...], key: str | None) -> int | None:
+    """The line assigning `key` in `[table]` (top level if `table` is empty), else the table's header."""
+    lines = text.splitlines()
+    start, header_line = 0, None
+    if table:
+        parts = r"\s*\.\s*".join(rf"[\"']?{re.escape(p)}[\"']?" for p in table)
+        header = re.compile(rf"^\s*\[\s*{parts}\s*[\].]")
+        found = next((i for i, line in enumerate(lines) if header.match(line)), None)
+        if found is None:
+            return None
+        start, header_line = found + 1, found + 1
+    if key is not None:
+        assignment = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        for i in range(start, len(lines)):
+            if lines[i].lstrip().startswith("["):
+                break  # the next table: the key was not set in this one
+            if assignment.match(lines[i]):
+                return i + 1
+    return header_line

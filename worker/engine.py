@@ -1,0 +1,107 @@
+"""The `Engine` seam: what the worker needs from an inference library, at token level.
+
+The harness hands down tokens and sampling settings and gets tokens back; it
+never reaches into the library. Everything above this seam (prefix reuse
+policy, chunking, stop strings, detokenization, timing, the wire) belongs to
+`WorkerCore`; everything below (KV memory, logits, samplers) to the engine.
+
+Contract, in the order a generation uses it:
+
+    tokenize(text)        special tokens parsed; BOS added only when the model
+                          wants one and the text does not already start with it
+    keep_prefix(tokens)   truncate the KV state to the longest common prefix with
+                          `tokens`, leaving some of `tokens` to evaluate (see
+                          `reusable_prefix`); returns how many are kept. An
+                          engine that cannot drop part of its KV state resets
+                          it and returns 0.
+    evaluate(tokens)      append one chunk to the KV state (at most `n_batch`)
+    begin_sampling(p)     set up a sampler for one generation
+    sample()              pick the next token from the last evaluated position
+    end_sampling()        free the sampler; always called, even after a failure
+    reset()               drop the whole KV state (after a failure mid-evaluate)
+
+Engines raise `EngineError` (or anything else, which the core treats the same)
+and are used from one thread at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+
+from bastion.protocol import SamplingParams
+
+
+class EngineError(Exception):
+    """The engine could not do what was asked (a failed load or decode, a full context)."""
+
+
+class InvalidModelFile(EngineError):
+    """The model file is missing or is not a model this engine can read."""
+
+
+class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What an engine holds, read once after loading."""
+
+    architecture: str
+    n_ctx: int
+    n_ctx_train: int
+    n_vocab: int
+    n_params: int
+    n_batch: int
+    threads: int
+    chat_template: str  # '' when the model carries none
+    bos_token: str  # token text, '' when the model has no such token
+    eos_token: str
+
+
+class Engine(Protocol):
+    def describe(self) -> EngineInfo: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def kv_tokens(self) -> int: ...
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int: ...
+
+    def evaluate(self, tokens: Sequence[int]) -> None: ...
+
+    def begin_sampling(self, params: SamplingParams) -> None: ...
+
+    def sample(self) -> int: ...
+
+    def end_sampling(self) -> None: ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+MIN_EVALUATED = 2
+
+
+def reusable_prefix(cached: Sequence[int], wanted: Sequence[int]) -> int:
+    """How much of `cached` a new prompt `wanted` may keep: the common prefix,
+    less enough to evaluate at least `MIN_EVALUATED` tokens of `wanted`.
+
+    One would do for fresh logits, but llama.cpp's CPU kernels compute a
+    one-token batch along another path, whose logits differ slightly from the
+    same position in a longer batch; with two or more they are bit-identical,
+    so repeating a prompt at temperature 0 gives the same reply whether or not
+    it was cached."""
+    return max(0, min(common_prefix_length(cached, wanted), len(wanted) - MIN_EVALUATED))

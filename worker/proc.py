@@ -1,0 +1,228 @@
+"""`WorkerProc`: the worker's process shell around `WorkerCore`.
+
+Owns the process lifecycle (parent-death signal, SIGTERM, exit codes), the
+zmq context and sockets, the handshake, loading the engine and the two
+threads:
+
+    main (engine) thread   handshake, load, then serve `Generate`s one by one
+                           from a queue; sends through an inproc PUSH socket
+    IO thread              `SupervisorLink`: owns the DEALER, forwards the
+                           PUSH side's frames, heartbeats, cancel, shutdown
+
+Sequence on the wire:
+
+    -> Hello(worker, name=<worker id>, pid)
+    <- HelloAccepted                   (other version, or RequestFailed(protocol_mismatch): exit 3)
+    -> WorkerReady | WorkerLoadFailed  (exit 1 after the latter)
+    <- Generate; -> TokenDelta* GenerationStats GenerationFinished   (see core.py)
+    <> Heartbeat every heartbeat_interval, both ways
+
+It must not contain generation logic (core.py) or library calls (engines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import signal
+import time
+from collections.abc import Callable
+from types import FrameType
+
+import psutil
+import zmq
+
+from bastion.protocol import PROTOCOL_VERSION, ErrorCode, Hello, HelloAccepted, ProtocolError, RequestFailed
+from bastion.protocol import Role, Shutdown, StopReason, worker_codec
+from bastion.protocol.worker_wire import (
+    Generate,
+    GenerationFinished,
+    ModelDescription,
+    WorkerLoadFailed,
+    WorkerReady,
+)
+from bastion.worker.config import WorkerConfig
+from bastion.worker.core import Emit, WorkerCore
+from bastion.worker.engine import Engine, InvalidModelFile
+from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
+from bastion.worker.link import Inbox, Outbox, RequestSlot, SupervisorLink
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[], Engine]
+_OUTBOX = "inproc://outbox"
+_LINGER_MS = 500
+
+
+class WorkerProc:
+    def __init__(self, config: WorkerConfig, engine_factory: EngineFactory) -> None:
+        self._config = config
+        self._engine_factory = engine_factory
+        self._codec = worker_codec()
+        self._inbox: Inbox = queue.SimpleQueue()
+        self._slot = RequestSlot()
+        self._core: WorkerCore | None = None
+        self._signalled: StopRequest | None = None
+
+    def run(self) -> ExitCode:
+        die_with_parent()
+        if parent_gone(self._config.parent_pid):
+            log.error("parent %s died before the worker started", self._config.parent_pid)
+            return ExitCode.SUPERVISOR_LOST
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+        context = zmq.Context()
+        try:
+            return self._run(context)
+        finally:
+            # By now the IO thread has stopped (or we have _exit-ed), so this
+            # thread may close whatever is still open.
+            context.destroy(linger=_LINGER_MS)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        # Only reentrant operations here: the main thread may be anywhere.
+        self._signalled = StopRequest(ExitCode.OK, signal.Signals(signum).name)
+        self._slot.cancel_any()
+        self._inbox.put(self._signalled)
+
+    def _run(self, context: zmq.Context) -> ExitCode:
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.ROUTING_ID, self._config.worker_id.encode())
+        dealer.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
+        dealer.setsockopt(zmq.LINGER, _LINGER_MS)
+        # Unbounded: a stalled supervisor is caught by the heartbeat timeout,
+        # and a blocking send would stall the heartbeats that catch it.
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.connect(self._config.endpoint)
+        refused = self._handshake(dealer)
+        if refused is not None:
+            dealer.close()
+            return refused
+        outbox_in = context.socket(zmq.PULL)
+        outbox_in.bind(_OUTBOX)
+        push = context.socket(zmq.PUSH)
+        push.connect(_OUTBOX)
+        outbox = Outbox(push)
+        link = SupervisorLink(self._config, dealer, outbox_in, self._inbox, self._slot, self._gauges)
+        link.start()
+        try:
+            return self._serve(outbox.send)
+        finally:
+            outbox.finish()
+            stopped = link.join(self._config.stop_grace)
+            outbox.close()
+            if not stopped:
+                log.error("IO thread did not stop; exiting without cleanup")
+                os._exit(ExitCode.INTERNAL)
+
+    def _handshake(self, dealer: zmq.Socket) -> ExitCode | None:
+        """Hello and its answer; None when accepted, else why we must exit."""
+        hello = Hello(
+            protocol_version=PROTOCOL_VERSION, role=Role.WORKER, name=self._config.worker_id, pid=os.getpid()
+        )
+        dealer.send(self._codec.encode(hello))
+        deadline = time.monotonic() + self._config.hello_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._signalled is not None:
+                return self._signalled.code
+            # Short polls so that a SIGTERM is noticed.
+            if not dealer.poll(min(remaining, 0.2) * 1000):
+                continue
+            try:
+                answer = self._codec.decode(dealer.recv_multipart()[0])
+            except ProtocolError as err:
+                log.warning("refused a frame during the handshake: %s", err.message)
+                dealer.send(self._codec.encode(RequestFailed(code=err.code, message=err.message)))
+                continue
+            match answer:
+                case HelloAccepted(protocol_version=version) if version == PROTOCOL_VERSION:
+                    log.info("handshake done with supervisor %d", answer.supervisor_pid)
+                    return None
+                case HelloAccepted(protocol_version=version):
+                    log.error("supervisor speaks protocol %d, this worker %d", version, PROTOCOL_VERSION)
+                    return ExitCode.PROTOCOL_MISMATCH
+                case RequestFailed(code=ErrorCode.PROTOCOL_MISMATCH, message=text):
+                    log.error("supervisor refused our protocol %d: %s", PROTOCOL_VERSION, text)
+                    return ExitCode.PROTOCOL_MISMATCH
+                case RequestFailed(code=code, message=text):
+                    log.error("supervisor refused the hello: %s: %s", code.value, text)
+                    return ExitCode.SUPERVISOR_LOST
+                case Shutdown():
+                    return ExitCode.OK
+                case _:
+                    log.warning("ignoring %s before the handshake is done", type(answer).__name__)
+        log.error("no answer to the hello within %.1f s", self._config.hello_timeout)
+        return ExitCode.SUPERVISOR_LOST
+
+    def _gauges(self) -> tuple[int, int]:
+        core = self._core
+        return (core.progress, core.kv_tokens) if core is not None else (0, 0)
+
+    def _serve(self, emit: Emit) -> ExitCode:
+        started = time.perf_counter()
+        try:
+            engine = self._engine_factory()
+        except Exception as exc:
+            invalid = isinstance(exc, InvalidModelFile)
+            code = ErrorCode.INVALID_MODEL_FILE if invalid else ErrorCode.MODEL_LOAD_FAILED
+            log.error("cannot load %s: %s", self._config.model_path, exc)
+            emit(WorkerLoadFailed(code=code, message=str(exc)))
+            self._refuse_queued(emit, code, "the model could not be loaded")
+            return ExitCode.LOAD_FAILED
+        with contextlib.closing(engine):
+            self._core = WorkerCore(engine)
+            emit(WorkerReady(model=self._describe(engine, (time.perf_counter() - started) * 1000.0)))
+            return self._serve_requests(self._core, emit)
+
+    def _serve_requests(self, core: WorkerCore, emit: Emit) -> ExitCode:
+        while True:
+            item = self._inbox.get()
+            match item:
+                case Generate():
+                    # The link frees the slot as it forwards GenerationFinished.
+                    core.generate(item, emit, self._slot.cancelled)
+                case StopRequest(code=code, reason=reason):
+                    log.info("exiting (%s)", reason)
+                    self._refuse_queued(emit, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")
+                    return code
+
+    def _refuse_queued(self, emit: Emit, code: ErrorCode, message: str) -> None:
+        """Answer requests that will never run, so each still gets its one
+        GenerationFinished."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, Generate):
+                rid = item.request_id
+                emit(RequestFailed(request_id=rid, code=code, message=message))
+                _, kv_tokens = self._gauges()
+                end = GenerationFinished(
+                    request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=kv_tokens
+                )
+                emit(end)
+
+    def _describe(self, engine: Engine, load_ms: float) -> ModelDescription:
+        info = engine.describe()
+        path = self._config.model_path
+        log.info("loaded %s (%s, n_ctx %d) in %.0f ms", path, info.architecture, info.n_ctx, load_ms)
+        return ModelDescription(
+            name=self._config.name,
+            path=path,
+            architecture=info.architecture,
+            n_ctx=info.n_ctx,
+            n_ctx_train=info.n_ctx_train,
+            n_vocab=info.n_vocab,
+            n_params=info.n_params,
+            threads=info.threads,
+            has_chat_template=bool(info.chat_template),
+            chat_template=info.chat_template,
+            bos_token=info.bos_token,
+            eos_token=info.eos_token,
+            file_size=os.path.getsize(path) if os.path.isfile(path) else 0,
+            load_ms=round(load_ms, 1),
+            rss_bytes=psutil.Process().memory_info().rss,
+        )

@@ -1,0 +1,1 @@
+"""The bastion CLI: a client of the supervisor."""

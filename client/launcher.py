@@ -1,0 +1,101 @@
+"""Starting and stopping the supervisor from the CLI.
+
+`ensure_supervisor` is what lets the first command a user types work: if no
+supervisor holds this home's lock, it starts `python -m bastion.supervisor` in
+its own session (so it outlives the CLI and a Ctrl-C in the terminal does not
+reach it), with output appended to `<home>/logs/supervisor.log`, says so on
+stderr, and waits for the hello handshake. The CLI never imports the
+supervisor package; it only runs it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from bastion.protocol import ErrorCode, HomeLayout
+from bastion.client.connection import ClientError, ControlConnection, supervisor_running
+
+_START_TIMEOUT_S = 60.0
+_ALREADY_RUNNING_EXIT = 3
+
+
+def supervisor_command() -> list[str]:
+    return [sys.executable, "-m", "bastion.supervisor"]
+
+
+def start_background(layout: HomeLayout) -> subprocess.Popen[bytes]:
+    layout.ensure()
+    log = open(layout.supervisor_log, "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        return subprocess.Popen(
+            supervisor_command(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+
+def _log_tail(layout: HomeLayout, lines: int = 8) -> str:
+    try:
+        text = layout.supervisor_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def ensure_supervisor(layout: HomeLayout, say: Callable[[str], None]) -> ControlConnection:
+    """A connection to a running supervisor, starting one if there is none."""
+    process = None
+    if not supervisor_running(layout):
+        process = start_background(layout)
+        say(f"started the bastion supervisor in the background (pid {process.pid}, log {layout.supervisor_log})")
+    connection = ControlConnection(layout)
+    deadline = time.monotonic() + _START_TIMEOUT_S
+    while True:
+        try:
+            connection.open(timeout_s=1.0)
+            return connection
+        except ClientError as exc:
+            if exc.code is not ErrorCode.SUPERVISOR_UNAVAILABLE:
+                connection.close()
+                raise
+        returncode = process.poll() if process else None
+        if returncode is not None and returncode != _ALREADY_RUNNING_EXIT:
+            connection.close()
+            raise ClientError(
+                ErrorCode.SUPERVISOR_UNAVAILABLE,
+                f"the supervisor exited with code {returncode} while starting:\n{_log_tail(layout)}",
+            )
+        if time.monotonic() > deadline:
+            connection.close()
+            raise ClientError(
+                ErrorCode.SUPERVISOR_UNAVAILABLE,
+                f"the supervisor did not answer within {_START_TIMEOUT_S:.0f} s; see {layout.supervisor_log}",
+            )
+
+
+def connect_running(layout: HomeLayout) -> ControlConnection | None:
+    """A connection to the running supervisor, or None when none runs."""
+    if not supervisor_running(layout):
+        return None
+    connection = ControlConnection(layout)
+    try:
+        connection.open(timeout_s=5.0)
+    except ClientError:
+        connection.close()
+        raise
+    return connection
+
+
+def wait_until_stopped(layout: HomeLayout, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while supervisor_running(layout):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,132 @@
+"""How the CLI shows events: JSON lines for scripts, text for people.
+
+`--json` prints every event as one JSON object per line, exactly the wire
+struct with its `type` tag, so the stream grows with the protocol and nobody
+parses prose. Text mode streams the answer to stdout and everything else
+(progress, stats, errors) to stderr, so `bastion run ... > answer.txt` keeps
+only the answer.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import msgspec
+
+from bastion.protocol import GenerationStats, RequestFailed, TokenDelta
+from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
+
+_json = msgspec.json.Encoder()
+
+
+def json_line(event: msgspec.Struct, out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    stream.write(_json.encode(event).decode() + "\n")
+    stream.flush()
+
+
+def json_object(value: object, out: TextIO | None = None) -> None:
+    stream = out or sys.stdout
+    stream.write(_json.encode(value).decode() + "\n")
+    stream.flush()
+
+
+def say(message: str) -> None:
+    print(f"bastion: {message}", file=sys.stderr, flush=True)
+
+
+def error(message: str, hint: str = "") -> None:
+    print(f"bastion: error: {message}", file=sys.stderr, flush=True)
+    if hint:
+        print(f"  {hint}", file=sys.stderr, flush=True)
+
+
+class TextRenderer:
+    """Renders one run's events for a person."""
+
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self._out = out or sys.stdout
+        self._err = err or sys.stderr
+        self._ends_with_newline = True
+        self._progress_open = False
+
+    def __call__(self, event: ControlEvent) -> None:
+        match event:
+            case LoadProgress():
+                self._progress(event)
+            case TokenDelta(text=text):
+                self._close_progress()
+                if text:
+                    self._out.write(text)
+                    self._out.flush()
+                    self._ends_with_newline = text.endswith("\n")
+            case GenerationStats():
+                self._finish_line()
+                cached = f", {event.cached_tokens} cached" if event.cached_tokens else ""
+                self._err.write(
+                    f"[{event.completion_tokens} tokens, {event.decode_tokens_per_s:.1f} tok/s, "
+                    f"first token {event.ttft_ms:.0f} ms, prompt {event.prompt_tokens} tokens{cached}]\n"
+                )
+                self._err.flush()
+            case RequestFailed():
+                self._finish_line()
+                self._close_progress()
+                error(event.message)
+            case _:
+                pass
+
+    def finish(self) -> None:
+        self._finish_line()
+        self._close_progress()
+
+    def _finish_line(self) -> None:
+        if not self._ends_with_newline:
+            self._out.write("\n")
+            self._out.flush()
+            self._ends_with_newline = True
+
+    def _progress(self, event: LoadProgress) -> None:
+        percent = 0
+        if event.stage is LoadStage.READY:
+            self._close_progress()
+            return
+        if event.stage is LoadStage.ASSEMBLING and event.total:
+            percent = 100 * event.done // event.total
+            bar = "#" * (percent // 4)
+            text = f"assembling {event.model} [{bar:<25}] {percent:3d}% of {event.total / 2**20:.0f} MiB"
+        else:
+            text = f"{event.stage.value} {event.model}…"
+        if self._err.isatty():
+            self._err.write(f"\r\x1b[2Kbastion: {text}")
+            self._progress_open = True
+        elif event.stage is not LoadStage.ASSEMBLING or event.done in (0, event.total) or percent % 25 == 0:
+            self._err.write(f"bastion: {text}\n")
+        self._err.flush()
+
+    def _close_progress(self) -> None:
+        if self._progress_open:
+            self._err.write("\r\x1b[2K")
+            self._err.flush()
+            self._progress_open = False
+
+
+def model_table(models: list[ModelStatus]) -> str:
+    if not models:
+        return "no models loaded"
+    header = ("NAME", "PID", "STATE", "RSS", "CTX", "KV TOKENS", "THREADS", "TEMPLATE")
+    rows = [header] + [
+        (
+            model.name,
+            str(model.pid),
+            model.state.value,
+            f"{model.rss_bytes / 2**20:.0f} MiB",
+            str(model.n_ctx),
+            str(model.kv_tokens),
+            str(model.threads),
+            model.chat_template,
+        )
+        for model in models
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)

@@ -1,0 +1,62 @@
+"""`python -m bastion.supervisor`: run the supervisor in the foreground.
+
+Logs go to stderr (a client that starts it in the background points stderr at
+`<home>/logs/supervisor.log`). Exit codes: 0 after a clean shutdown, 2 for an
+invalid models config, 3 when a supervisor already runs for this home.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from bastion.protocol import HomeLayout
+from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.daemon import EXIT_ALREADY_RUNNING, AlreadyRunningError, SupervisorDaemon, acquire_lock
+from bastion.supervisor.errors import RegistryError
+from bastion.supervisor.registry import ModelRegistry
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bastion.supervisor", description=__doc__)
+    defaults = SupervisorConfig()
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--heartbeat-interval", type=float, default=defaults.heartbeat_interval_s,
+                        help="seconds between heartbeats to workers")
+    parser.add_argument("--worker-silence-limit", type=float, default=defaults.worker_silence_limit_s,
+                        help="seconds without a heartbeat after which a worker is killed as hung")
+    args = parser.parse_args(argv)
+    config = SupervisorConfig(
+        heartbeat_interval_s=args.heartbeat_interval, worker_silence_limit_s=args.worker_silence_limit
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    layout = HomeLayout.from_env()
+    layout.ensure()
+    try:
+        lock = acquire_lock(layout)
+    except AlreadyRunningError as exc:
+        print(f"bastion supervisor: {exc}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    try:
+        registry = ModelRegistry.load(layout)
+    except RegistryError as exc:
+        print(f"bastion supervisor: {exc.message}", file=sys.stderr)
+        return 2
+    with lock:
+        asyncio.run(_serve(layout, registry, config))
+    return 0
+
+
+async def _serve(layout: HomeLayout, registry: ModelRegistry, config: SupervisorConfig) -> None:
+    daemon = SupervisorDaemon(layout=layout, config=config, registry=registry)
+    await daemon.serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""Client requests turned into work: the supervisor's logic, without sockets.
+
+`Supervisor.on_client_message` takes one decoded `ControlRequest` from a client
+identity and answers through the `send_client` callable the process shell
+hands in. Long requests (runs, loads, unloads) run as asyncio tasks so one
+slow model load never stalls other clients.
+
+Guarantees to a client, per request id:
+- a `Run` gets exactly one `RunFinished`, preceded by a `RequestFailed` when
+  its stop reason is `error`;
+- every other request gets exactly one answer (its result or a `RequestFailed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from importlib import metadata
+
+from bastion.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ErrorCode,
+    Hello,
+    HelloAccepted,
+    HomeLayout,
+    RequestFailed,
+    Role,
+    Shutdown,
+    StopReason,
+)
+from bastion.protocol.control import (
+    ControlEvent,
+    ControlRequest,
+    GetStatus,
+    ListModels,
+    LoadModel,
+    LoadProgress,
+    LoadStage,
+    ModelList,
+    ModelLoaded,
+    ModelUnloaded,
+    Run,
+    RunStarted,
+    ShutdownStarted,
+    StatusReport,
+    UnloadModel,
+)
+from bastion.supervisor.errors import SupervisorError
+from bastion.supervisor.models import LoadedModels, status_of
+from bastion.supervisor.prompt import ChatMessage, ChatRole
+from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.runs import ActiveRun
+
+log = logging.getLogger(__name__)
+
+SendToClient = Callable[[bytes, ControlEvent], None]
+
+
+def _version() -> str:
+    try:
+        return metadata.version("bastion")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        layout: HomeLayout,
+        registry: ModelRegistry,
+        models: LoadedModels,
+        send_client: SendToClient,
+        request_shutdown: Callable[[], None],
+    ) -> None:
+        self._layout = layout
+        self._registry = registry
+        self._models = models
+        self._send = send_client
+        self._request_shutdown = request_shutdown
+        self._clients: set[bytes] = set()
+        self._runs: dict[tuple[bytes, str], ActiveRun] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ids = itertools.count(1)
+        self._started = time.monotonic()
+        self._shutting_down = False
+
+    # --- entry point ------------------------------------------------------
+
+    def on_client_message(self, client: bytes, message: ControlRequest) -> None:
+        if isinstance(message, Hello):
+            self._on_hello(client, message)
+            return
+        if client not in self._clients:
+            self._reply_error(client, _request_id(message), ErrorCode.HELLO_REQUIRED,
+                              "send hello with the protocol version first")
+            return
+        if self._shutting_down and not isinstance(message, (Cancel, GetStatus, Shutdown)):
+            self._reply_error(client, _request_id(message), ErrorCode.SHUTTING_DOWN,
+                              "the supervisor is shutting down", retryable=True)
+            return
+        match message:
+            case Run():
+                self._start_run(client, message)
+            case Cancel(request_id=request_id):
+                self._cancel(client, request_id)
+            case GetStatus(request_id=request_id):
+                self._send(client, self._status(request_id))
+            case ListModels(request_id=request_id):
+                self._send(client, ModelList(request_id=request_id, models=self._models.statuses()))
+            case LoadModel():
+                self._spawn_task(self._load(client, message))
+            case UnloadModel():
+                self._spawn_task(self._unload(client, message))
+            case Shutdown(request_id=request_id):
+                self._send(client, ShutdownStarted(request_id=request_id))
+                self._request_shutdown()
+
+    def reply_protocol_error(self, client: bytes, code: ErrorCode, message: str) -> None:
+        self._reply_error(client, "", code, message)
+
+    # --- handshake and small requests -------------------------------------
+
+    def _on_hello(self, client: bytes, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION or hello.role is not Role.CLIENT:
+            self._reply_error(
+                client, "", ErrorCode.PROTOCOL_MISMATCH,
+                f"this supervisor speaks protocol {PROTOCOL_VERSION} to clients; got "
+                f"{hello.role.value} protocol {hello.protocol_version}. Upgrade the older side.",
+            )
+            return
+        self._clients.add(client)
+        self._send(client, HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=os.getpid()))
+
+    def _status(self, request_id: str) -> StatusReport:
+        return StatusReport(
+            request_id=request_id,
+            pid=os.getpid(),
+            version=_version(),
+            protocol_version=PROTOCOL_VERSION,
+            home=str(self._layout.root),
+            control_endpoint=self._layout.control_endpoint,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            models_loaded=len(self._models.names()),
+            runs_active=sum(1 for run in self._runs.values() if not run.done),
+        )
+
+    def _reply_error(self, client: bytes, request_id: str, code: ErrorCode, message: str, *,
+                     retryable: bool = False) -> None:
+        self._send(client, RequestFailed(request_id=request_id, code=code, message=message, retryable=retryable))
+
+    # --- runs -------------------------------------------------------------
+
+    def _start_run(self, client: bytes, request: Run) -> None:
+        key = (client, request.request_id)
+        if key in self._runs:
+            self._reply_error(client, request.request_id, ErrorCode.DUPLICATE_REQUEST,
+                              f"request id {request.request_id!r} is already running")
+            return
+        run = ActiveRun(
+            internal_id=f"r{next(self._ids)}",
+            request_id=request.request_id,
+            client=client,
+            session_id=f"oneshot-{request.request_id}",
+            sampling=request.sampling,
+            emit=lambda event: self._send(client, event),
+        )
+        self._runs[key] = run
+        run.finished.add_done_callback(lambda _f: self._runs.pop(key, None))
+        self._spawn_task(self._serve_run(run, request))
+
+    async def _serve_run(self, run: ActiveRun, request: Run) -> None:
+        try:
+            spec = self._registry.lookup(request.model)
+            run.model = spec.name
+            model, _ = await self._models.ensure_loaded(spec, self._progress_reporter(run.client, run.request_id, spec.name))
+            if run.done or run.cancel_requested:
+                run.finish(StopReason.CANCELLED)
+                return
+            messages = [ChatMessage(role=ChatRole.USER, content=request.prompt)]
+            if request.system:
+                messages.insert(0, ChatMessage(role=ChatRole.SYSTEM, content=request.system))
+            run.prompt = model.formatter.render(messages)
+            run.send(RunStarted(request_id=run.request_id, model=spec.name, worker_pid=model.handle.pid,
+                                template=model.formatter.source))
+            model.handle.submit(run)
+        except SupervisorError as exc:
+            run.fail(exc.code, exc.message, retryable=exc.code is ErrorCode.BUSY,
+                     retry_after_ms=1000 if exc.code is ErrorCode.BUSY else None)
+        except Exception as exc:  # a bug must end the run, not leave the client waiting
+            log.exception("run %s failed", run.internal_id)
+            run.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
+
+    def _cancel(self, client: bytes, request_id: str) -> None:
+        run = self._runs.get((client, request_id))
+        if run is None:
+            self._reply_error(client, request_id, ErrorCode.UNKNOWN_REQUEST,
+                              f"no running request {request_id!r} to cancel")
+            return
+        run.cancel_requested = True
+        model = self._models.get(run.model)
+        if model is not None and (run is model.handle.current or run in model.handle.queue):
+            model.handle.cancel(run)
+        # Otherwise it is still loading; _serve_run ends it as cancelled.
+
+    # --- loading ----------------------------------------------------------
+
+    def _progress_reporter(self, client: bytes, request_id: str, name: str):
+        last: dict[LoadStage, int] = {}
+
+        def report(stage: LoadStage, done: int, total: int) -> None:
+            # Byte progress arrives per chunk written; a client needs whole percents.
+            percent = int(100 * done / total) if total else -1
+            if stage in last and last[stage] == percent:
+                return
+            last[stage] = percent
+            self._send(client, LoadProgress(request_id=request_id, model=name, stage=stage, done=done, total=total))
+
+        return report
+
+    async def _load(self, client: bytes, request: LoadModel) -> None:
+        try:
+            spec = self._registry.lookup(request.model)
+            model, already = await self._models.ensure_loaded(
+                spec, self._progress_reporter(client, request.request_id, spec.name)
+            )
+            self._send(client, ModelLoaded(request_id=request.request_id, model=status_of(model),
+                                           already_loaded=already))
+        except SupervisorError as exc:
+            self._reply_error(client, request.request_id, exc.code, exc.message)
+
+    async def _unload(self, client: bytes, request: UnloadModel) -> None:
+        name = request.model
+        if self._models.get(name) is None:
+            try:
+                name = self._registry.lookup(request.model).name
+            except SupervisorError:
+                pass
+        if not await self._models.unload(name):
+            loaded = ", ".join(self._models.names()) or "none"
+            self._reply_error(client, request.request_id, ErrorCode.UNKNOWN_MODEL,
+                              f"model {request.model!r} is not loaded (loaded: {loaded})")
+            return
+        self._send(client, ModelUnloaded(request_id=request.request_id, name=name))
+
+    # --- lifecycle --------------------------------------------------------
+
+    def _spawn_task(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        self._shutting_down = True
+        for run in list(self._runs.values()):
+            if not run.done and run.tokens_streamed == 0 and not run.prompt:
+                run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)
+        await self._models.unload_all()
+        for task in list(self._tasks):
+            task.cancel()
+        for run in list(self._runs.values()):
+            run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)
+
+
+def _request_id(message: ControlRequest) -> str:
+    return getattr(message, "request_id", "")

@@ -1,0 +1,179 @@
+"""The supervisor's process shell: lock, sockets, signals and receive loops.
+
+Startup: take an exclusive lock in the runtime directory (a second supervisor
+for the same home exits instead of stealing the sockets; clients use the same
+lock to tell whether one is running), bind the control and workers ROUTERs on
+`ipc://` paths in that mode-0700 directory, write the pid file.
+
+Shutdown (SIGTERM, SIGINT or a `Shutdown` request): stop accepting work, stop
+every worker (Shutdown, then SIGTERM, then SIGKILL), remove the sockets and the
+pid file, release the lock. Workers also die on their own if this process is
+killed outright (parent-death signal and missed heartbeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+from typing import IO
+
+import zmq
+import zmq.asyncio
+
+from bastion.protocol import ErrorCode, HomeLayout, ProtocolError, supervisor_control_codec, supervisor_worker_codec
+from bastion.protocol.control import ControlEvent
+from bastion.protocol.worker_wire import ToWorker
+from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.core import Supervisor
+from bastion.supervisor.models import LoadedModels
+from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+EXIT_ALREADY_RUNNING = 3
+
+
+class AlreadyRunningError(Exception):
+    pass
+
+
+def acquire_lock(layout: HomeLayout) -> IO[str]:
+    handle = open(layout.lock_file, "a+")  # noqa: SIM115 - held for the process lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise AlreadyRunningError(f"a supervisor is already running for {layout.root}") from None
+    return handle
+
+
+class SupervisorDaemon:
+    def __init__(self, *, layout: HomeLayout, config: SupervisorConfig, registry: ModelRegistry) -> None:
+        self._layout = layout
+        self._config = config
+        self._registry = registry
+        self._stop = asyncio.Event()
+        self._context = zmq.asyncio.Context()
+        self._control = self._router()
+        self._workers = self._router()
+        self._control_codec = supervisor_control_codec()
+        self._worker_codec = supervisor_worker_codec()
+        self._pool = WorkerPool(config=config, layout=layout, send=self._send_worker)
+        self._models = LoadedModels(config=config, layout=layout, pool=self._pool)
+        self._core = Supervisor(
+            layout=layout,
+            registry=registry,
+            models=self._models,
+            send_client=self._send_client,
+            request_shutdown=self._stop.set,
+        )
+
+    def _router(self) -> zmq.asyncio.Socket:
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        return socket
+
+    # --- sending (never blocks: a client gone away just loses its events) --
+
+    def _send_client(self, client: bytes, event: ControlEvent) -> None:
+        self._send(self._control, client, self._control_codec.encode(event))
+
+    def _send_worker(self, worker: bytes, message: ToWorker) -> None:
+        self._send(self._workers, worker, self._worker_codec.encode(message))
+
+    @staticmethod
+    def _send(socket: zmq.asyncio.Socket, identity: bytes, payload: bytes) -> None:
+        try:
+            # The asyncio socket's send returns a future; with NOBLOCK it completes at once.
+            socket.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("dropped a message to %r: peer's queue is full", identity)
+
+    # --- receive loops ----------------------------------------------------
+
+    async def _serve_control(self) -> None:
+        while True:
+            frames = await self._control.recv_multipart(copy=True)
+            if len(frames) != 2:
+                log.warning("dropped a control message of %d frames", len(frames))
+                if frames:
+                    self._core.reply_protocol_error(frames[0], ErrorCode.MALFORMED_MESSAGE, "expected exactly one frame")
+                continue
+            client, payload = frames
+            try:
+                message = self._control_codec.decode(payload)
+            except ProtocolError as exc:
+                log.warning("bad control frame from %r: %s", client, exc.message)
+                self._core.reply_protocol_error(client, exc.code, exc.message)
+                continue
+            try:
+                self._core.on_client_message(client, message)
+            except Exception:
+                log.exception("control request %r failed", type(message).__name__)
+
+    async def _serve_workers(self) -> None:
+        while True:
+            frames = await self._workers.recv_multipart(copy=True)
+            if len(frames) != 2:
+                log.warning("dropped a worker message of %d frames", len(frames))
+                continue
+            identity, payload = frames
+            handle = self._pool.by_identity(identity)
+            if handle is None:
+                log.warning("dropped a message from unknown worker %r", identity)
+                continue
+            try:
+                message = self._worker_codec.decode(payload)
+            except ProtocolError as exc:
+                log.warning("bad frame from worker %s: %s", handle.worker_id, exc.message)
+                continue
+            try:
+                handle.on_message(message)
+            except Exception:
+                log.exception("handling %s from worker %s failed", type(message).__name__, handle.worker_id)
+
+    async def _heartbeats(self) -> None:
+        seq = 0
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            seq += 1
+            self._pool.heartbeat(seq)
+
+    # --- lifecycle --------------------------------------------------------
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        self._workers.bind(self._layout.workers_endpoint)
+        self._control.bind(self._layout.control_endpoint)
+        self._layout.pid_file.write_text(f"{os.getpid()}\n")
+        log.info("supervisor %d serving %s", os.getpid(), self._layout.control_endpoint)
+        loops = [asyncio.create_task(coro) for coro in
+                 (self._serve_control(), self._serve_workers(), self._heartbeats())]
+        try:
+            await self._stop.wait()
+            log.info("shutting down")
+            # Keep receiving while workers stop, so their last messages are handled.
+            await self._core.shutdown()
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            self._close()
+
+    def _close(self) -> None:
+        self._control.close(linger=100)
+        self._workers.close(linger=0)
+        self._context.term()
+        for path in (self._layout.control_socket, self._layout.workers_socket, self._layout.pid_file):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        log.info("supervisor stopped")

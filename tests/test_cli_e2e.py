@@ -1,0 +1,274 @@
+"""End to end through the real CLI, supervisor, worker processes and SmolLM2.
+
+Each test here starts from the user's side: the `bastion` command with a fresh
+`BASTION_HOME`. The supervisor is started by the first command, as it is for a
+user, and stopped by the fixture (which also checks nothing is left behind).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import Bastion
+
+pytestmark = pytest.mark.model
+
+
+def events_of(lines: list[dict], kind: str) -> list[dict]:
+    return [line for line in lines if line["type"] == kind]
+
+
+def test_first_run_starts_the_supervisor_and_streams_an_answer(bastion: Bastion) -> None:
+    done = bastion("run", "What is the capital of France?", "--max-tokens", "24", "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    assert "started the bastion supervisor" in done.stderr
+    assert done.stdout.strip(), "no answer on stdout"
+    assert "tokens" in done.stderr and "tok/s" in done.stderr  # the stats line
+    # The supervisor stays up for the next command.
+    status = bastion("status")
+    assert status.returncode == 0 and "running" in status.stdout
+
+
+def test_json_stream_has_typed_events_in_order(bastion: Bastion) -> None:
+    code, lines = bastion.json("run", "Name three colours.", "--max-tokens", "16", "--temperature", "0")
+    assert code == 0
+    types = [line["type"] for line in lines]
+    assert types[-2:] == ["generation_stats", "run_end"]
+    assert types.index("run_start") < types.index("token")
+    start = events_of(lines, "run_start")[0]
+    assert start["model"] == "smollm2-135m" and start["worker_pid"] > 0 and start["template"]
+    tokens = events_of(lines, "token")
+    assert [t["n"] for t in tokens] == list(range(1, len(tokens) + 1))
+    assert all(isinstance(t["text"], str) and t["tokens_per_s"] >= 0 for t in tokens)
+    stats = events_of(lines, "generation_stats")[0]
+    assert stats["completion_tokens"] == len(tokens)
+    assert stats["prompt_tokens"] > 0 and stats["ttft_ms"] > 0 and stats["decode_tokens_per_s"] > 0
+    assert lines[-1]["stop_reason"] in ("stop", "length")
+
+
+def test_same_seed_same_answer_and_greedy_is_repeatable(bastion: Bastion) -> None:
+    args = ("run", "Tell me a fact about owls.", "--max-tokens", "20")
+    first = bastion(*args, "--seed", "7", "--temperature", "0.9")
+    second = bastion(*args, "--seed", "7", "--temperature", "0.9")
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (("--model", "no-such-model"), "smollm2-135m"),  # the error lists the known models
+        (("--model", "/nonexistent/model.gguf"), "/nonexistent/model.gguf"),
+        (("--max-tokens", "0"), "max-tokens"),
+        (("--bogus-flag",), "bogus"),
+    ],
+    ids=["unknown_model", "missing_file", "bad_value", "bad_flag"],
+)
+def test_usage_errors_exit_2_with_a_clear_message(bastion: Bastion, args: tuple[str, ...], needle: str) -> None:
+    done = bastion("run", "hello", *args)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert needle in done.stderr
+
+
+def test_not_a_gguf_is_a_usage_error_in_json_too(bastion: Bastion, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("just text")
+    code, lines = bastion.json("run", "hello", "--model", str(fake))
+    assert code == 2
+    error = events_of(lines, "error")[0]
+    assert error["code"] == "invalid_model_file" and str(fake) in error["message"]
+    assert lines[-1] == {"type": "run_end", "request_id": error["request_id"], "stop_reason": "error"}
+
+
+def test_a_gguf_that_crashes_the_loader_is_a_model_error(bastion: Bastion, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4096))
+    code, lines = bastion.json("run", "hello", "--model", str(broken))
+    assert code in (1, 2)
+    error = events_of(lines, "error")[0]
+    assert error["code"] in ("model_load_failed", "invalid_model_file")
+    # The supervisor survived it.
+    assert bastion("status").returncode == 0
+
+
+def test_extending_a_prompt_reuses_the_kv_cache(bastion: Bastion) -> None:
+    history = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
+    _, first = bastion.json("run", history, "--max-tokens", "4", "--temperature", "0")
+    _, second = bastion.json("run", history + " Fact 60: sixty is even. Which fact is last?",
+                             "--max-tokens", "4", "--temperature", "0")
+    cold = events_of(first, "generation_stats")[0]
+    warm = events_of(second, "generation_stats")[0]
+    assert cold["prompt_tokens"] > 300
+    assert warm["cached_tokens"] > 0.9 * cold["prompt_tokens"] - 20
+    assert warm["ttft_ms"] < cold["ttft_ms"]
+
+
+def test_ps_load_and_unload(bastion: Bastion) -> None:
+    assert bastion("load", "smollm2-135m").returncode == 0
+    again = bastion("load", "smollm2-135m")
+    assert again.returncode == 0 and "already loaded" in again.stderr
+    code, lines = bastion.json("ps")
+    assert code == 0
+    (model,) = lines[0]["models"]
+    assert model["name"] == "smollm2-135m" and model["state"] == "idle"
+    assert psutil.pid_exists(model["pid"]) and model["rss_bytes"] > 50 * 2**20
+    assert model["n_ctx"] == 4096 and model["chat_template"]
+    assert bastion("run", "Hi", "--max-tokens", "3").returncode == 0
+    _, lines = bastion.json("ps")
+    assert lines[0]["models"][0]["kv_tokens"] > 0
+    assert bastion("unload", "smollm2-135m").returncode == 0
+    assert not psutil.pid_exists(model["pid"]) or psutil.Process(model["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert bastion.json("ps")[1][0]["models"] == []
+    missing = bastion("unload", "smollm2-135m")
+    assert missing.returncode == 2 and "not loaded" in missing.stderr
+
+
+def _read_json_lines(process, sink: list[tuple[float, dict]], first_token: threading.Event) -> None:
+    import msgspec
+
+    assert process.stdout is not None
+    for line in process.stdout:
+        if line.strip():
+            event = msgspec.json.decode(line)
+            sink.append((time.monotonic(), event))
+            if event["type"] == "token":
+                first_token.set()
+
+
+def start_streaming(bastion: Bastion, *args: str):
+    process = bastion.popen("run", *args, "--json")
+    events: list[tuple[float, dict]] = []
+    first_token = threading.Event()
+    reader = threading.Thread(target=_read_json_lines, args=(process, events, first_token), daemon=True)
+    reader.start()
+    return process, events, first_token, reader
+
+
+def test_killing_a_worker_mid_generation_reports_an_error_promptly(bastion: Bastion) -> None:
+    process, events, first_token, reader = start_streaming(
+        bastion, "Write a very long story about a lighthouse keeper.", "--max-tokens", "2000")
+    assert first_token.wait(120), process.stderr.read() if process.stderr else ""
+    worker_pid = next(e["worker_pid"] for _, e in events if e["type"] == "run_start")
+    killed_at = time.monotonic()
+    os.kill(worker_pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == 1
+    reader.join(10)
+    error = next((at, e) for at, e in events if e["type"] == "error")
+    assert error[1]["code"] == "worker_died" and "SIGKILL" in error[1]["message"]
+    assert error[0] - killed_at < 10  # seen through the process exit, not a heartbeat timeout
+    assert events[-1][1] == {"type": "run_end", "request_id": error[1]["request_id"], "stop_reason": "error"}
+    # The model loads again on the next request.
+    assert bastion("run", "Hi", "--max-tokens", "3").returncode == 0
+
+
+def test_ctrl_c_cancels_the_generation_in_the_worker(bastion: Bastion) -> None:
+    process, events, first_token, reader = start_streaming(
+        bastion, "Write a very long essay about the history of bread.", "--max-tokens", "3000",
+        "--temperature", "0.7", "--seed", "1")
+    assert first_token.wait(120)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 130
+    reader.join(10)
+    kinds = [e["type"] for _, e in events]
+    assert kinds[-1] == "run_end" and events[-1][1]["stop_reason"] == "cancelled"
+    stats = next(e for _, e in events if e["type"] == "generation_stats")
+    assert stats["completion_tokens"] < 3000
+    # The worker is idle again at once, and serves the next request.
+    code, lines = bastion.json("ps")
+    assert lines[0]["models"][0]["state"] == "idle"
+    assert bastion("run", "Hi", "--max-tokens", "3").returncode == 0
+
+
+def test_down_stops_everything_and_removes_the_sockets(bastion: Bastion) -> None:
+    assert bastion("run", "Hi", "--max-tokens", "2").returncode == 0
+    assert len(bastion.processes()) == 2  # the supervisor and one worker
+    done = bastion("down")
+    assert done.returncode == 0, done.stderr
+    assert bastion.processes() == []
+    assert not list((bastion.home / "run").glob("*.sock"))
+    assert bastion("status").returncode == 1
+    assert bastion("down").returncode == 0  # stopping a stopped supervisor is fine
+
+
+def test_sigterm_to_the_supervisor_stops_its_workers(bastion: Bastion) -> None:
+    assert bastion("up").returncode == 0
+    assert bastion("load", "smollm2-135m").returncode == 0
+    status = bastion.json("status")[1][0]
+    supervisor = psutil.Process(status["pid"])
+    workers = supervisor.children()
+    assert len(workers) == 1
+    supervisor.send_signal(signal.SIGTERM)
+    gone, alive = psutil.wait_procs([supervisor, *workers], timeout=30)
+    assert not alive
+    assert not list((bastion.home / "run").glob("*.sock"))
+
+
+def test_workers_exit_when_the_supervisor_is_killed(bastion: Bastion) -> None:
+    assert bastion("load", "smollm2-135m").returncode == 0
+    status = bastion.json("status")[1][0]
+    supervisor = psutil.Process(status["pid"])
+    workers = supervisor.children()
+    supervisor.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, "a worker outlived its supervisor"
+    # The next command starts a fresh supervisor over the stale sockets.
+    assert bastion("run", "Hi", "--max-tokens", "2").returncode == 0
+
+
+def test_two_models_generate_concurrently_in_their_own_workers(bastion: Bastion) -> None:
+    loaded = bastion("load", "gemma3-270m", timeout=600)
+    assert loaded.returncode == 0, loaded.stderr
+    assert bastion("load", "smollm2-135m").returncode == 0
+    prompt = "Write a long story about a dragon who learns to bake bread."
+    runs = {
+        name: start_streaming(bastion, prompt, "--model", name, "--max-tokens", "48", "--temperature", "0.8",
+                              "--seed", "3")
+        for name in ("smollm2-135m", "gemma3-270m")
+    }
+    token_times = {}
+    for name, (process, events, _first, reader) in runs.items():
+        assert process.wait(timeout=240) == 0, process.stderr.read() if process.stderr else ""
+        reader.join(10)
+        token_times[name] = [at for at, e in events if e["type"] == "token"]
+        assert len(token_times[name]) >= 8, f"{name} stopped after {len(token_times[name])} tokens"
+    pids = {name: next(e["worker_pid"] for _, e in runs[name][1] if e["type"] == "run_start") for name in runs}
+    assert pids["smollm2-135m"] != pids["gemma3-270m"]
+    small, gemma = token_times["smollm2-135m"], token_times["gemma3-270m"]
+    # Overlapping token streams: each model produced tokens while the other was producing.
+    assert small[0] < gemma[-1] and gemma[0] < small[-1]
+    _, lines = bastion.json("ps")
+    listed = {model["name"]: model for model in lines[0]["models"]}
+    assert listed["gemma3-270m"]["architecture"] == "gemma3"
+    assert listed["gemma3-270m"]["chat_template"].startswith("builtin:gemma")
+    assert {listed[name]["pid"] for name in listed} == set(pids.values())
+
+
+def test_a_hung_worker_is_killed_and_its_run_fails(bastion: Bastion) -> None:
+    import subprocess
+    import sys
+
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "bastion.supervisor", "--worker-silence-limit", "3"],
+        env=bastion.env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        assert bastion("load", "smollm2-135m").returncode == 0
+        process, events, first_token, reader = start_streaming(
+            bastion, "Write a very long story about a lighthouse keeper.", "--max-tokens", "2000")
+        assert first_token.wait(120)
+        worker_pid = next(e["worker_pid"] for _, e in events if e["type"] == "run_start")
+        os.kill(worker_pid, signal.SIGSTOP)  # alive but silent: only heartbeats can tell
+        assert process.wait(timeout=60) == 1
+        reader.join(10)
+        error = next(e for _, e in events if e["type"] == "error")
+        assert error["code"] == "worker_unresponsive" and "heartbeat" in error["message"]
+    finally:
+        bastion("down")
+        supervisor.wait(timeout=30)

@@ -100,7 +100,10 @@ class TextRenderer:
         if self._err.isatty():
             self._err.write(f"\r\x1b[2Kbastion: {text}")
             self._progress_open = True
-        elif event.stage is not LoadStage.ASSEMBLING or event.done in (0, event.total) or percent % 25 == 0:
+        elif event.stage is LoadStage.LOADING or (
+            event.stage is LoadStage.ASSEMBLING and (event.done in (0, event.total) or percent % 25 == 0)
+        ):
+            # A log file wants milestones, not every step.
             self._err.write(f"bastion: {text}\n")
         self._err.flush()
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import os
 import sys
 import uuid
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import msgspec
 import typer
-
 from bastion.client import render
 from bastion.client.connection import ClientError, ControlConnection, supervisor_running
 from bastion.client.launcher import (
@@ -58,6 +58,13 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object pe
 
 def _new_id() -> str:
     return uuid.uuid4().hex[:12]
+
+
+def _model_argument(model: str | None) -> str | None:
+    """Paths are made absolute here: the supervisor's working directory is not ours."""
+    if model is not None and ("/" in model or model.endswith(".gguf")):
+        return str(Path(model).expanduser().absolute())
+    return model
 
 
 def _exit_for(code: ErrorCode) -> int:
@@ -100,7 +107,7 @@ def run(
     request = Run(
         request_id=_new_id(),
         prompt=prompt,
-        model=model,
+        model=_model_argument(model),
         system=system,
         sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
     )
@@ -199,7 +206,7 @@ def load(
     """Load a model into its own worker process (no-op if it is loaded)."""
     connection = _connect(as_json, start=True)
     assert connection is not None
-    request = LoadModel(request_id=_new_id(), model=model)
+    request = LoadModel(request_id=_new_id(), model=_model_argument(model) or model)
     renderer = render.TextRenderer()
     with connection:
         connection.send(request)

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 
 import zmq
-
 from bastion.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,

@@ -15,8 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from bastion.protocol import ErrorCode, HomeLayout
 from bastion.client.connection import ClientError, ControlConnection, supervisor_running
+from bastion.protocol import ErrorCode, HomeLayout
 
 _START_TIMEOUT_S = 60.0
 _ALREADY_RUNNING_EXIT = 3

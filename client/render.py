@@ -13,7 +13,6 @@ import sys
 from typing import TextIO
 
 import msgspec
-
 from bastion.protocol import GenerationStats, RequestFailed, TokenDelta
 from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
 

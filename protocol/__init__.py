@@ -15,7 +15,13 @@ Directions and their unions:
 Shared building blocks (handshake, heartbeats, errors, stats) live in common.py.
 """
 
-from bastion.protocol.codec import Codec, client_codec, supervisor_control_codec, supervisor_worker_codec, worker_codec
+from bastion.protocol.codec import (
+    Codec,
+    client_codec,
+    supervisor_control_codec,
+    supervisor_worker_codec,
+    worker_codec,
+)
 from bastion.protocol.common import (
     Cancel,
     GenerationStats,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 
 import msgspec
-
 from bastion.protocol.errors import ErrorCode
 
 

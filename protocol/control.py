@@ -18,7 +18,6 @@ from __future__ import annotations
 import enum
 
 import msgspec
-
 from bastion.protocol.common import (
     Cancel,
     GenerationStats,

@@ -1,8 +1,9 @@
 """`python -m bastion.supervisor`: run the supervisor in the foreground.
 
 Logs go to stderr (a client that starts it in the background points stderr at
-`<home>/logs/supervisor.log`). Exit codes: 0 after a clean shutdown, 2 for an
-invalid models config, 3 when a supervisor already runs for this home.
+`<home>/logs/supervisor.log`). Exit codes: 0 after a clean shutdown, 3 when a
+supervisor already runs for this home. An invalid config.toml does not stop it:
+every request that needs the registry reports the error until the file is fixed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import sys
 
 from bastion.protocol import HomeLayout
 from bastion.supervisor.config import SupervisorConfig
-from bastion.supervisor.daemon import EXIT_ALREADY_RUNNING, AlreadyRunningError, SupervisorDaemon, acquire_lock
+from bastion.supervisor.daemon import (
+    EXIT_ALREADY_RUNNING,
+    AlreadyRunningError,
+    SupervisorDaemon,
+    acquire_lock,
+)
 from bastion.supervisor.errors import RegistryError
-from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.registry import RegistryWatcher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,17 +49,18 @@ def main(argv: list[str] | None = None) -> int:
     except AlreadyRunningError as exc:
         print(f"bastion supervisor: {exc}", file=sys.stderr)
         return EXIT_ALREADY_RUNNING
+    registry = RegistryWatcher(layout)
     try:
-        registry = ModelRegistry.load(layout)
+        registry.current()
     except RegistryError as exc:
-        print(f"bastion supervisor: {exc.message}", file=sys.stderr)
-        return 2
+        # Keep serving: each request reports the error until the file is fixed.
+        logging.getLogger("bastion.supervisor").error("%s", exc.message)
     with lock:
         asyncio.run(_serve(layout, registry, config))
     return 0
 
 
-async def _serve(layout: HomeLayout, registry: ModelRegistry, config: SupervisorConfig) -> None:
+async def _serve(layout: HomeLayout, registry: RegistryWatcher, config: SupervisorConfig) -> None:
     daemon = SupervisorDaemon(layout=layout, config=config, registry=registry)
     await daemon.serve()
 

@@ -53,7 +53,7 @@ from bastion.protocol.control import (
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModels, status_of
 from bastion.supervisor.prompt import ChatMessage, ChatRole
-from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.registry import RegistryWatcher
 from bastion.supervisor.runs import ActiveRun
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class Supervisor:
         self,
         *,
         layout: HomeLayout,
-        registry: ModelRegistry,
+        registry: RegistryWatcher,
         models: LoadedModels,
         send_client: SendToClient,
         request_shutdown: Callable[[], None],
@@ -176,7 +176,7 @@ class Supervisor:
 
     async def _serve_run(self, run: ActiveRun, request: Run) -> None:
         try:
-            spec = self._registry.lookup(request.model)
+            spec = self._registry.current().lookup(request.model)
             run.model = spec.name
             model, _ = await self._models.ensure_loaded(spec, self._progress_reporter(run.client, run.request_id, spec.name))
             if run.done or run.cancel_requested:
@@ -225,7 +225,7 @@ class Supervisor:
 
     async def _load(self, client: bytes, request: LoadModel) -> None:
         try:
-            spec = self._registry.lookup(request.model)
+            spec = self._registry.current().lookup(request.model)
             model, already = await self._models.ensure_loaded(
                 spec, self._progress_reporter(client, request.request_id, spec.name)
             )
@@ -238,7 +238,7 @@ class Supervisor:
         name = request.model
         if self._models.get(name) is None:
             try:
-                name = self._registry.lookup(request.model).name
+                name = self._registry.current().lookup(request.model).name
             except SupervisorError:
                 pass
         if not await self._models.unload(name):

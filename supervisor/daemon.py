@@ -23,14 +23,19 @@ from typing import IO
 
 import zmq
 import zmq.asyncio
-
-from bastion.protocol import ErrorCode, HomeLayout, ProtocolError, supervisor_control_codec, supervisor_worker_codec
+from bastion.protocol import (
+    ErrorCode,
+    HomeLayout,
+    ProtocolError,
+    supervisor_control_codec,
+    supervisor_worker_codec,
+)
 from bastion.protocol.control import ControlEvent
 from bastion.protocol.worker_wire import ToWorker
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.core import Supervisor
 from bastion.supervisor.models import LoadedModels
-from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.registry import RegistryWatcher
 from bastion.supervisor.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -54,7 +59,7 @@ def acquire_lock(layout: HomeLayout) -> IO[str]:
 
 
 class SupervisorDaemon:
-    def __init__(self, *, layout: HomeLayout, config: SupervisorConfig, registry: ModelRegistry) -> None:
+    def __init__(self, *, layout: HomeLayout, config: SupervisorConfig, registry: RegistryWatcher) -> None:
         self._layout = layout
         self._config = config
         self._registry = registry

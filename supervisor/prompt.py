@@ -27,10 +27,9 @@ from typing import Any, NoReturn
 import jinja2
 import jinja2.ext
 import msgspec
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
-
 from bastion.protocol.worker_wire import ModelDescription
 from bastion.supervisor.errors import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 
 class ChatRole(enum.Enum):

@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
-from msgspec import UNSET, UnsetType
-
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import RegistryError, UnknownModelError
 from bastion.supervisor.model_sources import LocalPath, ModelSource, read_gguf_header
 from bastion.supervisor.prompt import BuiltinTemplate
+from msgspec import UNSET, UnsetType
 
 DEFAULT_N_CTX = 4096
 _BUNDLED_PACKAGE = "bastion.configs"
@@ -236,3 +235,32 @@ def _line_of(text: str, table: tuple[str, ...], key: str | None) -> int | None:
             if assignment.match(lines[i]):
                 return i + 1
     return header_line
+
+
+class RegistryWatcher:
+    """The registry as of the user's config file's last change.
+
+    The supervisor is long-lived and started implicitly by the CLI, so an edit
+    to config.toml must take effect on the next request, and a broken edit must
+    fail that request with the file and line, not the daemon. A failed reload
+    keeps no stamp, so every request retries until the file is fixed."""
+
+    def __init__(self, layout: HomeLayout) -> None:
+        self._layout = layout
+        self._stamp: tuple[int, int, int] | None = None
+        self._registry: ModelRegistry | None = None
+
+    def current(self) -> ModelRegistry:
+        stamp = self._config_stamp()
+        if self._registry is None or stamp != self._stamp:
+            self._registry = None
+            self._registry = ModelRegistry.load(self._layout)
+            self._stamp = stamp
+        return self._registry
+
+    def _config_stamp(self) -> tuple[int, int, int]:
+        try:
+            stat = self._layout.config_file.stat()
+        except OSError:
+            return (0, 0, 0)
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)

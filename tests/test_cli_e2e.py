@@ -31,9 +31,13 @@ def test_first_run_starts_the_supervisor_and_streams_an_answer(bastion: Bastion)
     assert "started the bastion supervisor" in done.stderr
     assert done.stdout.strip(), "no answer on stdout"
     assert "tokens" in done.stderr and "tok/s" in done.stderr  # the stats line
-    # The supervisor stays up for the next command.
+    # The supervisor stays up for the next command, with its sockets in a private dir.
     status = bastion("status")
     assert status.returncode == 0 and "running" in status.stdout
+    code, (report,) = bastion.json("status")
+    assert code == 0 and report["running"] is True and report["models_loaded"] == 1
+    assert report["home"] == str(bastion.home) and psutil.pid_exists(report["pid"])
+    assert (bastion.home / "run").stat().st_mode & 0o777 == 0o700
 
 
 def test_json_stream_has_typed_events_in_order(bastion: Bastion) -> None:
@@ -272,3 +276,50 @@ def test_a_hung_worker_is_killed_and_its_run_fails(bastion: Bastion) -> None:
     finally:
         bastion("down")
         supervisor.wait(timeout=30)
+
+
+def test_killing_the_supervisor_mid_run_fails_the_client_promptly(bastion: Bastion) -> None:
+    process, events, first_token, reader = start_streaming(
+        bastion, "Write a very long story about a lighthouse keeper.", "--max-tokens", "3000")
+    assert first_token.wait(120)
+    supervisor_pid = bastion.json("status")[1][0]["pid"]
+    os.kill(supervisor_pid, signal.SIGKILL)
+    assert process.wait(timeout=30) == 1
+    reader.join(10)
+    error = next(e for _, e in events if e["type"] == "error")
+    assert error["code"] == "supervisor_unavailable"
+    assert events[-1][1]["type"] == "run_end" and events[-1][1]["stop_reason"] == "error"
+
+
+def test_a_broken_config_is_a_usage_error_naming_the_line_and_fixing_it_needs_no_restart(
+    bastion: Bastion, tmp_path: Path
+) -> None:
+    bastion.home.mkdir(parents=True)
+    config = bastion.home / "config.toml"
+    config.write_text('[models.mine]\npath = "x.gguf"\nn_ctx = "big"\n')
+    broken = bastion("run", "Hi", "--max-tokens", "2")
+    assert broken.returncode == 2
+    assert "config.toml:3" in broken.stderr and "n_ctx" in broken.stderr
+    # Fix it while the supervisor runs: the next request sees the new registry.
+    from tests.conftest import smollm2_gguf
+
+    config.write_text(f'default = "mine"\n[models.mine]\npath = "{smollm2_gguf()}"\nn_ctx = 1024\n')
+    fixed = bastion.json("run", "Hi", "--max-tokens", "2")
+    assert fixed[0] == 0
+    assert events_of(fixed[1], "run_start")[0]["model"] == "mine"
+    assert bastion.json("ps")[1][0]["models"][0]["n_ctx"] == 1024
+
+
+def test_a_relative_model_path_is_resolved_against_the_callers_directory(bastion: Bastion, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from tests.conftest import BASTION, smollm2_gguf
+
+    assert bastion("up").returncode == 0  # started from another directory
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    shutil.copy(smollm2_gguf(), workdir / "local.gguf")
+    done = subprocess.run([BASTION, "run", "Hi", "--model", "./local.gguf", "--max-tokens", "2"],
+                          cwd=workdir, env=bastion.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -15,7 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from bastion.protocol import HomeLayout
 from bastion.supervisor import model_sources
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError

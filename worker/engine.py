@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
-
 from bastion.protocol import SamplingParams
 
 

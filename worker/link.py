@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 
 import zmq
-
 from bastion.protocol import (
     Cancel,
     ErrorCode,

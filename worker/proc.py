@@ -33,9 +33,18 @@ from types import FrameType
 
 import psutil
 import zmq
-
-from bastion.protocol import PROTOCOL_VERSION, ErrorCode, Hello, HelloAccepted, ProtocolError, RequestFailed
-from bastion.protocol import Role, Shutdown, StopReason, worker_codec
+from bastion.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Hello,
+    HelloAccepted,
+    ProtocolError,
+    RequestFailed,
+    Role,
+    Shutdown,
+    StopReason,
+    worker_codec,
+)
 from bastion.protocol.worker_wire import (
     Generate,
     GenerationFinished,

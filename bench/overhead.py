@@ -28,6 +28,7 @@ from pathlib import Path
 
 import jinja2.sandbox
 import llama_cpp
+
 from bastion.client.connection import ControlConnection
 from bastion.client.launcher import ensure_supervisor, wait_until_stopped
 from bastion.protocol import GenerationStats, HomeLayout, RequestFailed, SamplingParams, Shutdown, TokenDelta

@@ -19,6 +19,7 @@ from typing import Annotated, NoReturn
 
 import msgspec
 import typer
+
 from bastion.client import render
 from bastion.client.connection import ClientError, ControlConnection, supervisor_running
 from bastion.client.launcher import (

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 import zmq
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,

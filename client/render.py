@@ -13,6 +13,7 @@ import sys
 from typing import TextIO
 
 import msgspec
+
 from bastion.protocol import GenerationStats, RequestFailed, TokenDelta
 from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
 

@@ -15,6 +15,7 @@ import typing
 from typing import Any, Generic, TypeVar
 
 import msgspec
+
 from bastion.protocol import common
 from bastion.protocol.control import ControlEvent, ControlRequest
 from bastion.protocol.errors import ErrorCode, ProtocolError

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 
 import msgspec
+
 from bastion.protocol.errors import ErrorCode
 
 
@@ -25,10 +26,12 @@ class Role(enum.Enum):
 
 
 class StopReason(enum.Enum):
-    STOP = "stop"  # end-of-generation token or a stop string
+    STOP = "stop"  # end-of-generation token or a stop string; for a run: a reply without tool calls
     LENGTH = "length"  # max_tokens reached, or the context is full
     CANCELLED = "cancelled"
     ERROR = "error"
+    MAX_ITERATIONS = "max_iterations"  # the agent loop hit its ceiling of model calls
+    REPAIR_LIMIT = "repair_limit"  # the model kept producing unusable tool calls
 
 
 class WorkerState(enum.Enum):

@@ -18,6 +18,19 @@ from __future__ import annotations
 import enum
 
 import msgspec
+
+from bastion.protocol.agent_events import (
+    ContextBudget,
+    PromptRendered,
+    RunWarning,
+    ToolCallParsed,
+    ToolDecision,
+    ToolEnded,
+    ToolOutput,
+    ToolStarted,
+    TurnFinished,
+    TurnStarted,
+)
 from bastion.protocol.common import (
     Cancel,
     GenerationStats,
@@ -31,17 +44,46 @@ from bastion.protocol.common import (
     TokenDelta,
     WorkerState,
 )
+from bastion.protocol.sessions import (
+    ClearSession,
+    DeleteSession,
+    ForkSession,
+    ListSessions,
+    PinMessage,
+    SessionChanged,
+    SessionDetail,
+    SessionList,
+    ShowSession,
+)
+
+
+class ContextStrategy(enum.Enum):
+    WINDOW = "window"  # drop the oldest whole turns
+    SUMMARIZE = "summarize"  # fold the oldest turns into one pinned summary (falls back to window)
 
 
 class Run(Message, tag="run"):
-    """Answer `prompt` with `model` (a registry name or a GGUF path; None: the
-    default model). `system` is an optional system message."""
+    """Answer `prompt` with `model` (a registry name, a GGUF path, `scripted:FILE`;
+    None: the session's model, else the default model).
+
+    Without `session` the run is one-shot (a fresh, unnamed conversation); with
+    it, the prompt continues that session, creating it if needed. `tools` names
+    the tools the model may call; empty means no tools and no tool-call
+    parsing at all. `template` overrides the chat template (a built-in name).
+    `show_prompt` renders the prompt the model would receive and generates
+    nothing."""
 
     request_id: str
     prompt: str
     model: str | None = None
     system: str | None = None
     sampling: SamplingParams = SamplingParams()
+    session: str | None = None
+    tools: tuple[str, ...] = ()
+    template: str | None = None
+    max_iterations: int = 8
+    context_strategy: ContextStrategy = ContextStrategy.WINDOW
+    show_prompt: bool = False
 
 
 class GetStatus(Message, tag="get_status"):
@@ -138,7 +180,22 @@ class ShutdownStarted(Message, tag="shutdown_started"):
     request_id: str
 
 
-ControlRequest = Hello | Run | Cancel | GetStatus | ListModels | LoadModel | UnloadModel | Shutdown
+ControlRequest = (
+    Hello
+    | Run
+    | Cancel
+    | GetStatus
+    | ListModels
+    | LoadModel
+    | UnloadModel
+    | Shutdown
+    | ListSessions
+    | ShowSession
+    | DeleteSession
+    | ForkSession
+    | ClearSession
+    | PinMessage
+)
 ControlEvent = (
     HelloAccepted
     | LoadProgress
@@ -152,4 +209,17 @@ ControlEvent = (
     | ModelUnloaded
     | StatusReport
     | ShutdownStarted
+    | TurnStarted
+    | ContextBudget
+    | ToolCallParsed
+    | ToolDecision
+    | ToolStarted
+    | ToolOutput
+    | ToolEnded
+    | RunWarning
+    | TurnFinished
+    | PromptRendered
+    | SessionList
+    | SessionDetail
+    | SessionChanged
 )

@@ -13,6 +13,7 @@ The worker's DEALER connects to the supervisor's workers ROUTER and speaks first
 from __future__ import annotations
 
 import msgspec
+
 from bastion.protocol.common import (
     Cancel,
     GenerationStats,

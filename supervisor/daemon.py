@@ -23,6 +23,7 @@ from typing import IO
 
 import zmq
 import zmq.asyncio
+
 from bastion.protocol import (
     ErrorCode,
     HomeLayout,

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, assert_never
 
 import msgspec
+
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError
 

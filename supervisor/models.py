@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 
 import psutil
+
 from bastion.protocol import HomeLayout, WorkerState
 from bastion.protocol.control import LoadStage, ModelStatus
 from bastion.supervisor.config import SupervisorConfig

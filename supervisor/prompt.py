@@ -27,21 +27,17 @@ from typing import Any, NoReturn
 import jinja2
 import jinja2.ext
 import msgspec
-from bastion.protocol.worker_wire import ModelDescription
-from bastion.supervisor.errors import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-
-class ChatRole(enum.Enum):
-    SYSTEM = "system"
-    USER = "user"
-    ASSISTANT = "assistant"
-    TOOL = "tool"
+from bastion.protocol.sessions import ChatRole
+from bastion.protocol.worker_wire import ModelDescription
+from bastion.supervisor.errors import TemplateError
 
 
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: ChatRole
     content: str
+    tool_name: str = ""  # for TOOL messages: which tool produced this result
 
 
 class BuiltinTemplate(enum.Enum):

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
+from msgspec import UNSET, UnsetType
+
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import RegistryError, UnknownModelError
 from bastion.supervisor.model_sources import LocalPath, ModelSource, read_gguf_header
 from bastion.supervisor.prompt import BuiltinTemplate
-from msgspec import UNSET, UnsetType
 
 DEFAULT_N_CTX = 4096
 _BUNDLED_PACKAGE = "bastion.configs"

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 import msgspec
+
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.control import ControlEvent, RunFinished
 from bastion.protocol.worker_wire import FromWorker, GenerationFinished

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import platformdirs
 import pytest
+
 from bastion.protocol import HomeLayout
 from bastion.protocol.home import default_home
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from bastion.protocol import HomeLayout
 from bastion.supervisor import model_sources
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError

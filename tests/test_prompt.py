@@ -9,6 +9,7 @@ from typing import Any, BinaryIO
 import jinja2
 import msgspec
 import pytest
+
 from bastion.protocol import HomeLayout
 from bastion.protocol.worker_wire import ModelDescription
 from bastion.supervisor.errors import TemplateError

@@ -6,6 +6,7 @@ import typing
 
 import msgspec
 import pytest
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -27,6 +28,20 @@ from bastion.protocol import (
     supervisor_worker_codec,
     worker_codec,
 )
+from bastion.protocol.agent_events import (
+    ContextBudget,
+    PromptRendered,
+    RunWarning,
+    ToolCallParsed,
+    ToolDecision,
+    ToolDecisionKind,
+    ToolEnded,
+    ToolOutput,
+    ToolStarted,
+    TurnFinished,
+    TurnStarted,
+    WarningCode,
+)
 from bastion.protocol.codec import all_tags
 from bastion.protocol.control import (
     ControlEvent,
@@ -46,6 +61,21 @@ from bastion.protocol.control import (
     ShutdownStarted,
     StatusReport,
     UnloadModel,
+)
+from bastion.protocol.sessions import (
+    ChatRole,
+    ClearSession,
+    DeleteSession,
+    ForkSession,
+    ListSessions,
+    PinMessage,
+    SessionAction,
+    SessionChanged,
+    SessionDetail,
+    SessionList,
+    SessionMessage,
+    SessionSummary,
+    ShowSession,
 )
 from bastion.protocol.worker_wire import (
     FromWorker,
@@ -81,7 +111,8 @@ SAMPLES: list[msgspec.Struct] = [
     WorkerReady(model=DESCRIPTION),
     WorkerLoadFailed(code=ErrorCode.INVALID_MODEL_FILE, message="not a gguf"),
     GenerationFinished(request_id="r", stop_reason=StopReason.LENGTH, completion_tokens=3, kv_tokens=9),
-    Run(request_id="r", prompt="hi", model="smollm2-135m", system="be brief", sampling=SamplingParams(max_tokens=5)),
+    Run(request_id="r", prompt="hi", model="smollm2-135m", system="be brief", sampling=SamplingParams(max_tokens=5),
+        session="s", tools=("calculator",), template="chatml", max_iterations=3, show_prompt=True),
     GetStatus(request_id="r"),
     ListModels(request_id="r"),
     LoadModel(request_id="r", model="gemma3-270m"),
@@ -95,6 +126,30 @@ SAMPLES: list[msgspec.Struct] = [
     StatusReport(request_id="r", pid=1, version="0.1", protocol_version=1, home="/h", control_endpoint="ipc://x",
                  uptime_s=1.0, models_loaded=0, runs_active=0),
     ShutdownStarted(request_id="r"),
+    TurnStarted(request_id="r", session="s", iteration=1),
+    ContextBudget(request_id="r", used_tokens=10, max_tokens=20, context_size=30, messages_kept=3,
+                  messages_pruned=1, strategy="window"),
+    ToolCallParsed(request_id="r", call_id="c1", name="calculator", arguments='{"expression":"1+1"}',
+                   format="fenced"),
+    ToolDecision(request_id="r", call_id="c1", decision=ToolDecisionKind.ALLOW, reason="built-in"),
+    ToolStarted(request_id="r", call_id="c1", name="calculator"),
+    ToolOutput(request_id="r", call_id="c1", text="2"),
+    ToolEnded(request_id="r", call_id="c1", name="calculator", ok=True, content="2", duration_ms=0.1),
+    RunWarning(request_id="r", code=WarningCode.MAX_ITERATIONS, message="stopped"),
+    TurnFinished(request_id="r", iteration=1, stop_reason=StopReason.MAX_ITERATIONS, tool_calls=2),
+    PromptRendered(request_id="r", model="m", template="gguf", prompt="<|im_start|>", tokens=3),
+    ListSessions(request_id="r"),
+    ShowSession(request_id="r", name="s", with_prompt=True),
+    DeleteSession(request_id="r", name="s"),
+    ForkSession(request_id="r", name="s", new_name="t"),
+    ClearSession(request_id="r", name="s"),
+    PinMessage(request_id="r", name="s", text="remember"),
+    SessionList(request_id="r", sessions=[SessionSummary(name="s", model="m", created_at=1.0, updated_at=2.0,
+                                                         messages=3, runs=1)]),
+    SessionDetail(request_id="r", session=SessionSummary(name="s", model="m", created_at=1.0, updated_at=2.0,
+                                                         messages=1, runs=1),
+                  messages=[SessionMessage(seq=1, role=ChatRole.USER, content="hi", pinned=True)], prompt="p"),
+    SessionChanged(request_id="r", name="s", action=SessionAction.FORKED),
 ]
 
 DIRECTIONS = [

@@ -6,6 +6,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
 from bastion.supervisor.model_sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf

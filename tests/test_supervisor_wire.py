@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import msgspec
 import pytest
 import zmq
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -20,7 +21,6 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.control import GetStatus, ListModels, ModelList, StatusReport
-
 from tests.conftest import Bastion
 
 

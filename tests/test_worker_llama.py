@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import WorkerCore
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
-
 from tests.conftest import smollm2_gguf
 
 pytestmark = pytest.mark.model

@@ -18,6 +18,7 @@ import msgspec
 import psutil
 import pytest
 import zmq
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -43,7 +44,6 @@ from bastion.protocol.worker_wire import (
     WorkerLoadFailed,
     WorkerReady,
 )
-
 from tests.conftest import smollm2_gguf
 
 TIMEOUT = 15.0  # generous: the machine is small and shared

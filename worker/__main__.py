@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 import msgspec
+
 from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.engine import Engine
 from bastion.worker.lifecycle import ExitCode

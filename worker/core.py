@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
+
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.engine import MIN_EVALUATED, Engine

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 
 import msgspec
+
 from bastion.protocol import SamplingParams
 from bastion.worker.engine import EngineError, EngineInfo, reusable_prefix
 

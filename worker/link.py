@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 
 import zmq
+
 from bastion.protocol import (
     Cancel,
     ErrorCode,

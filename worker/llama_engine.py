@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import llama_cpp
 import msgspec
+
 from bastion.protocol import SamplingParams
 from bastion.worker.engine import EngineError, EngineInfo, InvalidModelFile, reusable_prefix
 

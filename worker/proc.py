@@ -33,6 +33,7 @@ from types import FrameType
 
 import psutil
 import zmq
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,

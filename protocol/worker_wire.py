@@ -60,6 +60,7 @@ class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
     file_size: int
     load_ms: float
     rss_bytes: int
+    gguf_name: str = ""  # general.name, '' when the GGUF has none
 
 
 class WorkerReady(Message, tag="worker_ready"):

@@ -55,6 +55,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     chat_template: str  # '' when the model carries none
     bos_token: str  # token text, '' when the model has no such token
     eos_token: str
+    gguf_name: str = ""  # general.name, '' when the model carries none
 
 
 class Engine(Protocol):

@@ -78,6 +78,7 @@ class LlamaCppEngine:
             chat_template=metadata.get("tokenizer.chat_template", ""),
             bos_token=self._bos_text,
             eos_token=self._token_text(self._llama.token_eos()),
+            gguf_name=metadata.get("general.name", ""),
         )
 
     def describe(self) -> EngineInfo:

@@ -235,4 +235,5 @@ class WorkerProc:
             file_size=os.path.getsize(path) if os.path.isfile(path) else 0,
             load_ms=round(load_ms, 1),
             rss_bytes=psutil.Process().memory_info().rss,
+            gguf_name=info.gguf_name,
         )

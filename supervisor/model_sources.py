@@ -95,7 +95,16 @@ class LocalPath(
     path: str
 
 
-ModelSource = PackageFile | ChunkedPackage | LocalPath
+class ScriptedReplies(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind", tag="scripted"
+):
+    """Not a GGUF: a JSON or YAML list of canned replies, replayed by a worker
+    running the scripted engine (`--model scripted:FILE`)."""
+
+    path: str
+
+
+ModelSource = PackageFile | ChunkedPackage | LocalPath | ScriptedReplies
 
 
 class GgufHeader(msgspec.Struct, frozen=True, kw_only=True):
@@ -158,6 +167,11 @@ def resolve_gguf(spec: ModelSpec, layout: HomeLayout, progress: Progress | None 
             path = Path(raw).expanduser()
             if not path.is_file():
                 raise InvalidModelFileError(f"model {spec.name!r}: file not found: {path}")
+        case ScriptedReplies(path=raw):
+            path = Path(raw)
+            if not path.is_file():
+                raise InvalidModelFileError(f"scripted model: file not found: {path}")
+            return path  # the worker validates the script's content
         case _:
             assert_never(source)
     read_gguf_header(path)

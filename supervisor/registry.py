@@ -26,11 +26,13 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from bastion.protocol import HomeLayout
-from bastion.supervisor.errors import RegistryError, UnknownModelError
-from bastion.supervisor.model_sources import LocalPath, ModelSource, read_gguf_header
+from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
+from bastion.supervisor.model_sources import LocalPath, ModelSource, ScriptedReplies, read_gguf_header
 from bastion.supervisor.prompt import BuiltinTemplate
 
 DEFAULT_N_CTX = 4096
+# `scripted:FILE` names a scripted model: canned replies, for tests and evals.
+SCRIPTED_PREFIX = "scripted:"
 _BUNDLED_PACKAGE = "bastion.configs"
 _BUNDLED_FILE = "models.toml"
 # Names must not look like paths: lookup() treats those as files.
@@ -103,13 +105,18 @@ class ModelRegistry:
             return self._models[self.default_name]
         if name_or_path in self._models:
             return self._models[name_or_path]
+        if name_or_path.startswith(SCRIPTED_PREFIX):
+            path = Path(name_or_path[len(SCRIPTED_PREFIX) :]).expanduser().absolute()
+            if not path.is_file():
+                raise InvalidModelFileError(f"scripted model: file not found: {path}")
+            return ModelSpec(name=f"scripted-{path.stem}", source=ScriptedReplies(path=str(path)))
         if "/" in name_or_path or name_or_path.endswith(".gguf"):
             path = Path(name_or_path).expanduser().absolute()
             read_gguf_header(path)
             return ModelSpec(name=path.stem, source=LocalPath(path=str(path)))
         raise UnknownModelError(
             f"unknown model {name_or_path!r}; known models: {', '.join(self.names())} "
-            "(or give the path of a .gguf file)"
+            "(or give the path of a .gguf file, or scripted:FILE for canned replies)"
         )
 
 

@@ -75,6 +75,15 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
     when it is needed, and inside the load that heartbeats cover."""
 
     def build() -> Engine:
+        if config.engine is EngineKind.SCRIPTED:
+            from bastion.worker.fake import FakeEngine, FakeEngineConfig
+            from bastion.worker.script import load_script
+
+            return FakeEngine(
+                FakeEngineConfig(
+                    script=load_script(config.model_path), n_ctx=config.n_ctx, architecture="scripted", cycle=False
+                )
+            )
         if config.engine is EngineKind.FAKE:
             from bastion.worker.fake import FakeEngine, FakeEngineConfig
 

@@ -14,6 +14,7 @@ import msgspec
 class EngineKind(enum.Enum):
     LLAMA = "llama"
     FAKE = "fake"  # scripted engine, for tests of the process shell
+    SCRIPTED = "scripted"  # canned replies from the file at model_path (JSON or YAML list), in order
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):

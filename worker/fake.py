@@ -40,6 +40,10 @@ class FakeEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # False imitates a cache that refuses partial removal (a sliding window).
     partial_removal: bool = True
     chat_template: str = ""
+    architecture: str = "fake"
+    # False: each reply is used once, in order, and running out is an error
+    # (a scripted model for evals and bug reports must not silently repeat).
+    cycle: bool = True
 
 
 class FakeEngine:
@@ -58,7 +62,7 @@ class FakeEngine:
 
     def describe(self) -> EngineInfo:
         return EngineInfo(
-            architecture="fake",
+            architecture=self._config.architecture,
             n_ctx=self._config.n_ctx,
             n_ctx_train=self._config.n_ctx,
             n_vocab=258,
@@ -112,6 +116,8 @@ class FakeEngine:
 
     def begin_sampling(self, params: SamplingParams) -> None:
         script = self._config.script or ("",)
+        if not self._config.cycle and self._replies >= len(script):
+            raise EngineError(f"the scripted model has no reply left: all {len(script)} were used")
         self._reply = [*script[self._replies % len(script)].encode("utf-8"), EOS]
         self._replies += 1
         self._position = 0

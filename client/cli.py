@@ -4,8 +4,9 @@ Each command is a request over the control socket; nothing here loads a model
 or runs a tool. Exit codes mean something to scripts:
 
     0   done
-    1   model or runtime error (a worker died, the supervisor is unreachable)
-    2   usage error (unknown model, not a GGUF, bad flag)
+    1   model or runtime error (a worker died, the supervisor is unreachable,
+        an agent run stopped at its iteration or repair limit)
+    2   usage error (unknown model or session, not a GGUF, bad flag, bad config)
     130 cancelled with Ctrl-C (the generation is cancelled in the worker too)
 """
 
@@ -13,38 +14,55 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
-from pathlib import Path
 from typing import Annotated, NoReturn
 
 import msgspec
 import typer
 
 from bastion.client import render
-from bastion.client.connection import ClientError, ControlConnection, supervisor_running
-from bastion.client.launcher import (
-    connect_running,
-    ensure_supervisor,
-    start_background,
-    supervisor_command,
-    wait_until_stopped,
+from bastion.client.chat import chat
+from bastion.client.command_io import (
+    EXIT_CANCELLED,
+    EXIT_FAILURE,
+    connect,
+    exit_for,
+    expect,
+    fail,
+    model_argument,
+    new_id,
+)
+from bastion.client.connection import ClientError, supervisor_running
+from bastion.client.launcher import start_background, supervisor_command, wait_until_stopped
+from bastion.client.run_options import (
+    ContextOption,
+    MaxIterationsOption,
+    MaxTokensOption,
+    ModelOption,
+    RunOptions,
+    SeedOption,
+    SessionOption,
+    SystemOption,
+    TemperatureOption,
+    TemplateOption,
+    ToolsOption,
+    TopKOption,
+    TopPOption,
+    run_request,
 )
 from bastion.client.run_stream import stream_run
-from bastion.protocol import ErrorCode, HomeLayout, RequestFailed, SamplingParams, Shutdown
+from bastion.client.sessions_cli import sessions_app
+from bastion.protocol import ErrorCode, HomeLayout, RequestFailed, Shutdown
 from bastion.protocol.control import (
+    ContextStrategy,
     GetStatus,
     ListModels,
     LoadModel,
     ModelList,
     ModelLoaded,
     ModelUnloaded,
-    Run,
     StatusReport,
     UnloadModel,
 )
-from bastion.protocol.errors import USAGE_ERROR_CODES
-
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 
 app = typer.Typer(
     name="bastion",
@@ -53,67 +71,43 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+app.add_typer(sessions_app, name="sessions")
+app.command()(chat)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")]
-
-
-def _new_id() -> str:
-    return uuid.uuid4().hex[:12]
-
-
-def _model_argument(model: str | None) -> str | None:
-    """Paths are made absolute here: the supervisor's working directory is not ours."""
-    if model is not None and ("/" in model or model.endswith(".gguf")):
-        return str(Path(model).expanduser().absolute())
-    return model
-
-
-def _exit_for(code: ErrorCode) -> int:
-    return EXIT_USAGE if code in USAGE_ERROR_CODES else EXIT_FAILURE
-
-
-def _fail(error: ClientError | RequestFailed, as_json: bool) -> NoReturn:
-    if as_json:
-        render.json_object({"type": "error", "code": error.code.value, "message": error.message})
-    else:
-        render.error(error.message)
-    raise typer.Exit(_exit_for(error.code))
-
-
-def _connect(as_json: bool, *, start: bool) -> ControlConnection | None:
-    layout = HomeLayout.from_env()
-    try:
-        if start:
-            return ensure_supervisor(layout, render.say)
-        return connect_running(layout)
-    except ClientError as exc:
-        _fail(exc, as_json)
 
 
 @app.command()
 def run(
     prompt: Annotated[str, typer.Argument(help="What to ask.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="A model name or a path to a .gguf file.")] = None,
-    system: Annotated[str | None, typer.Option("--system", help="A system message.")] = None,
+    model: ModelOption = None,
+    system: SystemOption = None,
+    session: SessionOption = None,
+    tools: ToolsOption = None,
+    template: TemplateOption = None,
     as_json: JsonFlag = False,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", min=1, help="Stop after this many tokens.")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")] = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
-    top_k: Annotated[int, typer.Option("--top-k", min=0)] = 40,
-    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed, for repeatable output.")] = None,
+    max_tokens: MaxTokensOption = 256,
+    temperature: TemperatureOption = 0.8,
+    top_p: TopPOption = 0.95,
+    top_k: TopKOption = 40,
+    seed: SeedOption = None,
+    max_iterations: MaxIterationsOption = 8,
+    context: ContextOption = ContextStrategy.WINDOW,
+    show_prompt: Annotated[
+        bool, typer.Option("--show-prompt", help="Print the exact prompt the model would receive; generate nothing.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the context budget per turn.")] = False,
 ) -> None:
-    """Answer PROMPT with a local model, streaming the reply."""
-    connection = _connect(as_json, start=True)
+    """Answer PROMPT with a local model, streaming the reply (an agent run when --tools are given)."""
+    options = RunOptions(model=model, system=system, session=session, tools=tools, template=template,
+                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                         max_iterations=max_iterations, context=context)
+    connection = connect(as_json, start=True)
     assert connection is not None
-    request = Run(
-        request_id=_new_id(),
-        prompt=prompt,
-        model=_model_argument(model),
-        system=system,
-        sampling=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
-    )
     with connection:
-        raise typer.Exit(stream_run(connection, request, as_json=as_json))
+        code = stream_run(connection, run_request(prompt, options, show_prompt=show_prompt), as_json=as_json,
+                          verbose=verbose)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -126,13 +120,13 @@ def up(
         layout.ensure()
         command = supervisor_command()
         os.execv(command[0], command)
-    connection = _connect(False, start=False) if supervisor_running(layout) else None
+    connection = connect(False, start=False) if supervisor_running(layout) else None
     if connection is not None:
         render.say(f"the supervisor is already running (pid {connection.supervisor_pid})")
         connection.close()
         return
     start_background(layout)
-    connection = _connect(False, start=True)
+    connection = connect(False, start=True)
     assert connection is not None
     with connection:
         render.say(f"supervisor running (pid {connection.supervisor_pid}, home {layout.root})")
@@ -144,16 +138,17 @@ def down(
 ) -> None:
     """Stop the supervisor and every model worker."""
     layout = HomeLayout.from_env()
-    connection = _connect(False, start=False)
+    connection = connect(False, start=False)
     if connection is None:
         render.say("the supervisor is not running")
         return
     with connection:
+        pid = connection.supervisor_pid
         try:
-            connection.request(Shutdown(request_id=_new_id()))
+            connection.request(Shutdown(request_id=new_id()))
         except ClientError as exc:
-            _fail(exc, False)
-    if not wait_until_stopped(layout, timeout):
+            fail(exc, False)
+    if not wait_until_stopped(layout, timeout, pid):
         render.error(f"the supervisor did not stop within {timeout:.0f} s", f"see {layout.supervisor_log}")
         raise typer.Exit(EXIT_FAILURE)
     render.say("supervisor stopped")
@@ -163,7 +158,7 @@ def down(
 def status(as_json: JsonFlag = False) -> None:
     """Is the supervisor running, and what is it doing? Exit code 1 when it is not running."""
     layout = HomeLayout.from_env()
-    connection = _connect(as_json, start=False)
+    connection = connect(as_json, start=False)
     if connection is None:
         if as_json:
             render.json_object({"type": "status", "running": False, "home": str(layout.root)})
@@ -171,7 +166,7 @@ def status(as_json: JsonFlag = False) -> None:
             print(f"supervisor: not running (home {layout.root})")
         raise typer.Exit(EXIT_FAILURE)
     with connection:
-        report = _expect(connection, GetStatus(request_id=_new_id()), StatusReport, as_json)
+        report = expect(connection, GetStatus(request_id=new_id()), StatusReport, as_json)
     if as_json:
         render.json_object({"running": True, **_as_dict(report)})
         return
@@ -184,7 +179,7 @@ def status(as_json: JsonFlag = False) -> None:
 @app.command()
 def ps(as_json: JsonFlag = False) -> None:
     """List loaded models with their worker process, memory and KV cache."""
-    connection = _connect(as_json, start=False)
+    connection = connect(as_json, start=False)
     if connection is None:
         if as_json:
             render.json_object({"type": "models", "models": []})
@@ -192,7 +187,7 @@ def ps(as_json: JsonFlag = False) -> None:
             print("no models loaded (the supervisor is not running)")
         return
     with connection:
-        listing = _expect(connection, ListModels(request_id=_new_id()), ModelList, as_json)
+        listing = expect(connection, ListModels(request_id=new_id()), ModelList, as_json)
     if as_json:
         render.json_line(listing)
     else:
@@ -205,9 +200,9 @@ def load(
     as_json: JsonFlag = False,
 ) -> None:
     """Load a model into its own worker process (no-op if it is loaded)."""
-    connection = _connect(as_json, start=True)
+    connection = connect(as_json, start=True)
     assert connection is not None
-    request = LoadModel(request_id=_new_id(), model=_model_argument(model) or model)
+    request = LoadModel(request_id=new_id(), model=model_argument(model) or model)
     renderer = render.TextRenderer()
     with connection:
         connection.send(request)
@@ -224,12 +219,12 @@ def load(
                         return
                     case RequestFailed():
                         renderer.finish()
-                        _fail(event, as_json) if not as_json else _exit_quietly(event)
+                        fail(event, as_json) if not as_json else _exit_quietly(event)
                     case _:
                         if not as_json:
                             renderer(event)
         except ClientError as exc:
-            _fail(exc, as_json)
+            fail(exc, as_json)
 
 
 @app.command()
@@ -238,31 +233,19 @@ def unload(
     as_json: JsonFlag = False,
 ) -> None:
     """Stop a model's worker process and free its memory."""
-    connection = _connect(as_json, start=False)
+    connection = connect(as_json, start=False)
     if connection is None:
-        _fail(ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE, "the supervisor is not running"), as_json)
+        fail(ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE, "the supervisor is not running"), as_json)
     with connection:
-        done = _expect(connection, UnloadModel(request_id=_new_id(), model=model), ModelUnloaded, as_json)
+        done = expect(connection, UnloadModel(request_id=new_id(), model=model), ModelUnloaded, as_json)
     if as_json:
         render.json_line(done)
     else:
         render.say(f"unloaded {done.name}")
 
 
-def _expect(connection: ControlConnection, request, expected: type, as_json: bool):
-    try:
-        event = connection.request(request)
-    except ClientError as exc:
-        _fail(exc, as_json)
-    if isinstance(event, RequestFailed):
-        _fail(event, as_json)
-    if not isinstance(event, expected):
-        _fail(ClientError(ErrorCode.INTERNAL, f"unexpected answer {type(event).__name__}"), as_json)
-    return event
-
-
 def _exit_quietly(event: RequestFailed) -> NoReturn:
-    raise typer.Exit(_exit_for(event.code))
+    raise typer.Exit(exit_for(event.code))
 
 
 def _as_dict(struct: msgspec.Struct) -> dict:

@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Callable
 
+import psutil
+
 from bastion.client.connection import ClientError, ControlConnection, supervisor_running
 from bastion.protocol import ErrorCode, HomeLayout
 
@@ -92,10 +94,19 @@ def connect_running(layout: HomeLayout) -> ControlConnection | None:
     return connection
 
 
-def wait_until_stopped(layout: HomeLayout, timeout_s: float) -> bool:
+def wait_until_stopped(layout: HomeLayout, timeout_s: float, pid: int = 0) -> bool:
+    """Wait for the supervisor to release its lock and, given its pid, to exit
+    (it releases the lock before the interpreter has finished tearing down)."""
     deadline = time.monotonic() + timeout_s
     while supervisor_running(layout):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
+    if pid:
+        try:
+            psutil.Process(pid).wait(max(0.1, deadline - time.monotonic()))
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:
+            return False
     return True

@@ -15,7 +15,19 @@ from typing import TextIO
 import msgspec
 
 from bastion.protocol import GenerationStats, RequestFailed, TokenDelta
+from bastion.protocol.agent_events import (
+    ContextBudget,
+    PromptRendered,
+    RunWarning,
+    ToolCallParsed,
+    ToolDecision,
+    ToolDecisionKind,
+    ToolEnded,
+    TurnStarted,
+)
 from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
+
+_RESULT_PREVIEW = 200
 
 _json = msgspec.json.Encoder()
 
@@ -45,7 +57,8 @@ def error(message: str, hint: str = "") -> None:
 class TextRenderer:
     """Renders one run's events for a person."""
 
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, verbose: bool = False) -> None:
+        self._verbose = verbose
         self._out = out or sys.stdout
         self._err = err or sys.stderr
         self._ends_with_newline = True
@@ -73,8 +86,33 @@ class TextRenderer:
                 self._finish_line()
                 self._close_progress()
                 error(event.message)
+            case TurnStarted(iteration=iteration) if iteration > 1:
+                self._finish_line()
+            case ContextBudget() if self._verbose:
+                self._note(f"[context {event.used_tokens}/{event.max_tokens} tokens of {event.context_size}, "
+                           f"{event.messages_kept} messages, {event.messages_pruned} pruned, {event.strategy}]")
+            case ToolCallParsed():
+                self._note(f"→ {event.name} {event.arguments}")
+            case ToolDecision(decision=decision) if decision is not ToolDecisionKind.ALLOW:
+                self._note(f"  {decision.value}: {event.reason}")
+            case ToolEnded():
+                preview = event.content if len(event.content) <= _RESULT_PREVIEW else event.content[:_RESULT_PREVIEW] + "…"
+                self._note(f"← {preview}" if event.ok else f"← failed: {preview}")
+            case RunWarning():
+                self._note(f"bastion: warning: {event.message}")
+            case PromptRendered():
+                self._out.write(event.prompt)
+                self._out.flush()
+                self._ends_with_newline = True  # the prompt is printed exactly, nothing added
+                self._note(f"[{event.tokens} tokens, {event.model}, template {event.template}]")
             case _:
                 pass
+
+    def _note(self, text: str) -> None:
+        self._finish_line()
+        self._close_progress()
+        self._err.write(text + "\n")
+        self._err.flush()
 
     def finish(self) -> None:
         self._finish_line()

@@ -10,17 +10,17 @@ from __future__ import annotations
 import time
 
 from bastion.client import render
+from bastion.client.command_io import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bastion.client.connection import ClientError, ControlConnection
 from bastion.protocol import Cancel, ErrorCode, RequestFailed, StopReason
 from bastion.protocol.control import ControlEvent, Run, RunFinished
 from bastion.protocol.errors import USAGE_ERROR_CODES
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
 _CANCEL_WAIT_S = 10.0
 
 
-def stream_run(connection: ControlConnection, request: Run, *, as_json: bool) -> int:
-    show = render.json_line if as_json else render.TextRenderer()
+def stream_run(connection: ControlConnection, request: Run, *, as_json: bool, verbose: bool = False) -> int:
+    show = render.json_line if as_json else render.TextRenderer(verbose=verbose)
     state = _RunState()
     connection.send(request)
     try:
@@ -51,6 +51,8 @@ class _RunState:
             return EXIT_CANCELLED
         if self.error_code is not None or self.stop_reason is StopReason.ERROR or self.stop_reason is None:
             return EXIT_USAGE if self.error_code in USAGE_ERROR_CODES else EXIT_FAILURE
+        if self.stop_reason in (StopReason.MAX_ITERATIONS, StopReason.REPAIR_LIMIT):
+            return EXIT_FAILURE  # the agent gave up before answering
         return EXIT_OK
 
 

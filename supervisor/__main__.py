@@ -21,8 +21,9 @@ from bastion.supervisor.daemon import (
     SupervisorDaemon,
     acquire_lock,
 )
-from bastion.supervisor.errors import RegistryError
+from bastion.supervisor.errors import RegistryError, StoreError
 from bastion.supervisor.registry import RegistryWatcher
+from bastion.supervisor.store import SessionStore, database_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,13 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     except RegistryError as exc:
         # Keep serving: each request reports the error until the file is fixed.
         logging.getLogger("bastion.supervisor").error("%s", exc.message)
-    with lock:
-        asyncio.run(_serve(layout, registry, config))
+    try:
+        store = SessionStore.open(database_path(layout))
+    except StoreError as exc:
+        print(f"bastion supervisor: {exc.message}", file=sys.stderr)
+        return 1
+    interrupted = store.interrupt_unfinished_runs()
+    if interrupted:
+        logging.getLogger("bastion.supervisor").warning(
+            "%d run(s) were cut short by the previous supervisor's end; marked interrupted", interrupted
+        )
+    with lock, store:
+        asyncio.run(_serve(layout, registry, config, store))
     return 0
 
 
-async def _serve(layout: HomeLayout, registry: RegistryWatcher, config: SupervisorConfig) -> None:
-    daemon = SupervisorDaemon(layout=layout, config=config, registry=registry)
+async def _serve(
+    layout: HomeLayout, registry: RegistryWatcher, config: SupervisorConfig, store: SessionStore
+) -> None:
+    daemon = SupervisorDaemon(layout=layout, config=config, registry=registry, store=store)
     await daemon.serve()
 
 

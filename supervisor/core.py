@@ -31,7 +31,6 @@ from bastion.protocol import (
     RequestFailed,
     Role,
     Shutdown,
-    StopReason,
 )
 from bastion.protocol.control import (
     ControlEvent,
@@ -45,16 +44,30 @@ from bastion.protocol.control import (
     ModelLoaded,
     ModelUnloaded,
     Run,
-    RunStarted,
     ShutdownStarted,
     StatusReport,
     UnloadModel,
 )
+from bastion.protocol.sessions import (
+    ClearSession,
+    DeleteSession,
+    ForkSession,
+    ListSessions,
+    PinMessage,
+    SessionAction,
+    SessionChanged,
+    SessionDetail,
+    SessionList,
+    ShowSession,
+)
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModels, status_of
-from bastion.supervisor.prompt import ChatMessage, ChatRole
 from bastion.supervisor.registry import RegistryWatcher
+from bastion.supervisor.run_requests import RunService
 from bastion.supervisor.runs import ActiveRun
+from bastion.supervisor.store import SessionStore, UnknownSessionError
+from bastion.supervisor.tokenizer import TokenCounters
+from bastion.supervisor.tools import ToolRegistry
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +88,20 @@ class Supervisor:
         layout: HomeLayout,
         registry: RegistryWatcher,
         models: LoadedModels,
+        store: SessionStore,
+        tools: ToolRegistry,
+        counters: TokenCounters,
         send_client: SendToClient,
         request_shutdown: Callable[[], None],
     ) -> None:
         self._layout = layout
         self._registry = registry
         self._models = models
+        self._store = store
+        self._service = RunService(
+            registry=registry, models=models, store=store, tools=tools, counters=counters,
+            progress=self._progress_reporter, new_id=lambda: f"g{next(self._ids)}",
+        )  # fmt: skip
         self._send = send_client
         self._request_shutdown = request_shutdown
         self._clients: set[bytes] = set()
@@ -120,6 +141,8 @@ class Supervisor:
             case Shutdown(request_id=request_id):
                 self._send(client, ShutdownStarted(request_id=request_id))
                 self._request_shutdown()
+            case ListSessions() | ShowSession() | DeleteSession() | ForkSession() | ClearSession() | PinMessage():
+                self._spawn_task(self._session_request(client, message))
 
     def reply_protocol_error(self, client: bytes, code: ErrorCode, message: str) -> None:
         self._reply_error(client, "", code, message)
@@ -162,39 +185,10 @@ class Supervisor:
             self._reply_error(client, request.request_id, ErrorCode.DUPLICATE_REQUEST,
                               f"request id {request.request_id!r} is already running")
             return
-        run = ActiveRun(
-            internal_id=f"r{next(self._ids)}",
-            request_id=request.request_id,
-            client=client,
-            session_id=f"oneshot-{request.request_id}",
-            sampling=request.sampling,
-            emit=lambda event: self._send(client, event),
-        )
+        run = ActiveRun(request_id=request.request_id, client=client, emit=lambda event: self._send(client, event))
         self._runs[key] = run
         run.finished.add_done_callback(lambda _f: self._runs.pop(key, None))
-        self._spawn_task(self._serve_run(run, request))
-
-    async def _serve_run(self, run: ActiveRun, request: Run) -> None:
-        try:
-            spec = self._registry.current().lookup(request.model)
-            run.model = spec.name
-            model, _ = await self._models.ensure_loaded(spec, self._progress_reporter(run.client, run.request_id, spec.name))
-            if run.done or run.cancel_requested:
-                run.finish(StopReason.CANCELLED)
-                return
-            messages = [ChatMessage(role=ChatRole.USER, content=request.prompt)]
-            if request.system:
-                messages.insert(0, ChatMessage(role=ChatRole.SYSTEM, content=request.system))
-            run.prompt = model.formatter.render(messages)
-            run.send(RunStarted(request_id=run.request_id, model=spec.name, worker_pid=model.handle.pid,
-                                template=model.formatter.source))
-            model.handle.submit(run)
-        except SupervisorError as exc:
-            run.fail(exc.code, exc.message, retryable=exc.code is ErrorCode.BUSY,
-                     retry_after_ms=1000 if exc.code is ErrorCode.BUSY else None)
-        except Exception as exc:  # a bug must end the run, not leave the client waiting
-            log.exception("run %s failed", run.internal_id)
-            run.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
+        self._spawn_task(self._service.serve(run, request))
 
     def _cancel(self, client: bytes, request_id: str) -> None:
         run = self._runs.get((client, request_id))
@@ -202,11 +196,49 @@ class Supervisor:
             self._reply_error(client, request_id, ErrorCode.UNKNOWN_REQUEST,
                               f"no running request {request_id!r} to cancel")
             return
-        run.cancel_requested = True
-        model = self._models.get(run.model)
-        if model is not None and (run is model.handle.current or run in model.handle.queue):
-            model.handle.cancel(run)
-        # Otherwise it is still loading; _serve_run ends it as cancelled.
+        # The loop waits on this: a generation in flight is cancelled in the
+        # worker, a run still loading its model ends once the load does.
+        run.request_cancel()
+
+    # --- sessions ---------------------------------------------------------
+
+    async def _session_request(self, client: bytes, request) -> None:
+        try:
+            self._send(client, await self._answer_session_request(request))
+        except SupervisorError as exc:
+            self._reply_error(client, request.request_id, exc.code, exc.message)
+
+    async def _answer_session_request(self, request):
+        store = self._store
+        match request:
+            case ListSessions(request_id=request_id):
+                return SessionList(request_id=request_id, sessions=store.list_sessions())
+            case ShowSession(request_id=request_id, name=name, with_prompt=with_prompt):
+                summary = store.get_session(name)
+                if summary is None:
+                    raise UnknownSessionError(f"no session named {name!r}")
+                prompt = await self._service.next_prompt(name) if with_prompt else ""
+                messages = [m.to_protocol() for m in store.messages(name)]
+                return SessionDetail(request_id=request_id, session=summary, messages=messages, prompt=prompt)
+            case DeleteSession(request_id=request_id, name=name):
+                if not store.delete_session(name):
+                    raise UnknownSessionError(f"no session named {name!r}")
+                return SessionChanged(request_id=request_id, name=name, action=SessionAction.DELETED)
+            case ForkSession(request_id=request_id, name=name, new_name=new_name):
+                store.fork_session(name, new_name)
+                return SessionChanged(request_id=request_id, name=new_name, action=SessionAction.FORKED)
+            case ClearSession(request_id=request_id, name=name):
+                store.clear_session(name)
+                return SessionChanged(request_id=request_id, name=name, action=SessionAction.CLEARED)
+            case PinMessage(request_id=request_id, name=name, text=text):
+                if text:
+                    store.add_note(name, text)
+                else:
+                    seq = store.last_user_seq(name)
+                    if seq is None:
+                        raise UnknownSessionError(f"session {name!r} has no message of yours to pin")
+                    store.pin_message(name, seq)
+                return SessionChanged(request_id=request_id, name=name, action=SessionAction.PINNED)
 
     # --- loading ----------------------------------------------------------
 
@@ -258,8 +290,7 @@ class Supervisor:
     async def shutdown(self) -> None:
         self._shutting_down = True
         for run in list(self._runs.values()):
-            if not run.done and run.tokens_streamed == 0 and not run.prompt:
-                run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)
+            run.request_cancel()
         await self._models.unload_all()
         for task in list(self._tasks):
             task.cancel()

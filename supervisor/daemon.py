@@ -37,6 +37,9 @@ from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.core import Supervisor
 from bastion.supervisor.models import LoadedModels
 from bastion.supervisor.registry import RegistryWatcher
+from bastion.supervisor.store import SessionStore
+from bastion.supervisor.tokenizer import TokenCounters
+from bastion.supervisor.tools import ToolRegistry
 from bastion.supervisor.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -60,7 +63,9 @@ def acquire_lock(layout: HomeLayout) -> IO[str]:
 
 
 class SupervisorDaemon:
-    def __init__(self, *, layout: HomeLayout, config: SupervisorConfig, registry: RegistryWatcher) -> None:
+    def __init__(
+        self, *, layout: HomeLayout, config: SupervisorConfig, registry: RegistryWatcher, store: SessionStore
+    ) -> None:
         self._layout = layout
         self._config = config
         self._registry = registry
@@ -72,10 +77,14 @@ class SupervisorDaemon:
         self._worker_codec = supervisor_worker_codec()
         self._pool = WorkerPool(config=config, layout=layout, send=self._send_worker)
         self._models = LoadedModels(config=config, layout=layout, pool=self._pool)
+        self._counters = TokenCounters()
         self._core = Supervisor(
             layout=layout,
             registry=registry,
             models=self._models,
+            store=store,
+            tools=ToolRegistry.builtin(),
+            counters=self._counters,
             send_client=self._send_client,
             request_shutdown=self._stop.set,
         )
@@ -176,6 +185,7 @@ class SupervisorDaemon:
             self._close()
 
     def _close(self) -> None:
+        self._counters.close()
         self._control.close(linger=100)
         self._workers.close(linger=0)
         self._context.term()

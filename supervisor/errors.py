@@ -43,3 +43,13 @@ class ModelSourceError(SupervisorError):
 
 class TemplateError(SupervisorError):
     code = ErrorCode.INVALID_REQUEST
+
+
+class StoreError(SupervisorError):
+    """The session database could not be read or written (disk full, locked, corrupt, too new)."""
+
+    code = ErrorCode.INTERNAL
+
+
+class ContextOverflowError(SupervisorError):
+    code = ErrorCode.CONTEXT_OVERFLOW

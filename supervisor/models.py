@@ -19,7 +19,7 @@ from bastion.protocol import HomeLayout, WorkerState
 from bastion.protocol.control import LoadStage, ModelStatus
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import ModelSourceError, SupervisorError
-from bastion.supervisor.model_sources import resolve_gguf
+from bastion.supervisor.model_sources import ScriptedReplies, resolve_gguf
 from bastion.supervisor.prompt import PromptFormatter
 from bastion.supervisor.registry import ModelSpec
 from bastion.supervisor.workers import WorkerHandle, WorkerPool
@@ -89,6 +89,7 @@ class LoadedModels:
             model_path=path,
             n_ctx=spec.n_ctx or self._config.default_n_ctx,
             threads=spec.threads or self._config.default_threads,
+            engine="scripted" if isinstance(spec.source, ScriptedReplies) else "llama",
         )
         self._spawned[spec.name] = handle
         progress(LoadStage.LOADING, 0, 0)

@@ -1,10 +1,14 @@
-"""One client request being answered by a worker: `ActiveRun`.
+"""A client's run, and the generations the worker serves for it.
 
-A run translates between the client's `request_id` and the internal id the
-worker sees (two clients may pick the same request id), forwards worker events
-to its client, and ends exactly once with a `RunFinished`. Whoever holds a run
-(a worker's queue, the loader) ends it through `fail` or `finish`; repeated
-endings are ignored, so a crash racing a normal finish cannot send two ends.
+`ActiveRun` is what the client sees: events sent under its `request_id` and
+exactly one `RunFinished`, whatever happens (repeated endings are ignored, so
+a crash racing a normal finish cannot send two ends).
+
+`Generation` is one model call made for a run (an agent run makes several; a
+context summary makes a hidden one). The worker sees only its internal id;
+the generation forwards the worker's token and stats events to the run under
+the client's id, collects the reply text, and resolves `outcome` exactly once:
+when the worker says it finished, or when the worker dies.
 """
 
 from __future__ import annotations
@@ -21,26 +25,14 @@ from bastion.protocol.worker_wire import FromWorker, GenerationFinished
 
 
 class ActiveRun:
-    def __init__(
-        self,
-        *,
-        internal_id: str,
-        request_id: str,
-        client: bytes,
-        session_id: str,
-        sampling: SamplingParams,
-        emit: Callable[[ControlEvent], None],
-    ) -> None:
-        self.internal_id = internal_id
+    def __init__(self, *, request_id: str, client: bytes, emit: Callable[[ControlEvent], None]) -> None:
         self.request_id = request_id
         self.client = client
-        self.session_id = session_id
-        self.sampling = sampling
-        self.prompt = ""
         self.model = ""
         self.started_at = time.monotonic()
-        self.tokens_streamed = 0
         self.cancel_requested = False
+        self.cancelled = asyncio.Event()
+        self.current: Generation | None = None
         self.finished: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
         self._emit = emit
 
@@ -52,22 +44,13 @@ class ActiveRun:
         if not self.done:
             self._emit(event)
 
-    def deliver(self, message: FromWorker) -> None:
-        """Forward one message the worker sent about this run."""
-        match message:
-            case TokenDelta():
-                self.tokens_streamed = message.n
-                self.send(msgspec.structs.replace(message, request_id=self.request_id))
-            case GenerationStats():
-                self.send(msgspec.structs.replace(message, request_id=self.request_id))
-            case RequestFailed():
-                self.send(msgspec.structs.replace(message, request_id=self.request_id))
-            case GenerationFinished(stop_reason=reason):
-                self.finish(reason)
-            case _:
-                pass
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        self.cancelled.set()
 
     def fail(self, code: ErrorCode, message: str, *, retryable: bool = False, retry_after_ms: int | None = None) -> None:
+        if self.done:
+            return
         self.send(
             RequestFailed(
                 request_id=self.request_id,
@@ -84,3 +67,85 @@ class ActiveRun:
             return
         self._emit(RunFinished(request_id=self.request_id, stop_reason=reason))
         self.finished.set_result(reason)
+
+
+class GenerationOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    text: str
+    stop_reason: StopReason
+    tokens: int
+    stats: GenerationStats | None = None
+    error_code: ErrorCode | None = None
+    error_message: str = ""
+    error_retryable: bool = False
+
+
+class Generation:
+    def __init__(
+        self,
+        *,
+        internal_id: str,
+        session_id: str,
+        prompt: str,
+        sampling: SamplingParams,
+        run: ActiveRun,
+        stream: bool = True,
+    ) -> None:
+        self.internal_id = internal_id
+        self.session_id = session_id
+        self.prompt = prompt
+        self.sampling = sampling
+        self.run = run
+        self.stream = stream  # False: a hidden call (e.g. a summary); only stats reach the client
+        self.outcome: asyncio.Future[GenerationOutcome] = asyncio.get_running_loop().create_future()
+        self._pieces: list[str] = []
+        self._tokens = 0
+        self._stats: GenerationStats | None = None
+        self._error: RequestFailed | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.outcome.done()
+
+    @property
+    def tokens_streamed(self) -> int:
+        return self._tokens
+
+    def deliver(self, message: FromWorker) -> None:
+        """Take one message the worker sent about this generation."""
+        match message:
+            case TokenDelta(text=text, n=n):
+                self._pieces.append(text)
+                self._tokens = n
+                if self.stream:
+                    self.run.send(msgspec.structs.replace(message, request_id=self.run.request_id))
+            case GenerationStats():
+                self._stats = message
+                if self.stream:
+                    self.run.send(msgspec.structs.replace(message, request_id=self.run.request_id))
+            case RequestFailed():
+                self._error = message
+            case GenerationFinished(stop_reason=reason):
+                self._resolve(reason)
+            case _:
+                pass
+
+    def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
+        """The generation cannot complete (its worker died, the queue is gone)."""
+        self._error = RequestFailed(request_id=self.internal_id, code=code, message=message, retryable=retryable)
+        self._resolve(StopReason.ERROR)
+
+    def _resolve(self, reason: StopReason) -> None:
+        if self.done:
+            return
+        error = self._error
+        self.outcome.set_result(
+            GenerationOutcome(
+                text="".join(self._pieces),
+                stop_reason=reason,
+                tokens=self._tokens,
+                stats=self._stats,
+                error_code=error.code if error else None,
+                error_message=error.message if error else "",
+                error_retryable=error.retryable if error else False,
+            )
+        )

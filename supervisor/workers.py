@@ -4,7 +4,7 @@
 and watches each one's exit directly (an asyncio task awaits the process), so
 a crash is noticed the moment it happens rather than when heartbeats stop.
 `WorkerHandle` is one such child: its state, what it reported when ready, the
-tail of its stderr, the run it is serving and a bounded queue of runs waiting
+tail of its stderr, the generation it is serving and a bounded queue of generations waiting
 for it. A worker serves one generation at a time; it keeps that session's KV
 state warm for the next one.
 
@@ -50,7 +50,7 @@ from bastion.protocol.worker_wire import (
 )
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError, SupervisorError
-from bastion.supervisor.runs import ActiveRun
+from bastion.supervisor.runs import Generation
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,8 @@ class WorkerHandle:
         self.ready: asyncio.Future[ModelDescription] = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stderr_tail: deque[str] = deque(maxlen=config.stderr_tail_lines)
-        self.current: ActiveRun | None = None
-        self.queue: deque[ActiveRun] = deque()
+        self.current: Generation | None = None
+        self.queue: deque[Generation] = deque()
         self.last_seen = time.monotonic()
         self.kv_tokens = 0
         self.progress = 0
@@ -114,36 +114,36 @@ class WorkerHandle:
 
     # --- runs -------------------------------------------------------------
 
-    def submit(self, run: ActiveRun) -> None:
-        """Start `run` now if the worker is idle, else queue it (bounded)."""
+    def submit(self, generation: Generation) -> None:
+        """Start generation `generation` now if the worker is idle, else queue it (bounded)."""
         if self.state not in (WorkerState.IDLE, WorkerState.BUSY):
             raise SupervisorError(f"model {self.name} is {self.state.value}, not serving")
         if self.current is None:
-            self._start(run)
+            self._start(generation)
             return
         if len(self.queue) >= self._config.max_queued_per_worker:
             raise QueueFullError(
                 f"model {self.name} has {len(self.queue)} requests waiting; try again shortly"
             )
-        self.queue.append(run)
+        self.queue.append(generation)
 
-    def cancel(self, run: ActiveRun) -> None:
-        run.cancel_requested = True
-        if run is self.current:
-            self.send(Cancel(request_id=run.internal_id))
-        elif run in self.queue:
-            self.queue.remove(run)
-            run.finish(StopReason.CANCELLED)
+    def cancel(self, generation: Generation) -> None:
+        if generation is self.current:
+            self.send(Cancel(request_id=generation.internal_id))
+        elif generation in self.queue:
+            self.queue.remove(generation)
+            generation.deliver(GenerationFinished(request_id=generation.internal_id, stop_reason=StopReason.CANCELLED,
+                                           completion_tokens=0, kv_tokens=self.kv_tokens))
 
-    def _start(self, run: ActiveRun) -> None:
-        self.current = run
+    def _start(self, generation: Generation) -> None:
+        self.current = generation
         self.state = WorkerState.BUSY
         self.send(
             Generate(
-                request_id=run.internal_id,
-                session_id=run.session_id,
-                prompt=run.prompt,
-                sampling=run.sampling,
+                request_id=generation.internal_id,
+                session_id=generation.session_id,
+                prompt=generation.prompt,
+                sampling=generation.sampling,
             )
         )
 
@@ -152,9 +152,9 @@ class WorkerHandle:
         if self.state is WorkerState.BUSY:
             self.state = WorkerState.IDLE
         while self.queue and self.state is WorkerState.IDLE:
-            run = self.queue.popleft()
-            if not run.done:
-                self._start(run)
+            generation = self.queue.popleft()
+            if not generation.done:
+                self._start(generation)
 
     # --- messages from the worker -----------------------------------------
 
@@ -218,9 +218,9 @@ class WorkerHandle:
         code = ErrorCode.SHUTTING_DOWN if stopping else ErrorCode.WORKER_DIED
         if self.killed_as_hung:
             code = ErrorCode.WORKER_UNRESPONSIVE
-        for run in [self.current, *self.queue]:
-            if run is not None:
-                run.fail(code, report, retryable=not stopping)
+        for generation in [self.current, *self.queue]:
+            if generation is not None:
+                generation.fail(code, report, retryable=not stopping)
         self.current = None
         self.queue.clear()
         if not self.exited.done():
@@ -244,7 +244,9 @@ class WorkerPool:
     def by_identity(self, identity: bytes) -> WorkerHandle | None:
         return self._by_identity.get(identity)
 
-    async def spawn(self, *, name: str, model_path: Path, n_ctx: int, threads: int) -> WorkerHandle:
+    async def spawn(
+        self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama"
+    ) -> WorkerHandle:
         self._counter += 1
         handle = WorkerHandle(
             worker_id=f"w{os.getpid()}-{self._counter}",
@@ -265,6 +267,7 @@ class WorkerPool:
             "--n-ctx", str(n_ctx),
             "--threads", str(threads),
             "--parent-pid", str(os.getpid()),
+            "--engine", engine,
             "--heartbeat-interval", str(self._config.heartbeat_interval_s),
         ]  # fmt: skip
         handle.process = await asyncio.create_subprocess_exec(

@@ -43,9 +43,12 @@ def test_first_run_starts_the_supervisor_and_streams_an_answer(bastion: Bastion)
 def test_json_stream_has_typed_events_in_order(bastion: Bastion) -> None:
     code, lines = bastion.json("run", "Name three colours.", "--max-tokens", "16", "--temperature", "0")
     assert code == 0
-    types = [line["type"] for line in lines]
-    assert types[-2:] == ["generation_stats", "run_end"]
-    assert types.index("run_start") < types.index("token")
+    types = [line["type"] for line in lines if line["type"] != "load_progress"]
+    assert types[:3] == ["run_start", "turn_start", "context_budget"]
+    assert types[-3:] == ["generation_stats", "turn_end", "run_end"]
+    assert set(types[3:-3]) == {"token"}
+    budget = events_of(lines, "context_budget")[0]
+    assert 0 < budget["used_tokens"] <= budget["max_tokens"] < budget["context_size"] == 4096
     start = events_of(lines, "run_start")[0]
     assert start["model"] == "smollm2-135m" and start["worker_pid"] > 0 and start["template"]
     tokens = events_of(lines, "token")

@@ -1,0 +1,81 @@
+"""The options `bastion run` and `bastion chat` share, and the `Run` they build."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+import typer
+
+from bastion.client.command_io import model_argument, new_id
+from bastion.protocol import SamplingParams
+from bastion.protocol.control import ContextStrategy, Run
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="A model name, a path to a .gguf file, or scripted:FILE (canned replies)."),
+]
+SystemOption = Annotated[str | None, typer.Option("--system", help="A system message (kept by a session).")]
+SessionOption = Annotated[
+    str | None, typer.Option("--session", "-s", help="Continue (or start) this named session.")
+]
+ToolsOption = Annotated[
+    str | None,
+    typer.Option("--tools", help="Comma-separated tools the model may call, e.g. clock,calculator."),
+]
+TemplateOption = Annotated[
+    str | None, typer.Option("--template", help="Use this built-in chat template instead of the model's own.")
+]
+MaxTokensOption = Annotated[int, typer.Option("--max-tokens", min=1, help="Stop a reply after this many tokens.")]
+TemperatureOption = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
+TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+TopKOption = Annotated[int, typer.Option("--top-k", min=0)]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Sampling seed, for repeatable output.")]
+MaxIterationsOption = Annotated[
+    int, typer.Option("--max-iterations", min=1, help="Most model calls in one agent run (tool use).")
+]
+ContextOption = Annotated[
+    ContextStrategy,
+    typer.Option("--context", help="When the conversation outgrows the context: drop or summarise old turns."),
+]
+
+
+class RunOptions(msgspec.Struct, kw_only=True):
+    model: str | None = None
+    system: str | None = None
+    session: str | None = None
+    tools: str | None = None
+    template: str | None = None
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    seed: int | None = None
+    max_iterations: int = 8
+    context: ContextStrategy = ContextStrategy.WINDOW
+
+
+def tool_names(tools: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (tools or "").split(",") if name.strip())
+
+
+def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) -> Run:
+    return Run(
+        request_id=new_id(),
+        prompt=prompt,
+        model=model_argument(options.model),
+        system=options.system,
+        sampling=SamplingParams(
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            top_k=options.top_k,
+            seed=options.seed,
+        ),
+        session=options.session,
+        tools=tool_names(options.tools),
+        template=options.template,
+        max_iterations=options.max_iterations,
+        context_strategy=options.context,
+        show_prompt=show_prompt,
+    )

@@ -32,9 +32,10 @@ from bastion.client.command_io import (
     new_id,
 )
 from bastion.client.connection import ClientError, supervisor_running
-from bastion.client.launcher import start_background, supervisor_command, wait_until_stopped
+from bastion.client.launcher import supervisor_command, wait_until_stopped
 from bastion.client.run_options import (
     ContextOption,
+    IgnoreEosOption,
     MaxIterationsOption,
     MaxTokensOption,
     ModelOption,
@@ -97,11 +98,12 @@ def run(
         bool, typer.Option("--show-prompt", help="Print the exact prompt the model would receive; generate nothing.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the context budget per turn.")] = False,
+    ignore_eos: IgnoreEosOption = False,
 ) -> None:
     """Answer PROMPT with a local model, streaming the reply (an agent run when --tools are given)."""
     options = RunOptions(model=model, system=system, session=session, tools=tools, template=template,
                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                         max_iterations=max_iterations, context=context)
+                         max_iterations=max_iterations, context=context, ignore_eos=ignore_eos)
     connection = connect(as_json, start=True)
     assert connection is not None
     with connection:
@@ -120,12 +122,12 @@ def up(
         layout.ensure()
         command = supervisor_command()
         os.execv(command[0], command)
-    connection = connect(False, start=False) if supervisor_running(layout) else None
-    if connection is not None:
-        render.say(f"the supervisor is already running (pid {connection.supervisor_pid})")
-        connection.close()
-        return
-    start_background(layout)
+    if supervisor_running(layout):
+        connection = connect(False, start=False)
+        if connection is not None:
+            render.say(f"the supervisor is already running (pid {connection.supervisor_pid})")
+            connection.close()
+            return
     connection = connect(False, start=True)
     assert connection is not None
     with connection:

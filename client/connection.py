@@ -53,6 +53,19 @@ def supervisor_running(layout: HomeLayout) -> bool:
         return False
 
 
+def same_supervisor_running(layout: HomeLayout, pid: int) -> bool:
+    """True while the supervisor we said hello to (by pid) still runs this home;
+    a restarted one holds the lock too, but knows nothing of our requests."""
+    if not supervisor_running(layout):
+        return False
+    if not pid:
+        return True
+    try:
+        return int(layout.pid_file.read_text().strip() or 0) == pid
+    except (OSError, ValueError):
+        return True  # between the lock and the pid file: give it the benefit of the doubt
+
+
 class ControlConnection:
     def __init__(self, layout: HomeLayout) -> None:
         self._layout = layout
@@ -110,7 +123,7 @@ class ControlConnection:
         while True:
             event = self.receive(_LIVENESS_CHECK_S)
             if event is None:
-                if not supervisor_running(self._layout):
+                if not same_supervisor_running(self._layout, self.supervisor_pid):
                     raise ClientError(
                         ErrorCode.SUPERVISOR_UNAVAILABLE,
                         f"the supervisor exited while answering; see {self._layout.supervisor_log}",
@@ -129,7 +142,7 @@ class ControlConnection:
         while (remaining := deadline - time.monotonic()) > 0:
             event = self.receive(min(remaining, _LIVENESS_CHECK_S))
             if event is None:
-                if not supervisor_running(self._layout):
+                if not same_supervisor_running(self._layout, self.supervisor_pid):
                     raise ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE, "the supervisor exited before answering")
                 continue
             if isinstance(event, HelloAccepted):

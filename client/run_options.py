@@ -40,6 +40,11 @@ ContextOption = Annotated[
 ]
 
 
+IgnoreEosOption = Annotated[
+    bool, typer.Option("--ignore-eos", help="Generate exactly --max-tokens, past end-of-text (benchmarks).")
+]
+
+
 class RunOptions(msgspec.Struct, kw_only=True):
     model: str | None = None
     system: str | None = None
@@ -53,6 +58,7 @@ class RunOptions(msgspec.Struct, kw_only=True):
     seed: int | None = None
     max_iterations: int = 8
     context: ContextStrategy = ContextStrategy.WINDOW
+    ignore_eos: bool = False
 
 
 def tool_names(tools: str | None) -> tuple[str, ...]:
@@ -71,6 +77,7 @@ def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) 
             top_p=options.top_p,
             top_k=options.top_k,
             seed=options.seed,
+            ignore_eos=options.ignore_eos,
         ),
         session=options.session,
         tools=tool_names(options.tools),

@@ -65,11 +65,14 @@ class Codec(Generic[Incoming]):
             raise self._classify(frame, exc) from exc
         except msgspec.DecodeError as exc:
             raise ProtocolError(ErrorCode.MALFORMED_MESSAGE, f"undecodable frame: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            # Invalid UTF-8 in a string, absurd nesting: still just a bad frame.
+            raise ProtocolError(ErrorCode.MALFORMED_MESSAGE, f"undecodable frame: {type(exc).__name__}") from exc
 
     def _classify(self, frame: bytes | memoryview, exc: msgspec.ValidationError) -> ProtocolError:
         try:
             tag = self._tag_decoder.decode(frame).type
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError, RecursionError):
             tag = None
         if isinstance(tag, str) and tag in self._known_tags and tag not in self._receivable_tags:
             return ProtocolError(ErrorCode.WRONG_DIRECTION, f"'{tag}' is not accepted in this direction")

@@ -32,6 +32,7 @@ class ErrorCode(enum.Enum):
     WORKER_DIED = "worker_died"
     WORKER_UNRESPONSIVE = "worker_unresponsive"
     SHUTTING_DOWN = "shutting_down"
+    MODEL_UNLOADED = "model_unloaded"
     SUPERVISOR_UNAVAILABLE = "supervisor_unavailable"
     INTERNAL = "internal"
 

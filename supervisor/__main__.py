@@ -34,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between heartbeats to workers")
     parser.add_argument("--worker-silence-limit", type=float, default=defaults.worker_silence_limit_s,
                         help="seconds without a heartbeat after which a worker is killed as hung")
+    parser.add_argument("--max-queued-per-worker", type=int, default=defaults.max_queued_per_worker,
+                        help="requests that may wait for one busy model; one more is answered busy")
     args = parser.parse_args(argv)
     config = SupervisorConfig(
-        heartbeat_interval_s=args.heartbeat_interval, worker_silence_limit_s=args.worker_silence_limit
+        heartbeat_interval_s=args.heartbeat_interval,
+        worker_silence_limit_s=args.worker_silence_limit,
+        max_queued_per_worker=args.max_queued_per_worker,
     )
     logging.basicConfig(
         level=args.log_level.upper(),

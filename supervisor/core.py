@@ -14,11 +14,12 @@ Guarantees to a client, per request id:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 
 from bastion.protocol import (
@@ -203,10 +204,24 @@ class Supervisor:
     # --- sessions ---------------------------------------------------------
 
     async def _session_request(self, client: bytes, request) -> None:
-        try:
+        async with self._answering(client, request.request_id):
             self._send(client, await self._answer_session_request(request))
+
+    @contextlib.asynccontextmanager
+    async def _answering(self, client: bytes, request_id: str) -> AsyncIterator[None]:
+        """Whatever happens inside, the request gets an answer: a failure
+        becomes a typed error, a bug an `internal` one, a shutdown says so."""
+        try:
+            yield
         except SupervisorError as exc:
-            self._reply_error(client, request.request_id, exc.code, exc.message)
+            self._reply_error(client, request_id, exc.code, exc.message)
+        except asyncio.CancelledError:
+            self._reply_error(client, request_id, ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down",
+                              retryable=True)
+            raise
+        except Exception as exc:
+            log.exception("request %s failed", request_id)
+            self._reply_error(client, request_id, ErrorCode.INTERNAL, f"internal error: {exc!r}")
 
     async def _answer_session_request(self, request):
         store = self._store
@@ -256,17 +271,19 @@ class Supervisor:
         return report
 
     async def _load(self, client: bytes, request: LoadModel) -> None:
-        try:
+        async with self._answering(client, request.request_id):
             spec = self._registry.current().lookup(request.model)
             model, already = await self._models.ensure_loaded(
                 spec, self._progress_reporter(client, request.request_id, spec.name)
             )
             self._send(client, ModelLoaded(request_id=request.request_id, model=status_of(model),
                                            already_loaded=already))
-        except SupervisorError as exc:
-            self._reply_error(client, request.request_id, exc.code, exc.message)
 
     async def _unload(self, client: bytes, request: UnloadModel) -> None:
+        async with self._answering(client, request.request_id):
+            await self._unload_model(client, request)
+
+    async def _unload_model(self, client: bytes, request: UnloadModel) -> None:
         name = request.model
         if self._models.get(name) is None:
             try:
@@ -289,8 +306,9 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self._shutting_down = True
+        # Runs end as failed-and-retryable, not cancelled: nobody pressed Ctrl-C.
         for run in list(self._runs.values()):
-            run.request_cancel()
+            run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)
         await self._models.unload_all()
         for task in list(self._tasks):
             task.cancel()

@@ -93,6 +93,9 @@ class SupervisorDaemon:
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        # A slow reader (a client piping into a busy terminal) must not lose
+        # events at the default 1000-message high-water mark.
+        socket.setsockopt(zmq.SNDHWM, 1_000_000)
         return socket
 
     # --- sending (never blocks: a client gone away just loses its events) --
@@ -173,6 +176,8 @@ class SupervisorDaemon:
         log.info("supervisor %d serving %s", os.getpid(), self._layout.control_endpoint)
         loops = [asyncio.create_task(coro) for coro in
                  (self._serve_control(), self._serve_workers(), self._heartbeats())]
+        for task in loops:
+            task.add_done_callback(self._loop_ended)
         try:
             await self._stop.wait()
             log.info("shutting down")
@@ -183,6 +188,16 @@ class SupervisorDaemon:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             self._close()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """A receive loop must never end while serving: if one dies, stop
+        cleanly (workers stopped, sockets removed) rather than linger deaf."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.critical("%s stopped: %r; shutting down", task.get_coro().__name__, error, exc_info=error)
+            self._stop.set()
 
     def _close(self) -> None:
         self._counters.close()

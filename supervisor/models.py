@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import psutil
 
-from bastion.protocol import HomeLayout, WorkerState
+from bastion.protocol import ErrorCode, HomeLayout, WorkerState
 from bastion.protocol.control import LoadStage, ModelStatus
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import ModelSourceError, SupervisorError
@@ -31,7 +31,7 @@ LoadProgressCallback = Callable[[LoadStage, int, int], None]
 
 
 class ModelConflictError(SupervisorError):
-    pass
+    code = ErrorCode.INVALID_REQUEST
 
 
 class LoadedModel:
@@ -47,8 +47,7 @@ class LoadedModels:
         self._layout = layout
         self._pool = pool
         self._loaded: dict[str, LoadedModel] = {}
-        self._loading: dict[str, asyncio.Task[LoadedModel]] = {}
-        self._spawned: dict[str, WorkerHandle] = {}
+        self._loading: dict[str, tuple[ModelSpec, asyncio.Task[LoadedModel]]] = {}
 
     def get(self, name: str) -> LoadedModel | None:
         return self._loaded.get(name)
@@ -68,11 +67,17 @@ class LoadedModels:
                     f"({existing.handle.model_path}); unload it first"
                 )
             return existing, True
-        task = self._loading.get(spec.name)
-        if task is None:
+        loading = self._loading.get(spec.name)
+        if loading is not None and loading[0].source != spec.source:
+            raise ModelConflictError(
+                f"a different model named '{spec.name}' is loading ({loading[0].source}); try again once it is loaded"
+            )
+        if loading is None:
             task = asyncio.create_task(self._load(spec, progress))
-            self._loading[spec.name] = task
+            self._loading[spec.name] = (spec, task)
             task.add_done_callback(lambda _t: self._loading.pop(spec.name, None))
+        else:
+            task = loading[1]
         return await asyncio.shield(task), False
 
     async def _load(self, spec: ModelSpec, progress: LoadProgressCallback) -> LoadedModel:
@@ -91,23 +96,21 @@ class LoadedModels:
             threads=spec.threads or self._config.default_threads,
             engine="scripted" if isinstance(spec.source, ScriptedReplies) else "llama",
         )
-        self._spawned[spec.name] = handle
         progress(LoadStage.LOADING, 0, 0)
         try:
             description = await asyncio.wait_for(
                 asyncio.shield(handle.ready), self._config.worker_load_timeout_s
             )
+            formatter = PromptFormatter.for_model(description, spec.template)
         except TimeoutError:
-            await self._pool.stop(handle)
+            await self._pool.stop_unstarted(handle)
             raise ModelSourceError(
                 f"model {spec.name} did not load within {self._config.worker_load_timeout_s:.0f} s"
             ) from None
-        except SupervisorError:
-            await self._pool.stop(handle)
+        except BaseException:
+            # Whatever failed (the load, the template, a cancel), no worker outlives it unlisted.
+            await asyncio.shield(self._pool.stop_unstarted(handle))
             raise
-        finally:
-            self._spawned.pop(spec.name, None)
-        formatter = PromptFormatter.for_model(description, spec.template)
         handle.template_source = formatter.source
         model = LoadedModel(spec, handle, formatter)
         self._loaded[spec.name] = model
@@ -124,11 +127,11 @@ class LoadedModels:
         model = self._loaded.pop(name, None)
         if model is None:
             return False
-        await self._pool.stop(model.handle)
+        await self._pool.stop(model.handle, ErrorCode.MODEL_UNLOADED, f"model {name} was unloaded; retry to load it again")
         return True
 
     async def unload_all(self) -> None:
-        for task in list(self._loading.values()):
+        for _spec, task in list(self._loading.values()):
             task.cancel()
         # Workers still loading are stopped too, so nothing outlives the supervisor.
         await self._pool.stop_all()

@@ -24,7 +24,7 @@ from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.model_sources import ScriptedReplies
 from bastion.supervisor.models import LoadedModel, LoadedModels
 from bastion.supervisor.prompt import ChatMessage, PromptFormatter
-from bastion.supervisor.registry import RegistryWatcher
+from bastion.supervisor.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.store import SessionStore
 from bastion.supervisor.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
@@ -84,8 +84,8 @@ class RunService:
         spec = self._registry.current().lookup(spec_name)
         run.model = spec.name
         tool_specs = self._tools.select(request.tools)
-        loaded, _ = await self._models.ensure_loaded(spec, self._progress(run.client, run.request_id, spec.name))
-        if run.cancel_requested:
+        loaded = await self._load_unless_cancelled(run, spec)
+        if loaded is None:
             run.finish(StopReason.CANCELLED)
             return
         model = with_template(loaded, request.template)
@@ -122,6 +122,24 @@ class RunService:
                     completion_tokens=stats.completion_tokens if stats else 0,
                 )
         run.finish(reason)
+
+    async def _load_unless_cancelled(self, run: ActiveRun, spec: ModelSpec) -> LoadedModel | None:
+        """The loaded model, or None when the client cancels first. A load can
+        take minutes (assembling a chunked model); Ctrl-C must not wait for it.
+        The load itself goes on, for the next request."""
+        load = asyncio.ensure_future(
+            self._models.ensure_loaded(spec, self._progress(run.client, run.request_id, spec.name))
+        )
+        cancelled = asyncio.ensure_future(run.cancelled.wait())
+        try:
+            await asyncio.wait({load, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+        if not load.done():
+            load.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, not logged
+            return None
+        loaded, _ = load.result()
+        return None if run.cancel_requested else loaded
 
     async def _counter(self, model: LoadedModel) -> TokenCounter:
         """The model's real tokenizer (a vocabulary-only load, once per model);

@@ -14,6 +14,7 @@ This module never touches the client socket: runs carry their own way back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -165,7 +166,8 @@ class WorkerHandle:
                 self._on_hello(message)
             case WorkerReady(model=description):
                 self.description = description
-                self.state = WorkerState.IDLE
+                if self.state is WorkerState.LOADING:  # never revive a worker being stopped
+                    self.state = WorkerState.IDLE
                 if not self.ready.done():
                     self.ready.set_result(description)
                 log.info("worker %s (%s, pid %d) ready in %.0f ms", self.worker_id, self.name, self.pid,
@@ -257,7 +259,6 @@ class WorkerPool:
             send=self._send,
             config=self._config,
         )
-        self._by_identity[handle.identity] = handle
         argv = [
             sys.executable, "-m", "bastion.worker",
             "--endpoint", self._layout.workers_endpoint,
@@ -274,6 +275,7 @@ class WorkerPool:
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
         )
+        self._by_identity[handle.identity] = handle  # only once there is a process to watch
         log.info("spawned worker %s for %s (pid %d)", handle.worker_id, name, handle.pid)
         self._watch(handle)
         return handle
@@ -321,19 +323,28 @@ class WorkerPool:
                 log.error("worker %s silent for %.0f s; killing it", handle.worker_id, silent)
                 handle.stderr_tail.append(f"(bastion: no heartbeat for {silent:.0f} s; killed as hung)")
                 handle.killed_as_hung = True
-                handle.process.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.kill()
 
-    async def stop(self, handle: WorkerHandle) -> None:
-        """Stop one worker: ask, then SIGTERM, then SIGKILL."""
+    async def stop(
+        self, handle: WorkerHandle, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "the supervisor is stopping"
+    ) -> None:
+        """Stop one worker: ask, then SIGTERM, then SIGKILL. Its generations
+        fail first with `code` (retryable): a stopped model is not a cancel."""
         if handle.exited.done():
             return
+        for generation in [*handle.queue, handle.current]:
+            if generation is not None:
+                generation.fail(code, reason, retryable=True)
+        handle.queue.clear()
         if handle.current is not None:
-            handle.cancel(handle.current)
+            handle.cancel(handle.current)  # so the worker stops computing at once
         handle.state = WorkerState.STOPPING
         handle.send(Shutdown())
         for escalate in (None, signal.SIGTERM, signal.SIGKILL):
             if escalate is not None and handle.process and handle.process.returncode is None:
-                handle.process.send_signal(escalate)
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.send_signal(escalate)
             try:
                 await asyncio.wait_for(asyncio.shield(handle.exited), self._config.stop_grace_s)
                 return
@@ -342,3 +353,7 @@ class WorkerPool:
 
     async def stop_all(self) -> None:
         await asyncio.gather(*(self.stop(handle) for handle in self.handles()))
+
+    async def stop_unstarted(self, handle: WorkerHandle) -> None:
+        """Stop a worker that never became ready (its load failed or timed out)."""
+        await self.stop(handle, ErrorCode.MODEL_LOAD_FAILED, f"model {handle.name} did not load")

@@ -68,9 +68,12 @@ def test_wrong_protocol_version_is_a_typed_error(raw_socket: zmq.Socket) -> None
         ([msgspec.msgpack.encode(TokenDelta(request_id="x", text="hi", n=1, tokens_per_s=1.0))],
          ErrorCode.WRONG_DIRECTION),
         ([b"one", b"two"], ErrorCode.MALFORMED_MESSAGE),
+        ([b"\x82\xa4type\xa6cancel\xaarequest_id\xa2\xff\xfe"], ErrorCode.MALFORMED_MESSAGE),  # bad UTF-8
+        ([b"\x91" * 100_000 + b"\x00"], ErrorCode.MALFORMED_MESSAGE),  # absurdly deep nesting
         ([b"x" * (17 * 2**20)], None),  # over the frame size limit: dropped by ZeroMQ
     ],
-    ids=["garbage", "truncated", "unknown_tag", "wrong_direction", "two_frames", "oversized"],
+    ids=["garbage", "truncated", "unknown_tag", "wrong_direction", "two_frames", "invalid_utf8", "deep_nesting",
+         "oversized"],
 )
 def test_bad_frames_get_typed_errors_and_the_supervisor_keeps_serving(
     raw_socket: zmq.Socket, frames: list[bytes], code: ErrorCode | None

@@ -49,6 +49,7 @@ from bastion.supervisor.context import (
     summary_request,
 )
 from bastion.supervisor.conversation import Conversation
+from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModel
 from bastion.supervisor.prompt import ChatMessage
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
@@ -168,19 +169,24 @@ class AgentLoop:
         tools = [spec_as_function(spec) for spec in self._specs.values()] if self._specs else None
         return self._model.formatter.render(messages, tools=tools)
 
-    def _plan(self) -> ContextPlan:
+    async def _plan(self) -> ContextPlan:
+        # The conversation is read here, on the event loop (the store is not
+        # shared across threads); rendering and counting go to a thread.
+        candidates = self._candidates()
+        window_start = self._conversation.window_start()
         n_ctx = self._model.handle.n_ctx
         reserve = min(self._sampling.max_tokens, n_ctx // 2)
-        return plan_context(
-            self._candidates(),
-            window_start=self._conversation.window_start(),
+        return await asyncio.to_thread(
+            plan_context,
+            candidates,
+            window_start=window_start,
             render=self.render,
             counter=self._counter,
             max_prompt_tokens=n_ctx - reserve,
         )
 
     async def prepare_prompt(self) -> str:
-        plan = await asyncio.to_thread(self._plan)
+        plan = await self._plan()
         if plan.window_start != self._conversation.window_start():
             plan = await self._evict(plan)
         self._send(ContextBudget(
@@ -197,7 +203,7 @@ class AgentLoop:
             if summary:
                 through = max(pruned)
                 self._conversation.record_summary(summary, through)
-                return await asyncio.to_thread(self._plan)
+                return await self._plan()
             self._warn(WarningCode.SUMMARY_FAILED, "could not summarise the oldest turns; dropped them instead")
         self._conversation.set_window_start(plan.window_start)
         self._warn(WarningCode.CONTEXT_PRUNED,
@@ -205,16 +211,33 @@ class AgentLoop:
         return plan
 
     async def _summarize(self, folded: Sequence[ContextMessage]) -> str:
-        prompt = self._model.formatter.render(summary_request(folded))
+        prompt = await asyncio.to_thread(self._summary_prompt, list(folded))
+        if prompt is None:
+            return ""
         generation = Generation(internal_id=self._new_id(), session_id=f"{self._conversation.name}#summary",
                                 prompt=prompt, sampling=_SUMMARY_SAMPLING, run=self._run, stream=False)
         try:
             self._model.handle.submit(generation)
-        except Exception as exc:  # a busy or dead worker: fall back to the window
-            log.warning("summary not possible: %s", exc)
+        except SupervisorError as exc:  # a busy or dying worker: fall back to the window
+            log.warning("summary not possible: %s", exc.message)
             return ""
         outcome = await generation.outcome
-        return outcome.text.strip() if outcome.stop_reason in (StopReason.STOP, StopReason.LENGTH) else ""
+        if outcome.stop_reason not in (StopReason.STOP, StopReason.LENGTH):
+            log.warning("summary generation ended %s: %s", outcome.stop_reason.value, outcome.error_message)
+            return ""
+        return outcome.text.strip()
+
+    def _summary_prompt(self, folded: list[ContextMessage]) -> str | None:
+        """The summary call's prompt, fitted into the context with room for the
+        summary: the turns being folded are the ones that did not fit, so the
+        oldest of them give way first."""
+        limit = self._model.handle.n_ctx - _SUMMARY_SAMPLING.max_tokens
+        while folded:
+            prompt = self._model.formatter.render(summary_request(folded))
+            if self._counter.count(prompt) <= limit:
+                return prompt
+            folded = folded[1:]
+        return None
 
     # --- generation -------------------------------------------------------
 

@@ -89,7 +89,8 @@ class RunService:
             run.finish(StopReason.CANCELLED)
             return
         model = with_template(loaded, request.template)
-        conversation = self._conversation(request, spec.name)
+        # A session remembers what to look up again (a name, a path, scripted:FILE).
+        conversation = self._conversation(request, request.model or spec.name)
         counter = await self._counter(loaded)
         loop = AgentLoop(
             run=run, model=model, conversation=conversation, counter=counter, sampling=request.sampling,
@@ -148,12 +149,12 @@ class RunService:
             return ByteTokenCounter()
         return await asyncio.to_thread(self._counters.get, model.handle.model_path)
 
-    def _conversation(self, request: Run, model_name: str) -> Conversation:
+    def _conversation(self, request: Run, model_key: str) -> Conversation:
         if request.session is None:
             return EphemeralConversation(f"oneshot-{request.request_id}")
-        self._store.ensure_session(request.session, model_name)
+        self._store.ensure_session(request.session, model_key)
         if request.model is not None:
-            self._store.set_model(request.session, model_name)
+            self._store.set_model(request.session, model_key)
         stored = StoredConversation(self._store, request.session)
         if request.show_prompt:
             # Show what the next generation would see without storing the prompt.

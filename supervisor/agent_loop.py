@@ -107,6 +107,7 @@ class AgentLoop:
         self._gate = gate
         self._new_id = new_id
         self._call_ids = itertools.count(1)
+        self._fallback_reported = False
         self.last_stats = None
 
     # --- the loop ---------------------------------------------------------
@@ -194,7 +195,15 @@ class AgentLoop:
             context_size=self._model.handle.n_ctx, messages_kept=len(plan.messages),
             messages_pruned=plan.pruned_messages, strategy=self._settings.strategy.value,
         ))  # fmt: skip
-        return self.render(plan.messages)
+        tools = [spec_as_function(spec) for spec in self._specs.values()] if self._specs else None
+        rendered = self._model.formatter.render_detailed(plan.messages, tools=tools)
+        if rendered.fallback is not None and not self._fallback_reported:
+            self._fallback_reported = True
+            self._warn(WarningCode.TEMPLATE_FALLBACK, str(rendered.fallback))
+        if tools and self._model.formatter.supports_tools and not rendered.tools_advertised:
+            self._warn(WarningCode.TEMPLATE_FALLBACK,
+                       "the template that rendered this prompt does not list tools; the model may not see them")
+        return rendered.text
 
     async def _evict(self, plan: ContextPlan) -> ContextPlan:
         if self._settings.strategy is ContextStrategy.SUMMARIZE and plan.pruned_turns:

@@ -19,6 +19,7 @@ import msgspec
 from bastion.protocol import common
 from bastion.protocol.control import ControlEvent, ControlRequest
 from bastion.protocol.errors import ErrorCode, ProtocolError
+from bastion.protocol.sandbox_wire import FromSandbox, ToSandbox
 from bastion.protocol.worker_wire import FromWorker, ToWorker
 
 Incoming = TypeVar("Incoming")
@@ -37,7 +38,7 @@ def _tag_of(cls: type) -> str:
 
 
 def all_tags() -> frozenset[str]:
-    unions = (ToWorker, FromWorker, ControlRequest, ControlEvent)
+    unions = (ToWorker, FromWorker, ControlRequest, ControlEvent, ToSandbox, FromSandbox)
     return frozenset(_tag_of(cls) for union in unions for cls in _members(union))
 
 
@@ -99,3 +100,13 @@ def supervisor_control_codec() -> Codec[ControlRequest]:
 def client_codec() -> Codec[ControlEvent]:
     """A client's side of the control link."""
     return Codec(sends=ControlRequest, receives=ControlEvent)
+
+
+def sandbox_codec() -> Codec[ToSandbox]:
+    """The sandbox's side of the tools link."""
+    return Codec(sends=FromSandbox, receives=ToSandbox)
+
+
+def supervisor_sandbox_codec() -> Codec[FromSandbox]:
+    """The supervisor's side of the tools link."""
+    return Codec(sends=ToSandbox, receives=FromSandbox)

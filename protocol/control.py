@@ -55,6 +55,25 @@ from bastion.protocol.sessions import (
     SessionList,
     ShowSession,
 )
+from bastion.protocol.trust import (
+    ApprovalList,
+    ApprovalRequired,
+    ApprovalResolved,
+    AuditVerified,
+    CheckPolicy,
+    Diagnose,
+    Diagnosis,
+    InvokeTool,
+    ListApprovals,
+    ListTools,
+    PolicyChecked,
+    PolicyShown,
+    ResolveApproval,
+    ShowPolicy,
+    ToolInvoked,
+    ToolList,
+    VerifyAudit,
+)
 
 
 class ContextStrategy(enum.Enum):
@@ -84,6 +103,12 @@ class Run(Message, tag="run"):
     max_iterations: int = 8
     context_strategy: ContextStrategy = ContextStrategy.WINDOW
     show_prompt: bool = False
+    # Trust: tools touch only this directory (absolute; None: the supervisor refuses file and shell tools).
+    workspace: str | None = None
+    allow_shell: bool = False
+    allow_write: bool = False
+    # How long an `ask` waits for an answer before it counts as a deny.
+    approval_timeout_s: float = 300.0
 
 
 class GetStatus(Message, tag="get_status"):
@@ -195,6 +220,14 @@ ControlRequest = (
     | ForkSession
     | ClearSession
     | PinMessage
+    | ListTools
+    | InvokeTool
+    | ShowPolicy
+    | CheckPolicy
+    | ListApprovals
+    | ResolveApproval
+    | VerifyAudit
+    | Diagnose
 )
 ControlEvent = (
     HelloAccepted
@@ -222,4 +255,13 @@ ControlEvent = (
     | SessionList
     | SessionDetail
     | SessionChanged
+    | ApprovalRequired
+    | ApprovalList
+    | ApprovalResolved
+    | ToolList
+    | ToolInvoked
+    | PolicyShown
+    | PolicyChecked
+    | AuditVerified
+    | Diagnosis
 )

@@ -56,6 +56,24 @@ class HomeLayout:
         return self.runtime_dir / "workers.sock"
 
     @property
+    def tools_socket(self) -> Path:
+        return self.runtime_dir / "tools.sock"
+
+    @property
+    def tools_endpoint(self) -> str:
+        return f"ipc://{self.tools_socket}"
+
+    @property
+    def audit_log(self) -> Path:
+        """Append-only, hash-chained record of every tool decision and execution."""
+        return self.root / "audit.jsonl"
+
+    @property
+    def policy_file(self) -> Path:
+        """The user's tool policy (absent: the bundled default)."""
+        return self.root / "policy.toml"
+
+    @property
     def control_endpoint(self) -> str:
         return f"ipc://{self.control_socket}"
 

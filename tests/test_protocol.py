@@ -42,7 +42,7 @@ from bastion.protocol.agent_events import (
     TurnStarted,
     WarningCode,
 )
-from bastion.protocol.codec import all_tags
+from bastion.protocol.codec import all_tags, sandbox_codec, supervisor_sandbox_codec
 from bastion.protocol.control import (
     ControlEvent,
     ControlRequest,
@@ -62,6 +62,23 @@ from bastion.protocol.control import (
     StatusReport,
     UnloadModel,
 )
+from bastion.protocol.sandbox_wire import (
+    ConfinementLevel,
+    ConfinementReport,
+    FromSandbox,
+    LayerStatus,
+    ReadFileArgs,
+    RunTool,
+    SandboxReady,
+    ShellArgs,
+    ToolChunk,
+    ToolEnvelope,
+    ToolFinished,
+    ToolStream,
+    ToSandbox,
+    TruncationReason,
+    WriteFileArgs,
+)
 from bastion.protocol.sessions import (
     ChatRole,
     ClearSession,
@@ -76,6 +93,28 @@ from bastion.protocol.sessions import (
     SessionMessage,
     SessionSummary,
     ShowSession,
+)
+from bastion.protocol.trust import (
+    ApprovalInfo,
+    ApprovalList,
+    ApprovalRequired,
+    ApprovalResolved,
+    AuditVerified,
+    CheckPolicy,
+    Diagnose,
+    Diagnosis,
+    InvokeTool,
+    ListApprovals,
+    ListTools,
+    PolicyCaseResult,
+    PolicyChecked,
+    PolicyShown,
+    ResolveApproval,
+    ShowPolicy,
+    ToolInfo,
+    ToolInvoked,
+    ToolList,
+    VerifyAudit,
 )
 from bastion.protocol.worker_wire import (
     FromWorker,
@@ -97,6 +136,12 @@ STATS = GenerationStats(
     request_id="r", prompt_tokens=10, cached_tokens=4, completion_tokens=3, ttft_ms=1.0, prefill_ms=0.5,
     decode_ms=2.0, prefill_tokens_per_s=12.0, decode_tokens_per_s=1500.0, kv_tokens=13,
 )  # fmt: skip
+
+REPORT = ConfinementReport(level=ConfinementLevel.PARTIAL, layers=[
+    LayerStatus(name="landlock", active=False, detail="kernel lacks it", fix="a newer kernel")])
+ENVELOPE = ToolEnvelope(ok=True, content="x", truncated=True, truncated_reason=TruncationReason.OUTPUT_CAP,
+                        exit_code=0, duration_ms=1.5)
+_ = ReadFileArgs  # every tool's arguments travel inside RunTool/InvokeTool
 
 SAMPLES: list[msgspec.Struct] = [
     Hello(protocol_version=PROTOCOL_VERSION, role=Role.CLIENT, name="cli", pid=1),
@@ -150,6 +195,34 @@ SAMPLES: list[msgspec.Struct] = [
                                                          messages=1, runs=1),
                   messages=[SessionMessage(seq=1, role=ChatRole.USER, content="hi", pinned=True)], prompt="p"),
     SessionChanged(request_id="r", name="s", action=SessionAction.FORKED),
+    SandboxReady(report=REPORT),
+    RunTool(request_id="r", arguments=ShellArgs(command="ls -la"), workspace="/ws",
+            required_level=ConfinementLevel.STRONG),
+    ToolChunk(request_id="r", stream=ToolStream.STDERR, text="warn"),
+    ToolFinished(request_id="r", envelope=ENVELOPE),
+    ApprovalRequired(request_id="r", approval_id="a1", call_id="c1", tool="write_file", arguments="{}",
+                     reason="writes ask", expires_at=10.0),
+    ListApprovals(request_id="r"),
+    ApprovalList(request_id="r", approvals=[ApprovalInfo(approval_id="a1", session="s", tool="shell", arguments="{}",
+                                                         workspace="/ws", reason="ask", created_at=1.0,
+                                                         expires_at=2.0)]),
+    ResolveApproval(request_id="r", approval_id="a1", approve=True, ttl_s=3600.0, uses=2),
+    ApprovalResolved(request_id="r", approval_id="a1", approved=True),
+    ListTools(request_id="r"),
+    ToolList(request_id="r", tools=[ToolInfo(name="shell", description="d", parameters={"type": "object"},
+                                             sandboxed=True, writes=True, needs_flag="--allow-shell")]),
+    InvokeTool(request_id="r", arguments=WriteFileArgs(path="a.txt", content="x"), workspace="/ws",
+               allow_write=True),
+    ToolInvoked(request_id="r", decision="allow", reason="rule", envelope=ENVELOPE),
+    ShowPolicy(request_id="r"),
+    PolicyShown(request_id="r", source="/p.toml", hash="abc", text="rules"),
+    CheckPolicy(request_id="r", cases_path="/c.toml", workspace="/ws"),
+    PolicyChecked(request_id="r", results=[PolicyCaseResult(name="n", expected="deny", actual="deny",
+                                                            passed=True)]),
+    VerifyAudit(request_id="r"),
+    AuditVerified(request_id="r", ok=False, records=3, problems=["line 2: edited"], path="/a.jsonl"),
+    Diagnose(request_id="r"),
+    Diagnosis(request_id="r", confinement=REPORT, notes=["ok"]),
 ]
 
 DIRECTIONS = [
@@ -157,6 +230,8 @@ DIRECTIONS = [
     ("from_worker", FromWorker, worker_codec, supervisor_worker_codec),
     ("control_request", ControlRequest, client_codec, supervisor_control_codec),
     ("control_event", ControlEvent, supervisor_control_codec, client_codec),
+    ("to_sandbox", ToSandbox, supervisor_sandbox_codec, sandbox_codec),
+    ("from_sandbox", FromSandbox, sandbox_codec, supervisor_sandbox_codec),
 ]
 
 

@@ -1,0 +1,53 @@
+"""One `RunTool` → the right tool, run through the confinement launcher.
+
+The shell runs as `/bin/sh -c` in a confined child; the file tools run as
+`python -m bastion.tools_sandbox.file_tools` in a confined child (the same
+walls), so a bug in a file tool is contained like a hostile command. A call
+that needs a stronger confinement level than this machine offers is refused
+here, before anything starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from bastion.protocol.sandbox_wire import (
+    ConfinementLevel,
+    ConfinementReport,
+    RunTool,
+    ShellArgs,
+    ToolEnvelope,
+    ToolStream,
+)
+from bastion.tools_sandbox.confine import python_job, run_confined
+from bastion.tools_sandbox.file_tools import FileToolJob
+from bastion.tools_sandbox.shell_tool import run_shell
+
+_LEVELS = [ConfinementLevel.MINIMAL, ConfinementLevel.PARTIAL, ConfinementLevel.STRONG]
+_FILE_TOOLS_ENTRY = "bastion.tools_sandbox.file_tools"
+
+
+def execute(
+    request: RunTool,
+    *,
+    report: ConfinementReport,
+    on_chunk: Callable[[ToolStream, str], None] | None,
+    cancelled: Callable[[], bool],
+) -> ToolEnvelope:
+    if _LEVELS.index(report.level) < _LEVELS.index(request.required_level):
+        return ToolEnvelope(
+            ok=False,
+            content=f"[bastion sandbox] REFUSED: this call needs {request.required_level.value} confinement and "
+            f"this machine offers {report.level.value}; see `bastion doctor`",
+        )
+    arguments = request.arguments
+    if isinstance(arguments, ShellArgs):
+        return run_shell(arguments, request.workspace, request.limits, report, on_chunk, cancelled,
+                         writable=request.writable)
+    job = FileToolJob(arguments=arguments, workspace=request.workspace, limits=request.limits,
+                      writable=request.writable)
+    confined = python_job(_FILE_TOOLS_ENTRY, stdin_bytes=msgspec.msgpack.encode(job), workspace=request.workspace,
+                          limits=request.limits, writable=request.writable)
+    return run_confined(confined, report=report, on_chunk=None, cancelled=cancelled)

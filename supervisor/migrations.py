@@ -86,10 +86,55 @@ def m003_runs(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX runs_open ON runs(status) WHERE status = 'running'")
 
 
+def m004_approvals(db: sqlite3.Connection) -> None:
+    # `code` is the short id people type; it is unique among pending asks only,
+    # so the resolved history kept for `bastion approvals` may repeat one.
+    db.execute(
+        """
+        CREATE TABLE approvals (
+            id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL,
+            session TEXT NOT NULL,
+            request_id TEXT NOT NULL,
+            call_id TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            arguments TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            policy_hash TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            created_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            status TEXT NOT NULL,
+            resolved_at REAL
+        )
+        """
+    )
+    db.execute("CREATE UNIQUE INDEX approvals_pending_code ON approvals(code) WHERE status = 'pending'")
+    db.execute("CREATE INDEX approvals_by_code ON approvals(code, id)")
+    # NULL uses_left is unlimited; NULL expires_at lasts until the policy hash changes.
+    db.execute(
+        """
+        CREATE TABLE grants (
+            id INTEGER PRIMARY KEY,
+            approval_id INTEGER NOT NULL REFERENCES approvals(id) ON DELETE CASCADE,
+            tool TEXT NOT NULL,
+            arguments TEXT NOT NULL,
+            workspace TEXT NOT NULL,
+            policy_hash TEXT NOT NULL,
+            uses_left INTEGER,
+            expires_at REAL,
+            created_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX grants_by_call ON grants(tool, workspace, policy_hash, arguments)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_sessions,
     m002_messages,
     m003_runs,
+    m004_approvals,
 )
 
 

@@ -28,6 +28,8 @@ from bastion.client import render
 from bastion.client.command_io import EXIT_CANCELLED, EXIT_OK, connect, new_id
 from bastion.client.connection import ClientError, ControlConnection
 from bastion.client.run_options import (
+    AllowShellOption,
+    AllowWriteOption,
     ContextOption,
     MaxIterationsOption,
     MaxTokensOption,
@@ -37,12 +39,14 @@ from bastion.client.run_options import (
     SystemOption,
     TemperatureOption,
     ToolsOption,
+    WorkspaceOption,
     run_request,
 )
 from bastion.client.run_stream import stream_run
 from bastion.protocol import RequestFailed
 from bastion.protocol.control import ContextStrategy
 from bastion.protocol.sessions import ClearSession, PinMessage, SessionChanged
+from bastion.protocol.trust import ApprovalRequired
 
 HELP = __doc__.split("are commands:", 1)[1].split("Ctrl-C", 1)[0].rstrip()
 
@@ -57,11 +61,15 @@ def chat(
     max_iterations: MaxIterationsOption = 8,
     context: ContextOption = ContextStrategy.WINDOW,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the context budget per turn.")] = False,
+    workspace: WorkspaceOption = None,
+    allow_shell: AllowShellOption = False,
+    allow_write: AllowWriteOption = False,
 ) -> None:
     """Chat with a model, turn by turn, in a named session (slash commands: /help)."""
     name = session or time.strftime("chat-%Y%m%d-%H%M%S")
     options = RunOptions(model=model, system=system, session=name, tools=tools, max_tokens=max_tokens,
-                         temperature=temperature, max_iterations=max_iterations, context=context)
+                         temperature=temperature, max_iterations=max_iterations, context=context,
+                         workspace=workspace, allow_shell=allow_shell, allow_write=allow_write)
     connection = connect(False, start=True)
     assert connection is not None
     interactive = sys.stdin.isatty()
@@ -93,9 +101,21 @@ def _converse(connection: ControlConnection, options: RunOptions, *, interactive
             # The session remembers its system message; sending it again would restate it.
             request = msgspec.structs.replace(request, system=None)
         first = False
-        code = stream_run(connection, request, as_json=False, verbose=verbose)
+        code = stream_run(connection, request, as_json=False, verbose=verbose, ask=_ask_inline(interactive))
         if code == EXIT_CANCELLED:
             render.say("(answer cancelled)")
+
+
+def _ask_inline(interactive: bool):
+    def ask(event: ApprovalRequired) -> bool:
+        render.say(f"{event.tool} {event.arguments} needs approval: {event.reason}")
+        try:
+            answer = input("allow? [y/N] " if interactive else "")
+        except EOFError:
+            answer = ""
+        return answer.strip().lower() in ("y", "yes")
+
+    return ask
 
 
 def _command(connection: ControlConnection, options: RunOptions, line: str) -> int | None:

@@ -34,6 +34,9 @@ from bastion.client.command_io import (
 from bastion.client.connection import ClientError, supervisor_running
 from bastion.client.launcher import supervisor_command, wait_until_stopped
 from bastion.client.run_options import (
+    AllowShellOption,
+    AllowWriteOption,
+    ApprovalTimeoutOption,
     ContextOption,
     IgnoreEosOption,
     MaxIterationsOption,
@@ -48,10 +51,12 @@ from bastion.client.run_options import (
     ToolsOption,
     TopKOption,
     TopPOption,
+    WorkspaceOption,
     run_request,
 )
 from bastion.client.run_stream import stream_run
 from bastion.client.sessions_cli import sessions_app
+from bastion.client.trust_cli import approvals, approve, audit_app, deny, doctor, policy_app, tools_app
 from bastion.protocol import ErrorCode, HomeLayout, RequestFailed, Shutdown
 from bastion.protocol.control import (
     ContextStrategy,
@@ -73,7 +78,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(sessions_app, name="sessions")
+app.add_typer(tools_app, name="tools")
+app.add_typer(policy_app, name="policy")
+app.add_typer(audit_app, name="audit")
 app.command()(chat)
+app.command()(approvals)
+app.command()(approve)
+app.command()(deny)
+app.command()(doctor)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object per line.")]
 
@@ -99,11 +111,17 @@ def run(
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also show the context budget per turn.")] = False,
     ignore_eos: IgnoreEosOption = False,
+    workspace: WorkspaceOption = None,
+    allow_shell: AllowShellOption = False,
+    allow_write: AllowWriteOption = False,
+    approval_timeout: ApprovalTimeoutOption = 300.0,
 ) -> None:
     """Answer PROMPT with a local model, streaming the reply (an agent run when --tools are given)."""
     options = RunOptions(model=model, system=system, session=session, tools=tools, template=template,
                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                         max_iterations=max_iterations, context=context, ignore_eos=ignore_eos)
+                         max_iterations=max_iterations, context=context, ignore_eos=ignore_eos,
+                         workspace=workspace, allow_shell=allow_shell, allow_write=allow_write,
+                         approval_timeout=approval_timeout)
     connection = connect(as_json, start=True)
     assert connection is not None
     with connection:

@@ -26,6 +26,7 @@ from bastion.protocol.agent_events import (
     TurnStarted,
 )
 from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
+from bastion.protocol.trust import ApprovalRequired
 
 _RESULT_PREVIEW = 200
 
@@ -100,6 +101,9 @@ class TextRenderer:
                 self._note(f"← {preview}" if event.ok else f"← failed: {preview}")
             case RunWarning():
                 self._note(f"bastion: warning: {event.message}")
+            case ApprovalRequired():
+                self._note(f"? {event.tool} {event.arguments} needs approval ({event.reason}); "
+                           f"answer with `bastion approve {event.approval_id}` or `bastion deny {event.approval_id}`")
             case PromptRendered():
                 self._out.write(event.prompt)
                 self._out.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -40,6 +41,17 @@ ContextOption = Annotated[
 ]
 
 
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option("--workspace", "-w", help="The directory file and shell tools act in (default: here)."),
+]
+AllowShellOption = Annotated[bool, typer.Option("--allow-shell", help="Offer the model the shell tool.")]
+AllowWriteOption = Annotated[
+    bool, typer.Option("--allow-write", help="Let tools write files in the workspace (write_file, edit_file).")
+]
+ApprovalTimeoutOption = Annotated[
+    float, typer.Option("--approval-timeout", min=1, help="Seconds an approval waits before it counts as deny.")
+]
 IgnoreEosOption = Annotated[
     bool, typer.Option("--ignore-eos", help="Generate exactly --max-tokens, past end-of-text (benchmarks).")
 ]
@@ -59,6 +71,10 @@ class RunOptions(msgspec.Struct, kw_only=True):
     max_iterations: int = 8
     context: ContextStrategy = ContextStrategy.WINDOW
     ignore_eos: bool = False
+    workspace: Path | None = None
+    allow_shell: bool = False
+    allow_write: bool = False
+    approval_timeout: float = 300.0
 
 
 def tool_names(tools: str | None) -> tuple[str, ...]:
@@ -85,4 +101,8 @@ def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) 
         max_iterations=options.max_iterations,
         context_strategy=options.context,
         show_prompt=show_prompt,
+        workspace=str((options.workspace or Path.cwd()).expanduser().absolute()),
+        allow_shell=options.allow_shell,
+        allow_write=options.allow_write,
+        approval_timeout_s=options.approval_timeout,
     )

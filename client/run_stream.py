@@ -8,6 +8,7 @@ generating between two tokens, waits (briefly) for the run's end, and exits
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from bastion.client import render
 from bastion.client.command_io import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
@@ -15,16 +16,19 @@ from bastion.client.connection import ClientError, ControlConnection
 from bastion.protocol import Cancel, ErrorCode, RequestFailed, StopReason
 from bastion.protocol.control import ControlEvent, Run, RunFinished
 from bastion.protocol.errors import USAGE_ERROR_CODES
+from bastion.protocol.trust import ApprovalRequired, ResolveApproval
 
 _CANCEL_WAIT_S = 10.0
 
 
-def stream_run(connection: ControlConnection, request: Run, *, as_json: bool, verbose: bool = False) -> int:
+def stream_run(connection: ControlConnection, request: Run, *, as_json: bool, verbose: bool = False,
+               ask: Callable[[ApprovalRequired], bool] | None = None) -> int:
+    """Stream one run; with `ask`, approval requests are answered inline (chat)."""
     show = render.json_line if as_json else render.TextRenderer(verbose=verbose)
     state = _RunState()
     connection.send(request)
     try:
-        _consume(connection.events(request.request_id), show, state)
+        _consume(connection.events(request.request_id), show, state, connection, ask)
     except KeyboardInterrupt:
         connection.send(Cancel(request_id=request.request_id))
         state.cancelled_by_user = True
@@ -56,8 +60,14 @@ class _RunState:
         return EXIT_OK
 
 
-def _consume(events, show, state: _RunState) -> None:
+def _consume(events, show, state: _RunState, connection: ControlConnection,
+             ask: Callable[[ApprovalRequired], bool] | None) -> None:
     for event in events:
+        if ask is not None and isinstance(event, ApprovalRequired):
+            approved = ask(event)
+            connection.send(ResolveApproval(request_id=f"{event.request_id}-{event.approval_id}",
+                                            approval_id=event.approval_id, approve=approved))
+            continue
         show(event)
         if _record(event, state):
             return

@@ -14,6 +14,8 @@ import logging
 import sys
 
 from bastion.protocol import HomeLayout
+from bastion.supervisor.approvals import ApprovalStore
+from bastion.supervisor.audit import AuditError, AuditLog
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.daemon import (
     EXIT_ALREADY_RUNNING,
@@ -62,23 +64,36 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("bastion.supervisor").error("%s", exc.message)
     try:
         store = SessionStore.open(database_path(layout))
-    except StoreError as exc:
+        approvals = ApprovalStore.open(database_path(layout))
+        audit = AuditLog.open(layout.audit_log)
+    except (StoreError, AuditError) as exc:
         print(f"bastion supervisor: {exc.message}", file=sys.stderr)
         return 1
+    if audit.recovered is not None:
+        logging.getLogger("bastion.supervisor").warning(
+            "the audit log ended in a torn record (a crash mid-write); it was moved to %s",
+            audit.recovered.quarantine,
+        )
     interrupted = store.interrupt_unfinished_runs()
     if interrupted:
         logging.getLogger("bastion.supervisor").warning(
             "%d run(s) were cut short by the previous supervisor's end; marked interrupted", interrupted
         )
-    with lock, store:
-        asyncio.run(_serve(layout, registry, config, store))
+    with lock, store, approvals, audit:
+        asyncio.run(_serve(layout, registry, config, store, approvals, audit))
     return 0
 
 
 async def _serve(
-    layout: HomeLayout, registry: RegistryWatcher, config: SupervisorConfig, store: SessionStore
+    layout: HomeLayout,
+    registry: RegistryWatcher,
+    config: SupervisorConfig,
+    store: SessionStore,
+    approvals: ApprovalStore,
+    audit: AuditLog,
 ) -> None:
-    daemon = SupervisorDaemon(layout=layout, config=config, registry=registry, store=store)
+    daemon = SupervisorDaemon(layout=layout, config=config, registry=registry, store=store, approvals=approvals,
+                              audit=audit)
     await daemon.serve()
 
 

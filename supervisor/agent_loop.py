@@ -40,6 +40,14 @@ from bastion.protocol.agent_events import (
     WarningCode,
 )
 from bastion.protocol.control import ContextStrategy
+from bastion.protocol.sandbox_wire import (
+    WRITE_TOOLS,
+    ConfinementLevel,
+    SandboxedArgs,
+    ToolEnvelope,
+    ToolLimits,
+    ToolStream,
+)
 from bastion.protocol.sessions import ChatRole
 from bastion.supervisor.context import (
     ContextMessage,
@@ -51,11 +59,14 @@ from bastion.supervisor.context import (
 from bastion.supervisor.conversation import Conversation
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModel
+from bastion.supervisor.policy.model import NamedToolCall, PolicyCall
 from bastion.supervisor.prompt import ChatMessage
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
+from bastion.supervisor.sandboxed_tools import is_sandboxed, to_arguments
 from bastion.supervisor.tokenizer import TokenCounter
 from bastion.supervisor.tool_calls import ParsedCall, parse_tool_calls, repair_hint
 from bastion.supervisor.tools import ToolRegistry, ToolSpec, advertise
+from bastion.supervisor.trust_gate import GateVerdict
 
 log = logging.getLogger(__name__)
 
@@ -70,15 +81,28 @@ class LoopSettings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ToolGate(Protocol):
-    def decide(self, call: ParsedCall) -> tuple[ToolDecisionKind, str]: ...
+    """Decides each call before it runs and records what ran (see trust_gate.py)."""
+
+    async def decide(self, call_id: str, tool: str, call: PolicyCall) -> GateVerdict: ...
+
+    def executed(self, call_id: str, tool: str, call: PolicyCall, envelope: ToolEnvelope) -> None: ...
 
 
-class AllowSelectedTools:
-    """The gate until trust policy exists: the tools a run selected are harmless
-    built-ins, so each selected call is allowed and says why."""
+class ToolRunner(Protocol):
+    """Runs a sandboxed call (the supervisor's SandboxPool)."""
 
-    def decide(self, call: ParsedCall) -> tuple[ToolDecisionKind, str]:
-        return ToolDecisionKind.ALLOW, "built-in tool selected for this run"
+    async def run_tool(self, request_id: str, arguments: SandboxedArgs, *, workspace: str, limits: ToolLimits = ...,
+                       required_level: ConfinementLevel = ..., writable: bool = ...,
+                       on_chunk: Callable[[ToolStream, str], None] | None = ...,
+                       cancelled: asyncio.Event | None = ...) -> ToolEnvelope: ...
+
+
+class Workbench(msgspec.Struct, frozen=True, kw_only=True):
+    """Where sandboxed tools act for this run, and how far they may go."""
+
+    workspace: str | None = None
+    allow_write: bool = False
+    required_level: ConfinementLevel = ConfinementLevel.MINIMAL
 
 
 class AgentLoop:
@@ -95,6 +119,8 @@ class AgentLoop:
         tool_specs: Sequence[ToolSpec],
         gate: ToolGate,
         new_id: Callable[[], str],
+        sandbox: ToolRunner | None = None,
+        workbench: Workbench = Workbench(),
     ) -> None:
         self._run = run
         self._model = model
@@ -106,6 +132,8 @@ class AgentLoop:
         self._specs = {spec.name: spec for spec in tool_specs}
         self._gate = gate
         self._new_id = new_id
+        self._sandbox = sandbox
+        self._workbench = workbench
         self._call_ids = itertools.count(1)
         self._fallback_reported = False
         self.last_stats = None
@@ -307,24 +335,44 @@ class AgentLoop:
                 for skipped in calls[index:]:
                     self._append_result(skipped.name, "not run: the run was cancelled")
                 return False
-            decision, reason = self._gate.decide(call)
-            self._send(ToolDecision(request_id=self._run.request_id, call_id=call_id, decision=decision,
-                                    reason=reason))
-            if decision is not ToolDecisionKind.ALLOW:
-                content = f"not run: {decision.value} ({reason})"
+            policy_call = to_arguments(call.name, call.arguments) if is_sandboxed(call.name) \
+                else NamedToolCall(name=call.name)
+            verdict = await self._gate.decide(call_id, call.name, policy_call)
+            self._send(ToolDecision(request_id=self._run.request_id, call_id=call_id, decision=verdict.decision,
+                                    reason=verdict.reason))
+            if verdict.decision is not ToolDecisionKind.ALLOW:
+                content = f"not run: {verdict.decision.value} ({verdict.reason})"
                 self._send(ToolEnded(request_id=self._run.request_id, call_id=call_id, name=call.name, ok=False,
                                      content=content))
                 self._append_result(call.name, content)
                 continue
             self._send(ToolStarted(request_id=self._run.request_id, call_id=call_id, name=call.name))
+            envelope = await self._run_call(call_id, call, policy_call)
+            self._gate.executed(call_id, call.name, policy_call, envelope)
+            self._send(ToolEnded(request_id=self._run.request_id, call_id=call_id, name=call.name, ok=envelope.ok,
+                                 content=envelope.content, duration_ms=envelope.duration_ms))
+            self._append_result(call.name, envelope.content if envelope.ok else f"error: {envelope.content}")
+        return not self._run.cancel_requested
+
+    async def _run_call(self, call_id: str, call: ParsedCall, policy_call: PolicyCall) -> ToolEnvelope:
+        if isinstance(policy_call, NamedToolCall):
             started = time.perf_counter()
             result = await asyncio.to_thread(self._tools.execute, call.name, call.arguments)
-            duration_ms = round((time.perf_counter() - started) * 1000, 3)
             self._send(ToolOutput(request_id=self._run.request_id, call_id=call_id, text=result.content))
-            self._send(ToolEnded(request_id=self._run.request_id, call_id=call_id, name=call.name, ok=result.ok,
-                                 content=result.content, duration_ms=duration_ms))
-            self._append_result(call.name, result.content if result.ok else f"error: {result.content}")
-        return not self._run.cancel_requested
+            return ToolEnvelope(ok=result.ok, content=result.content,
+                                duration_ms=round((time.perf_counter() - started) * 1000, 3))
+        if self._sandbox is None or self._workbench.workspace is None:
+            return ToolEnvelope(ok=False, content="no sandbox is available for this run")
+
+        def chunk(_stream: ToolStream, text: str) -> None:
+            self._send(ToolOutput(request_id=self._run.request_id, call_id=call_id, text=text))
+
+        writable = self._workbench.allow_write and (call.name in WRITE_TOOLS or call.name == "shell")
+        return await self._sandbox.run_tool(
+            f"{self._run.request_id}:{call_id}", policy_call, workspace=self._workbench.workspace,
+            required_level=self._workbench.required_level, writable=writable, on_chunk=chunk,
+            cancelled=self._run.cancelled,
+        )  # fmt: skip
 
     def _append_result(self, name: str, content: str) -> None:
         self._conversation.append(ChatMessage(role=ChatRole.TOOL, content=content, tool_name=name))

@@ -61,6 +61,16 @@ from bastion.protocol.sessions import (
     SessionList,
     ShowSession,
 )
+from bastion.protocol.trust import (
+    CheckPolicy,
+    Diagnose,
+    InvokeTool,
+    ListApprovals,
+    ListTools,
+    ResolveApproval,
+    ShowPolicy,
+    VerifyAudit,
+)
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModels, status_of
 from bastion.supervisor.registry import RegistryWatcher
@@ -69,6 +79,8 @@ from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.store import SessionStore, UnknownSessionError
 from bastion.supervisor.tokenizer import TokenCounters
 from bastion.supervisor.tools import ToolRegistry
+from bastion.supervisor.trust import Trust
+from bastion.supervisor.trust_requests import TrustRequests
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +104,7 @@ class Supervisor:
         store: SessionStore,
         tools: ToolRegistry,
         counters: TokenCounters,
+        trust: Trust,
         send_client: SendToClient,
         request_shutdown: Callable[[], None],
     ) -> None:
@@ -101,8 +114,10 @@ class Supervisor:
         self._store = store
         self._service = RunService(
             registry=registry, models=models, store=store, tools=tools, counters=counters,
-            progress=self._progress_reporter, new_id=lambda: f"g{next(self._ids)}",
+            progress=self._progress_reporter, new_id=lambda: f"g{next(self._ids)}", trust=trust,
         )  # fmt: skip
+        self._trust = trust
+        self._trust_requests = TrustRequests(trust=trust, tools=tools, audit_path=layout.audit_log)
         self._send = send_client
         self._request_shutdown = request_shutdown
         self._clients: set[bytes] = set()
@@ -144,6 +159,9 @@ class Supervisor:
                 self._request_shutdown()
             case ListSessions() | ShowSession() | DeleteSession() | ForkSession() | ClearSession() | PinMessage():
                 self._spawn_task(self._session_request(client, message))
+            case (ListTools() | InvokeTool() | ShowPolicy() | CheckPolicy() | ListApprovals() | ResolveApproval()
+                  | VerifyAudit() | Diagnose()):
+                self._spawn_task(self._trust_request(client, message))
 
     def reply_protocol_error(self, client: bytes, code: ErrorCode, message: str) -> None:
         self._reply_error(client, "", code, message)
@@ -206,6 +224,10 @@ class Supervisor:
     async def _session_request(self, client: bytes, request) -> None:
         async with self._answering(client, request.request_id):
             self._send(client, await self._answer_session_request(request))
+
+    async def _trust_request(self, client: bytes, request) -> None:
+        async with self._answering(client, request.request_id):
+            self._send(client, await self._trust_requests.answer(request, client, self._send))
 
     @contextlib.asynccontextmanager
     async def _answering(self, client: bytes, request_id: str) -> AsyncIterator[None]:

@@ -31,15 +31,22 @@ from bastion.protocol import (
     supervisor_control_codec,
     supervisor_worker_codec,
 )
+from bastion.protocol.codec import supervisor_sandbox_codec
 from bastion.protocol.control import ControlEvent
+from bastion.protocol.sandbox_wire import ToSandbox
 from bastion.protocol.worker_wire import ToWorker
+from bastion.supervisor.approvals import ApprovalStore
+from bastion.supervisor.audit import AuditLog
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.core import Supervisor
 from bastion.supervisor.models import LoadedModels
 from bastion.supervisor.registry import RegistryWatcher
+from bastion.supervisor.sandboxes import SandboxPool
 from bastion.supervisor.store import SessionStore
 from bastion.supervisor.tokenizer import TokenCounters
 from bastion.supervisor.tools import ToolRegistry
+from bastion.supervisor.trust import Trust
+from bastion.supervisor.trust_gate import ApprovalWaits, PolicyWatcher
 from bastion.supervisor.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -64,7 +71,14 @@ def acquire_lock(layout: HomeLayout) -> IO[str]:
 
 class SupervisorDaemon:
     def __init__(
-        self, *, layout: HomeLayout, config: SupervisorConfig, registry: RegistryWatcher, store: SessionStore
+        self,
+        *,
+        layout: HomeLayout,
+        config: SupervisorConfig,
+        registry: RegistryWatcher,
+        store: SessionStore,
+        approvals: ApprovalStore,
+        audit: AuditLog,
     ) -> None:
         self._layout = layout
         self._config = config
@@ -73,12 +87,18 @@ class SupervisorDaemon:
         self._context = zmq.asyncio.Context()
         self._control = self._router()
         self._workers = self._router()
+        self._tools = self._router()
         self._control_codec = supervisor_control_codec()
         self._worker_codec = supervisor_worker_codec()
+        self._sandbox_codec = supervisor_sandbox_codec()
+        self._sandboxes = SandboxPool(layout=layout, send=self._send_sandbox)
         self._pool = WorkerPool(config=config, layout=layout, send=self._send_worker)
         self._models = LoadedModels(config=config, layout=layout, pool=self._pool)
         self._counters = TokenCounters()
+        trust = Trust(policies=PolicyWatcher(layout), approvals=approvals, waits=ApprovalWaits(approvals),
+                      audit=audit, sandboxes=self._sandboxes)
         self._core = Supervisor(
+            trust=trust,
             layout=layout,
             registry=registry,
             models=self._models,
@@ -105,6 +125,9 @@ class SupervisorDaemon:
 
     def _send_worker(self, worker: bytes, message: ToWorker) -> None:
         self._send(self._workers, worker, self._worker_codec.encode(message))
+
+    def _send_sandbox(self, sandbox: bytes, message: ToSandbox) -> None:
+        self._send(self._tools, sandbox, self._sandbox_codec.encode(message))
 
     @staticmethod
     def _send(socket: zmq.asyncio.Socket, identity: bytes, payload: bytes) -> None:
@@ -157,12 +180,30 @@ class SupervisorDaemon:
             except Exception:
                 log.exception("handling %s from worker %s failed", type(message).__name__, handle.worker_id)
 
+    async def _serve_sandboxes(self) -> None:
+        while True:
+            frames = await self._tools.recv_multipart(copy=True)
+            if len(frames) != 2:
+                log.warning("dropped a sandbox message of %d frames", len(frames))
+                continue
+            identity, payload = frames
+            try:
+                message = self._sandbox_codec.decode(payload)
+            except ProtocolError as exc:
+                log.warning("bad frame from sandbox %r: %s", identity, exc.message)
+                continue
+            try:
+                self._sandboxes.on_message(identity, message)
+            except Exception:
+                log.exception("handling %s from sandbox %r failed", type(message).__name__, identity)
+
     async def _heartbeats(self) -> None:
         seq = 0
         while True:
             await asyncio.sleep(self._config.heartbeat_interval_s)
             seq += 1
             self._pool.heartbeat(seq)
+            self._sandboxes.heartbeat(seq)
 
     # --- lifecycle --------------------------------------------------------
 
@@ -171,11 +212,12 @@ class SupervisorDaemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         self._workers.bind(self._layout.workers_endpoint)
+        self._tools.bind(self._layout.tools_endpoint)
         self._control.bind(self._layout.control_endpoint)
         self._layout.pid_file.write_text(f"{os.getpid()}\n")
         log.info("supervisor %d serving %s", os.getpid(), self._layout.control_endpoint)
         loops = [asyncio.create_task(coro) for coro in
-                 (self._serve_control(), self._serve_workers(), self._heartbeats())]
+                 (self._serve_control(), self._serve_workers(), self._serve_sandboxes(), self._heartbeats())]
         for task in loops:
             task.add_done_callback(self._loop_ended)
         try:
@@ -183,6 +225,7 @@ class SupervisorDaemon:
             log.info("shutting down")
             # Keep receiving while workers stop, so their last messages are handled.
             await self._core.shutdown()
+            await self._sandboxes.stop()
         finally:
             for task in loops:
                 task.cancel()
@@ -203,8 +246,10 @@ class SupervisorDaemon:
         self._counters.close()
         self._control.close(linger=100)
         self._workers.close(linger=0)
+        self._tools.close(linger=0)
         self._context.term()
-        for path in (self._layout.control_socket, self._layout.workers_socket, self._layout.pid_file):
+        sockets = (self._layout.control_socket, self._layout.workers_socket, self._layout.tools_socket)
+        for path in (*sockets, self._layout.pid_file):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         log.info("supervisor stopped")

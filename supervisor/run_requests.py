@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
-from bastion.protocol import ErrorCode, StopReason
+from bastion.protocol import ErrorCode, SamplingParams, StopReason
 from bastion.protocol.agent_events import PromptRendered
 from bastion.protocol.control import LoadStage, Run, RunStarted
 from bastion.protocol.sessions import ChatRole
-from bastion.supervisor.agent_loop import AgentLoop, AllowSelectedTools, LoopSettings
+from bastion.supervisor.agent_loop import AgentLoop, LoopSettings, Workbench
 from bastion.supervisor.conversation import Conversation, EphemeralConversation, StoredConversation
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.model_sources import ScriptedReplies
@@ -26,9 +27,18 @@ from bastion.supervisor.models import LoadedModel, LoadedModels
 from bastion.supervisor.prompt import ChatMessage, PromptFormatter
 from bastion.supervisor.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.runs import ActiveRun
+from bastion.supervisor.sandboxed_tools import (
+    LEVEL_ORDER,
+    REQUIRED_LEVEL,
+    SANDBOXED,
+    TrustFlagError,
+    expand_selection,
+    is_sandboxed,
+)
 from bastion.supervisor.store import SessionStore
 from bastion.supervisor.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
-from bastion.supervisor.tools import ToolRegistry
+from bastion.supervisor.tools import ToolRegistry, ToolSpec, UnknownToolError
+from bastion.supervisor.trust import Trust
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +60,9 @@ class RunService:
         counters: TokenCounters,
         progress: ProgressFactory,
         new_id: Callable[[], str],
+        trust: Trust,
     ) -> None:
+        self._trust = trust
         self._registry = registry
         self._models = models
         self._store = store
@@ -83,7 +95,7 @@ class RunService:
             spec_name = existing.model if existing else None
         spec = self._registry.current().lookup(spec_name)
         run.model = spec.name
-        tool_specs = self._tools.select(request.tools)
+        tool_specs, workbench = await self._select_tools(request)
         loaded = await self._load_unless_cancelled(run, spec)
         if loaded is None:
             run.finish(StopReason.CANCELLED)
@@ -92,10 +104,12 @@ class RunService:
         # A session remembers what to look up again (a name, a path, scripted:FILE).
         conversation = self._conversation(request, request.model or spec.name)
         counter = await self._counter(loaded)
+        gate = self._trust.gate(run, conversation.name, workbench.workspace, request.approval_timeout_s)
         loop = AgentLoop(
             run=run, model=model, conversation=conversation, counter=counter, sampling=request.sampling,
             settings=LoopSettings(max_iterations=request.max_iterations, strategy=request.context_strategy),
-            tools=self._tools, tool_specs=tool_specs, gate=AllowSelectedTools(), new_id=self._new_id,
+            tools=self._tools, tool_specs=tool_specs, gate=gate, new_id=self._new_id,
+            sandbox=self._trust.sandboxes, workbench=workbench,
         )  # fmt: skip
         if request.system and _latest_system(conversation) != request.system:
             conversation.append(ChatMessage(role=ChatRole.SYSTEM, content=request.system), pinned=True)
@@ -123,6 +137,30 @@ class RunService:
                     completion_tokens=stats.completion_tokens if stats else 0,
                 )
         run.finish(reason)
+
+    async def _select_tools(self, request: Run) -> tuple[list[ToolSpec], Workbench]:
+        """The tools this run offers the model, after the trust flags; sandboxed
+        ones need a workspace and a sandbox strong enough for them."""
+        names = expand_selection(request.tools, allow_shell=request.allow_shell, allow_write=request.allow_write)
+        unknown = [name for name in names if not is_sandboxed(name) and name not in self._tools.names()]
+        if unknown:
+            available = sorted({*self._tools.names(), *SANDBOXED, "files"})
+            raise UnknownToolError(f"unknown tool(s): {', '.join(unknown)}; available: {', '.join(available)}")
+        specs = [SANDBOXED[name] if is_sandboxed(name) else self._tools.get(name) for name in names]
+        sandboxed = [name for name in names if is_sandboxed(name)]
+        if not sandboxed:
+            return specs, Workbench()
+        workspace = Path(request.workspace or "")
+        if not request.workspace or not workspace.is_absolute() or not workspace.is_dir():
+            raise TrustFlagError(f"file and shell tools need an existing workspace directory, not {workspace!s}")
+        report = await self._trust.sandboxes.diagnose()
+        required = max((REQUIRED_LEVEL[name] for name in sandboxed), key=LEVEL_ORDER.index)
+        if LEVEL_ORDER.index(report.level) < LEVEL_ORDER.index(required):
+            raise TrustFlagError(
+                f"{', '.join(sandboxed)} need {required.value} confinement; this machine offers "
+                f"{report.level.value} (see bastion doctor)"
+            )
+        return specs, Workbench(workspace=str(workspace), allow_write=request.allow_write, required_level=required)
 
     async def _load_unless_cancelled(self, run: ActiveRun, spec: ModelSpec) -> LoadedModel | None:
         """The loaded model, or None when the client cancels first. A load can
@@ -176,8 +214,8 @@ class RunService:
         run = ActiveRun(request_id="preview", client=b"", emit=lambda _event: None)
         loop = AgentLoop(
             run=run, model=loaded, conversation=StoredConversation(self._store, name), counter=counter,
-            sampling=_preview_sampling(), settings=LoopSettings(), tools=self._tools, tool_specs=[],
-            gate=AllowSelectedTools(), new_id=self._new_id,
+            sampling=SamplingParams(), settings=LoopSettings(), tools=self._tools, tool_specs=[],
+            gate=self._trust.gate(run, name, None, 0.0), new_id=self._new_id,
         )  # fmt: skip
         return await loop.prepare_prompt()
 
@@ -203,9 +241,3 @@ def _latest_system(conversation: Conversation) -> str | None:
 
 def _preview_window(stored: StoredConversation) -> int:
     return stored.window_start()
-
-
-def _preview_sampling():
-    from bastion.protocol import SamplingParams
-
-    return SamplingParams()

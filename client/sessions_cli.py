@@ -43,10 +43,11 @@ def list_sessions(as_json: JsonFlag = False) -> None:
     if not listing.sessions:
         print("no sessions")
         return
-    rows = [("NAME", "MODEL", "MESSAGES", "RUNS", "UPDATED")] + [
-        (s.name, s.model, str(s.messages), str(s.runs), _when(s.updated_at)) for s in listing.sessions
+    rows = [("NAME", "STATE", "MODEL", "MESSAGES", "RUNS", "UPDATED")] + [
+        (s.name, s.state.value, s.model, str(s.messages), str(s.runs), _when(s.updated_at))
+        for s in listing.sessions
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    widths = [max(len(row[i]) for row in rows) for i in range(6)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 

@@ -28,6 +28,12 @@ class SessionAction(enum.Enum):
     PINNED = "pinned"
 
 
+class SessionState(enum.Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    WAITING_FOR_APPROVAL = "waiting_for_approval"  # a tool call asked; any client may answer
+
+
 class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     model: str
@@ -35,6 +41,7 @@ class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     updated_at: float
     messages: int
     runs: int
+    state: SessionState = SessionState.IDLE
 
 
 class SessionMessage(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,6 +22,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from importlib import metadata
 
+import msgspec
+
 from bastion.protocol import (
     PROTOCOL_VERSION,
     Cancel,
@@ -59,6 +61,8 @@ from bastion.protocol.sessions import (
     SessionChanged,
     SessionDetail,
     SessionList,
+    SessionState,
+    SessionSummary,
     ShowSession,
 )
 from bastion.protocol.trust import (
@@ -229,6 +233,15 @@ class Supervisor:
         async with self._answering(client, request.request_id):
             self._send(client, await self._trust_requests.answer(request, client, self._send))
 
+    def _with_state(self, summary: SessionSummary) -> SessionSummary:
+        if summary.name in self._trust.waits.sessions_waiting:
+            state = SessionState.WAITING_FOR_APPROVAL
+        elif summary.name in self._service.busy_sessions():
+            state = SessionState.RUNNING
+        else:
+            state = SessionState.IDLE
+        return msgspec.structs.replace(summary, state=state)
+
     @contextlib.asynccontextmanager
     async def _answering(self, client: bytes, request_id: str) -> AsyncIterator[None]:
         """Whatever happens inside, the request gets an answer: a failure
@@ -249,14 +262,15 @@ class Supervisor:
         store = self._store
         match request:
             case ListSessions(request_id=request_id):
-                return SessionList(request_id=request_id, sessions=store.list_sessions())
+                return SessionList(request_id=request_id, sessions=[self._with_state(s) for s in store.list_sessions()])
             case ShowSession(request_id=request_id, name=name, with_prompt=with_prompt):
                 summary = store.get_session(name)
                 if summary is None:
                     raise UnknownSessionError(f"no session named {name!r}")
                 prompt = await self._service.next_prompt(name) if with_prompt else ""
                 messages = [m.to_protocol() for m in store.messages(name)]
-                return SessionDetail(request_id=request_id, session=summary, messages=messages, prompt=prompt)
+                return SessionDetail(request_id=request_id, session=self._with_state(summary), messages=messages,
+                                     prompt=prompt)
             case DeleteSession(request_id=request_id, name=name):
                 if not store.delete_session(name):
                     raise UnknownSessionError(f"no session named {name!r}")

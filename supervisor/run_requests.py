@@ -138,6 +138,9 @@ class RunService:
                 )
         run.finish(reason)
 
+    def busy_sessions(self) -> set[str]:
+        return set(self._busy_sessions)
+
     async def _select_tools(self, request: Run) -> tuple[list[ToolSpec], Workbench]:
         """The tools this run offers the model, after the trust flags; sandboxed
         ones need a workspace and a sandbox strong enough for them."""

@@ -37,7 +37,7 @@ import difflib
 import enum
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -49,6 +49,7 @@ from bastion.supervisor.tools import ToolSpec
 class CallFormat(enum.Enum):
     FENCED = "fenced"  # ```tool_call or ```tool
     FENCED_JSON = "fenced_json"  # ```json or an unlabelled fence
+    PYTHONIC = "pythonic"  # a fence holding only `known_tool("a", b=1)`, as small models write it
     BARE_JSON = "bare_json"  # a JSON object or array in the prose
     TAGGED = "tagged"  # <tool_call>...</tool_call>
     PYTHON_TAG = "python_tag"  # <|python_tag|>
@@ -112,6 +113,7 @@ _MARKER = re.compile(r"```|<tool_call>|<\|python_tag\|>|\[TOOL_CALLS\]")
 _FENCE_LABEL = re.compile(r"[ \t]*([A-Za-z_][\w.+-]*)?[ \t]*\r?\n?")
 _EXPLICIT_FENCES = frozenset({"tool_call", "tool_calls", "tool"})
 _JSON_FENCES = frozenset({"", "json", "jsonc", "json5"})
+_PYTHONIC_FENCES = frozenset({"", "python", "py"})
 # Where a bare JSON value might start: an object opening on a key, or an array of objects.
 _JSON_START = re.compile(r"""\{\s*["'\w]|\[\s*\{""")
 # Tag-style markers: the call format, the tokens closing the body (consumed with it), and the
@@ -167,6 +169,8 @@ class _Scan:
             self.items += self._explicit(body, CallFormat.FENCED, raw)
         elif label in _JSON_FENCES and (found := self._implicit(body, CallFormat.FENCED_JSON, raw)):
             self.items += found
+        elif label in _PYTHONIC_FENCES and (found := self._pythonic_known(body, raw)):
+            self.items += found
         else:
             self.prose.append(raw)  # a code sample: prose, and not searched for calls
         return end
@@ -197,6 +201,23 @@ class _Scan:
                 found if found is not None else [self._malformed(f"{_WHAT[fmt]} holds no tool call", raw)]
             )
         return items
+
+    def _pythonic_known(self, body: str, raw: str) -> list[_Item] | None:
+        """A fence whose whole body is calls of *known* tools written like Python
+        (`write_file("a.txt", "hi")`); positional arguments take the schema's
+        required names in order. Anything else in such a fence is code, not a call."""
+        shapes = _pythonic_calls(body.strip(), self._positional_names)
+        if shapes is None or not all(self._lookup(shape.name) for shape in shapes):
+            return None
+        return [self._resolve(shape, CallFormat.PYTHONIC, raw, repaired=False) for shape in shapes]
+
+    def _positional_names(self, name: str) -> list[str]:
+        spec = self._lookup(name)
+        if spec is None:
+            return []
+        properties = list(spec.parameters.get("properties", {}))
+        required = [p for p in spec.parameters.get("required", []) if p in properties]
+        return required + [p for p in properties if p not in required]
 
     def _implicit(self, body: str, fmt: CallFormat, raw: str) -> list[_Item] | None:
         """Unmarked JSON: calls if every value in it is call-shaped, else None (it is just text)."""
@@ -396,7 +417,7 @@ def _arguments(value: Any) -> tuple[dict[str, Any], bool] | None:
     return decoded[0][0], decoded[1]
 
 
-def _pythonic_calls(body: str) -> list[_Shape] | None:
+def _pythonic_calls(body: str, positional: Callable[[str], list[str]] | None = None) -> list[_Shape] | None:
     """Llama's `brave_search.call(query="x")` (or `f(a=1)`, `[f(a=1), g()]`), read without running it."""
     try:
         tree = ast.parse(body, mode="exec")
@@ -408,25 +429,29 @@ def _pythonic_calls(body: str) -> list[_Shape] | None:
             return None
         node = statement.value
         calls += node.elts if isinstance(node, ast.List) else [node]
-    shapes = [shape for call in calls if (shape := _pythonic_call(call)) is not None]
+    shapes = [shape for call in calls if (shape := _pythonic_call(call, positional)) is not None]
     return shapes if shapes and len(shapes) == len(calls) else None
 
 
-def _pythonic_call(node: ast.expr) -> _Shape | None:
-    if not isinstance(node, ast.Call) or node.args:
+def _pythonic_call(node: ast.expr, positional: Callable[[str], list[str]] | None = None) -> _Shape | None:
+    if not isinstance(node, ast.Call) or (node.args and positional is None):
         return None
     match node.func:
         case ast.Attribute(value=ast.Name(id=name), attr="call") | ast.Name(id=name):
             pass
         case _:
             return None
+    names = positional(name) if positional is not None and node.args else []
+    if len(node.args) > len(names):
+        return None
+    pairs = [*zip(names, node.args, strict=False), *((k.arg, k.value) for k in node.keywords)]
     arguments: dict[str, Any] = {}
-    for keyword in node.keywords:
-        if keyword.arg is None:
+    for key, value in pairs:
+        if key is None or key in arguments:
             return None
         try:
             # Round-trip through JSON so tuples, sets and the like become what a JSON call would hold.
-            arguments[keyword.arg] = msgspec.json.decode(msgspec.json.encode(ast.literal_eval(keyword.value)))
+            arguments[key] = msgspec.json.decode(msgspec.json.encode(ast.literal_eval(value)))
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, msgspec.MsgspecError):
             return None
     return _Shape(name, arguments, bare_name=False)

@@ -124,16 +124,29 @@ def advertise(specs: Sequence[ToolSpec]) -> str:
     for spec in specs:
         schema = msgspec.json.encode(spec.parameters).decode()
         lines.append(f"- {spec.name}: {spec.description} Arguments (JSON schema): {schema}")
+    # Small models copy examples literally, so the example is a real call of
+    # the first tool with its own argument names, never a placeholder.
     lines += [
         "",
-        "To use a tool, reply with only this block, nothing before or after it:",
+        "To use a tool, reply with only a block like this, nothing before or after it:",
         "```tool_call",
-        '{"name": "TOOL_NAME", "arguments": {...}}',
+        msgspec.json.encode({"name": specs[0].name, "arguments": _example_arguments(specs[0])}).decode()
+        if specs else '{"name": "clock", "arguments": {}}',
         "```",
         "For several tools, write one block per call. The results come back in the next message; "
         "then answer normally. If no tool is needed, just answer.",
     ]
     return "\n".join(lines)
+
+
+def _example_arguments(spec: ToolSpec) -> dict[str, Any]:
+    properties = spec.parameters.get("properties", {})
+    required = spec.parameters.get("required", [])
+    example: dict[str, Any] = {}
+    for name in required:
+        kind = properties.get(name, {}).get("type")
+        example[name] = 1 if kind in ("integer", "number") else True if kind == "boolean" else f"<{name}>"
+    return example
 
 
 # --- clock -----------------------------------------------------------------

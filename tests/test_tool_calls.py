@@ -357,3 +357,24 @@ def test_a_well_formed_call_round_trips_whatever_its_argument_text(query: str, f
         assert outcome.problems == ()
     else:  # minLength 1
         assert [p.kind for p in outcome.problems] == [ProblemKind.INVALID_ARGUMENTS]
+
+
+def test_parses_a_pythonic_call_of_a_known_tool_in_a_fence() -> None:
+    from bastion.supervisor.tools import ToolSpec
+
+    write = ToolSpec(name="write_file", description="w", read_only=False, parameters={
+        "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
+        "required": ["path", "content"]})
+    outcome = parse_tool_calls('```\nwrite_file("hello.txt", "hi there")\n```\nThis saves it.', {"write_file": write})
+    [call] = outcome.calls
+    assert call.name == "write_file" and call.arguments == {"path": "hello.txt", "content": "hi there"}
+    assert call.format.value == "pythonic" and outcome.prose == "This saves it."
+
+
+def test_python_code_that_calls_no_known_tool_is_prose() -> None:
+    from bastion.supervisor.tools import ToolSpec
+
+    write = ToolSpec(name="write_file", description="w", read_only=False, parameters={
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]})
+    outcome = parse_tool_calls('```python\nprint("hello")\n```', {"write_file": write})
+    assert outcome.calls == () and outcome.problems == ()

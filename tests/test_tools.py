@@ -208,7 +208,9 @@ def test_advertise_names_each_tool_with_its_schema_and_the_call_format(registry:
 def test_the_advertised_call_format_is_one_the_parser_reads(registry: ToolRegistry) -> None:
     text = advertise(registry.select(["calculator"]))
     example = text[text.index("```tool_call") : text.rindex("```") + 3]
-    reply = example.replace("TOOL_NAME", "calculator").replace("{...}", json.dumps({"expression": "6*7"}))
+    # The example is a real call of the first tool, with its own argument names.
+    assert '"name":"calculator"' in example and '"expression"' in example
+    reply = example.replace('"<expression>"', json.dumps("6*7"))
     [call] = parse_tool_calls(reply, {"calculator": registry.get("calculator")}).calls
     assert registry.execute(call.name, call.arguments) == ToolResult(ok=True, content="42")
 

@@ -60,13 +60,18 @@ def test_write_tools_are_not_offered_without_allow_write(bastion: Bastion, works
     assert shell.returncode == 2 and "--allow-shell" in shell.stderr
 
 
-def approve_when_asked(bastion: Bastion, lines_so_far: list[dict], *, deny: bool = False, uses: int = 1) -> None:
+def approve_when_asked(bastion: Bastion, lines_so_far: list[dict], *, deny: bool = False, uses: int = 1,
+                       session: str | None = None) -> None:
     """Answer the first approval request from another client, as a user in another terminal would."""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         _, listing = bastion.json("approvals")
         if listing and listing[0]["approvals"]:
             approval_id = listing[0]["approvals"][0]["approval_id"]
+            if session is not None:
+                _, (sessions,) = bastion.json("sessions", "list")
+                states = {s["name"]: s["state"] for s in sessions["sessions"]}
+                assert states[session] == "waiting_for_approval"
             verb = ["deny", approval_id] if deny else ["approve", approval_id, "--uses", str(uses)]
             assert bastion(*verb).returncode == 0
             return
@@ -82,11 +87,11 @@ def test_a_write_asks_and_an_approval_from_another_client_lets_it_run(
 
     def run() -> None:
         result["code"], result["lines"] = run_json(bastion, "run", "write it", "--model", model, "--tools",
-                                                   "files", "--allow-write", cwd=workspace)
+                                                   "files", "--allow-write", "--session", "w", cwd=workspace)
 
     runner = threading.Thread(target=run)
     runner.start()
-    approve_when_asked(bastion, [])
+    approve_when_asked(bastion, [], session="w")
     runner.join(120)
     assert result["code"] == 0
     lines = result["lines"]
@@ -209,3 +214,35 @@ def test_doctor_reports_each_layer(bastion: Bastion) -> None:
         # CI installs what the strong level needs: a missing layer fails instead of skipping.
         missing = [name for name, layer in layers.items() if not layer["active"]]
         assert diagnosis["confinement"]["level"] == "strong", missing
+
+
+def test_the_real_model_writes_a_file_only_with_allow_write(bastion: Bastion, tmp_path: Path) -> None:
+    workspace = tmp_path / "real"
+    workspace.mkdir()
+    bastion.home.mkdir(parents=True, exist_ok=True)
+    # Writes are allowed without asking here, so the run needs no second client. (Deny beats ask
+    # beats allow, so this policy does not include the default's `ask` for writes.)
+    (bastion.home / "policy.toml").write_text('[[rules]]\ndecision = "allow"\ntools = ["write_file"]\npaths = ["**"]\n')
+    prompt = 'Save the text "hi there" to the file hello.txt using the write_file tool.'
+    args = ("run", prompt, "--tools", "write_file", "--temperature", "0", "--max-iterations", "2",
+            "--max-tokens", "80", "--approval-timeout", "5")  # fmt: skip
+    without = subprocess.run([BASTION, *args], cwd=workspace, env=bastion.env, capture_output=True, text=True,
+                             timeout=240)
+    assert without.returncode == 2 and "--allow-write" in without.stderr
+    assert not (workspace / "hello.txt").exists()
+    code, lines = run_json(bastion, *args, "--allow-write", cwd=workspace)
+    assert lines[-1]["type"] == "run_end"
+    calls = events_of(lines, "tool_call")
+    assert calls and calls[0]["name"] == "write_file"
+    assert events_of(lines, "tool_end")[0]["ok"] is True
+    assert (workspace / "hello.txt").read_text() == "hi there"
+
+
+def test_chat_asks_inline_and_a_yes_lets_the_write_run(bastion: Bastion, workspace: Path, tmp_path: Path) -> None:
+    model = script(tmp_path, call("write_file", path="chat.txt", content="from chat\n"), "Saved.")
+    done = subprocess.run([BASTION, "chat", "--model", model, "--tools", "files", "--allow-write"],
+                          input="please save it\ny\n/exit\n", cwd=workspace, env=bastion.env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "needs approval" in done.stderr
+    assert (workspace / "chat.txt").read_text() == "from chat\n"

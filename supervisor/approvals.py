@@ -28,23 +28,18 @@ its own.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import secrets
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import msgspec
 
 from bastion.protocol import ErrorCode
-from bastion.supervisor.errors import StoreError
-from bastion.supervisor.migrations import migrate
 
 # Private to store.py, reused rather than copied so both stores open the file
 # alike and say the same things about a full disk or a locked database.
-from bastion.supervisor.store import _configure, _create_private, _translate
+from bastion.supervisor.database import SqliteStore
+from bastion.supervisor.errors import StoreError
 
 _ENCODER = msgspec.json.Encoder(order="sorted")
 _ID_ATTEMPTS = 16
@@ -124,42 +119,8 @@ _GRANT_FROM = "grants g JOIN approvals a ON a.id = g.approval_id"
 _LIVE = "(g.uses_left IS NULL OR g.uses_left > 0) AND (g.expires_at IS NULL OR g.expires_at > ?)"
 
 
-class ApprovalStore:
-    def __init__(self, db: sqlite3.Connection, path: Path, clock: Callable[[], float] = time.time) -> None:
-        """`db`: an autocommit (`isolation_level=None`) connection to a migrated session database."""
-        self._db = db
-        self.path = path
-        self._clock = clock
-
-    @classmethod
-    def open(
-        cls, path: Path, *, busy_timeout: float = 5.0, clock: Callable[[], float] = time.time
-    ) -> ApprovalStore:
-        """Open our own connection to the session database at `path`, creating and migrating it if needed."""
-        _create_private(path)
-        try:
-            db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise _translate(exc, path) from exc
-        try:
-            _configure(db)
-            migrate(db, path)
-        except sqlite3.Error as exc:
-            db.close()
-            raise _translate(exc, path) from exc
-        except BaseException:
-            db.close()
-            raise
-        return cls(db, path, clock)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> ApprovalStore:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+class ApprovalStore(SqliteStore):
+    """Pending asks and the grants approvals leave, in the supervisor's database."""
 
     # -- asks
 
@@ -295,26 +256,6 @@ class ApprovalStore:
             rows = self._db.execute(f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE {where}", params)
             return [_approval(row) for row in rows.fetchall()]
 
-    @contextlib.contextmanager
-    def _translated(self) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path) from exc
-
-    @contextlib.contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, rolled back on any error (ours or SQLite's); as in store.py."""
-        with self._translated():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        self._db.execute("ROLLBACK")
-                raise
 
 
 def _insert_grant(

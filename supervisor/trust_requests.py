@@ -35,7 +35,7 @@ from bastion.protocol.trust import (
     ToolList,
     VerifyAudit,
 )
-from bastion.supervisor.audit import verify
+from bastion.supervisor.audit_verify import verify
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.policy.cases import run_cases
 from bastion.supervisor.runs import ActiveRun

@@ -29,7 +29,6 @@ from bastion.supervisor.audit import (
     AuditLog,
     DecisionRecord,
     ExecutionRecord,
-    ProblemKind,
     anchor_path,
     content_hash,
     decode,
@@ -37,8 +36,8 @@ from bastion.supervisor.audit import (
     line_digest,
     quarantine_path,
     seal,
-    verify,
 )
+from bastion.supervisor.audit_verify import ProblemKind, VerifyReport, verify
 from bastion.supervisor.errors import SupervisorError
 
 SECRET_ARGS = '{"command":"cat ~/.ssh/id_ed25519"}'
@@ -81,7 +80,7 @@ def rewrite(path: Path, new_lines: list[bytes]) -> None:
     path.write_bytes(b"".join(line + b"\n" for line in new_lines))
 
 
-def kinds_at(report: audit.VerifyReport) -> list[tuple[ProblemKind, int | None]]:
+def kinds_at(report: VerifyReport) -> list[tuple[ProblemKind, int | None]]:
     return [(problem.kind, problem.line) for problem in report.problems]
 
 

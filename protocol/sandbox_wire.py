@@ -18,6 +18,7 @@ Tool arguments are Structs, one per tool, so policy inspects typed fields
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 import msgspec
 
@@ -75,6 +76,18 @@ class ConfinementLevel(enum.Enum):
     STRONG = "strong"  # every layer this design asks for is active
     PARTIAL = "partial"  # the always-on layers plus some kernel ones
     MINIMAL = "minimal"  # only what any Linux offers
+
+
+_LEVEL_RANK = {ConfinementLevel.MINIMAL: 0, ConfinementLevel.PARTIAL: 1, ConfinementLevel.STRONG: 2}
+
+
+def level_reaches(offered: ConfinementLevel, required: ConfinementLevel) -> bool:
+    """Whether confinement at `offered` is enough for a call that needs `required`."""
+    return _LEVEL_RANK[offered] >= _LEVEL_RANK[required]
+
+
+def strictest_level(levels: Iterable[ConfinementLevel]) -> ConfinementLevel:
+    return max(levels, key=_LEVEL_RANK.__getitem__, default=ConfinementLevel.MINIMAL)
 
 
 class LayerStatus(msgspec.Struct, frozen=True, kw_only=True):

@@ -41,7 +41,6 @@ from bastion.protocol.agent_events import (
 )
 from bastion.protocol.control import ContextStrategy
 from bastion.protocol.sandbox_wire import (
-    WRITE_TOOLS,
     ConfinementLevel,
     SandboxedArgs,
     ToolEnvelope,
@@ -62,7 +61,7 @@ from bastion.supervisor.models import LoadedModel
 from bastion.supervisor.policy.model import NamedToolCall, PolicyCall
 from bastion.supervisor.prompt import ChatMessage
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
-from bastion.supervisor.sandboxed_tools import is_sandboxed, to_arguments
+from bastion.supervisor.sandboxed_tools import is_sandboxed, to_arguments, writable_for
 from bastion.supervisor.tokenizer import TokenCounter
 from bastion.supervisor.tool_calls import ParsedCall, parse_tool_calls, repair_hint
 from bastion.supervisor.tools import ToolRegistry, ToolSpec, advertise
@@ -367,7 +366,7 @@ class AgentLoop:
         def chunk(_stream: ToolStream, text: str) -> None:
             self._send(ToolOutput(request_id=self._run.request_id, call_id=call_id, text=text))
 
-        writable = self._workbench.allow_write and (call.name in WRITE_TOOLS or call.name == "shell")
+        writable = writable_for(call.name, allow_write=self._workbench.allow_write)
         return await self._sandbox.run_tool(
             f"{self._run.request_id}:{call_id}", policy_call, workspace=self._workbench.workspace,
             required_level=self._workbench.required_level, writable=writable, on_chunk=chunk,

@@ -18,6 +18,7 @@ from pathlib import Path
 from bastion.protocol import ErrorCode, SamplingParams, StopReason
 from bastion.protocol.agent_events import PromptRendered
 from bastion.protocol.control import LoadStage, Run, RunStarted
+from bastion.protocol.sandbox_wire import level_reaches, strictest_level
 from bastion.protocol.sessions import ChatRole
 from bastion.supervisor.agent_loop import AgentLoop, LoopSettings, Workbench
 from bastion.supervisor.conversation import Conversation, EphemeralConversation, StoredConversation
@@ -28,7 +29,6 @@ from bastion.supervisor.prompt import ChatMessage, PromptFormatter
 from bastion.supervisor.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.sandboxed_tools import (
-    LEVEL_ORDER,
     REQUIRED_LEVEL,
     SANDBOXED,
     TrustFlagError,
@@ -157,8 +157,8 @@ class RunService:
         if not request.workspace or not workspace.is_absolute() or not workspace.is_dir():
             raise TrustFlagError(f"file and shell tools need an existing workspace directory, not {workspace!s}")
         report = await self._trust.sandboxes.diagnose()
-        required = max((REQUIRED_LEVEL[name] for name in sandboxed), key=LEVEL_ORDER.index)
-        if LEVEL_ORDER.index(report.level) < LEVEL_ORDER.index(required):
+        required = strictest_level(REQUIRED_LEVEL[name] for name in sandboxed)
+        if not level_reaches(report.level, required):
             raise TrustFlagError(
                 f"{', '.join(sandboxed)} need {required.value} confinement; this machine offers "
                 f"{report.level.value} (see bastion doctor)"
@@ -202,7 +202,7 @@ class RunService:
             preview = EphemeralConversation(request.session)
             for message in stored.context_messages():
                 preview.append(message.message, pinned=message.pinned)
-            preview.set_window_start(_preview_window(stored))
+            preview.set_window_start(stored.window_start())
             return preview
         return stored
 
@@ -242,5 +242,3 @@ def _latest_system(conversation: Conversation) -> str | None:
     )
 
 
-def _preview_window(stored: StoredConversation) -> int:
-    return stored.window_start()

@@ -16,6 +16,7 @@ import msgspec
 
 from bastion.protocol import ErrorCode
 from bastion.protocol.sandbox_wire import (
+    WRITE_TOOLS,
     ConfinementLevel,
     EditFileArgs,
     GlobArgs,
@@ -92,7 +93,6 @@ _ARGUMENT_TYPES: dict[str, type] = {
     "shell": ShellArgs, "read_file": ReadFileArgs, "write_file": WriteFileArgs, "edit_file": EditFileArgs,
     "list_dir": ListDirArgs, "glob": GlobArgs, "grep": GrepArgs,
 }  # fmt: skip
-WRITES = frozenset({"write_file", "edit_file"})
 # Weakest confinement each tool may run under: what can change things needs
 # the kernel's walls (namespaces, Landlock or bubblewrap), not only rlimits.
 REQUIRED_LEVEL: dict[str, ConfinementLevel] = {
@@ -100,7 +100,7 @@ REQUIRED_LEVEL: dict[str, ConfinementLevel] = {
     "edit_file": ConfinementLevel.PARTIAL, "read_file": ConfinementLevel.MINIMAL,
     "list_dir": ConfinementLevel.MINIMAL, "glob": ConfinementLevel.MINIMAL, "grep": ConfinementLevel.MINIMAL,
 }  # fmt: skip
-LEVEL_ORDER = [ConfinementLevel.MINIMAL, ConfinementLevel.PARTIAL, ConfinementLevel.STRONG]
+
 READ_ONLY_GROUP = ("read_file", "list_dir", "glob", "grep")
 
 
@@ -121,12 +121,24 @@ def expand_selection(names: tuple[str, ...], *, allow_shell: bool, allow_write: 
         if name == "files":
             expanded.extend(READ_ONLY_GROUP)
             if allow_write:
-                expanded.extend(sorted(WRITES))
+                expanded.extend(sorted(WRITE_TOOLS))
         else:
             expanded.append(name)
     for name in expanded:
-        if name == "shell" and not allow_shell:
-            raise TrustFlagError("the shell tool is off by default; turn it on with --allow-shell")
-        if name in WRITES and not allow_write:
-            raise TrustFlagError(f"{name} writes files, which is off by default; turn it on with --allow-write")
+        check_trust_flags(name, allow_shell=allow_shell, allow_write=allow_write)
     return tuple(dict.fromkeys(expanded))
+
+
+def check_trust_flags(name: str, *, allow_shell: bool, allow_write: bool) -> None:
+    """Refuse a tool its run's flags leave off: the shell without --allow-shell,
+    the write tools without --allow-write."""
+    if name == "shell" and not allow_shell:
+        raise TrustFlagError("the shell tool is off by default; turn it on with --allow-shell")
+    if name in WRITE_TOOLS and not allow_write:
+        raise TrustFlagError(f"{name} writes files, which is off by default; turn it on with --allow-write")
+
+
+def writable_for(name: str, *, allow_write: bool) -> bool:
+    """Whether the workspace is mounted writable for a call of `name`: the write
+    tools, and the shell, when the run allows writes; never otherwise."""
+    return allow_write and (name in WRITE_TOOLS or name == "shell")

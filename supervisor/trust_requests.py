@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bastion.protocol.agent_events import ToolDecisionKind
 from bastion.protocol.control import ControlEvent
-from bastion.protocol.sandbox_wire import WRITE_TOOLS
+from bastion.protocol.sandbox_wire import WRITE_TOOLS, level_reaches
 from bastion.protocol.trust import (
     ApprovalInfo,
     ApprovalList,
@@ -39,7 +39,13 @@ from bastion.supervisor.audit_verify import verify
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.policy.cases import run_cases
 from bastion.supervisor.runs import ActiveRun
-from bastion.supervisor.sandboxed_tools import LEVEL_ORDER, REQUIRED_LEVEL, SANDBOXED, TrustFlagError
+from bastion.supervisor.sandboxed_tools import (
+    REQUIRED_LEVEL,
+    SANDBOXED,
+    TrustFlagError,
+    check_trust_flags,
+    writable_for,
+)
 from bastion.supervisor.tools import ToolRegistry
 from bastion.supervisor.trust import Trust
 
@@ -90,7 +96,7 @@ class TrustRequests:
             case Diagnose(request_id=request_id):
                 report = await self._trust.sandboxes.diagnose()
                 notes = [f"{name} needs {level.value} confinement" +
-                         ("" if LEVEL_ORDER.index(report.level) >= LEVEL_ORDER.index(level) else " — NOT AVAILABLE")
+                         ("" if level_reaches(report.level, level) else " — NOT AVAILABLE")
                          for name, level in REQUIRED_LEVEL.items()]  # fmt: skip
                 return Diagnosis(request_id=request_id, confinement=report, notes=notes)
         raise SupervisorError(f"unhandled request {type(request).__name__}")
@@ -108,10 +114,7 @@ class TrustRequests:
     async def _invoke(self, request: InvokeTool, client: bytes, send) -> ToolInvoked:
         tool = type(request.arguments).__struct_config__.tag
         assert isinstance(tool, str)
-        if tool == "shell" and not request.allow_shell:
-            raise TrustFlagError("the shell tool is off by default; turn it on with --allow-shell")
-        if tool in WRITE_TOOLS and not request.allow_write:
-            raise TrustFlagError(f"{tool} writes files, which is off by default; turn it on with --allow-write")
+        check_trust_flags(tool, allow_shell=request.allow_shell, allow_write=request.allow_write)
         workspace = Path(request.workspace)
         if not workspace.is_absolute() or not workspace.is_dir():
             raise TrustFlagError(f"the workspace must be an existing directory, not {workspace}")
@@ -123,11 +126,11 @@ class TrustRequests:
             return ToolInvoked(request_id=request.request_id, decision=verdict.decision.value, reason=verdict.reason)
         report = await self._trust.sandboxes.diagnose()
         required = REQUIRED_LEVEL[tool]
-        if LEVEL_ORDER.index(report.level) < LEVEL_ORDER.index(required):
+        if not level_reaches(report.level, required):
             raise TrustFlagError(f"{tool} needs {required.value} confinement; this machine offers {report.level.value}")
         envelope = await self._trust.sandboxes.run_tool(
             f"{request.request_id}:{call_id}", request.arguments, workspace=str(workspace), required_level=required,
-            writable=request.allow_write and (tool in WRITE_TOOLS or tool == "shell"), cancelled=run.cancelled,
+            writable=writable_for(tool, allow_write=request.allow_write), cancelled=run.cancelled,
         )  # fmt: skip
         gate.executed(call_id, tool, request.arguments, envelope)
         return ToolInvoked(request_id=request.request_id, decision=verdict.decision.value, reason=verdict.reason,

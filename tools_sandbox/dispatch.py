@@ -14,18 +14,17 @@ from collections.abc import Callable
 import msgspec
 
 from bastion.protocol.sandbox_wire import (
-    ConfinementLevel,
     ConfinementReport,
     RunTool,
     ShellArgs,
     ToolEnvelope,
     ToolStream,
+    level_reaches,
 )
 from bastion.tools_sandbox.confine import python_job, run_confined
 from bastion.tools_sandbox.file_tools import FileToolJob
 from bastion.tools_sandbox.shell_tool import run_shell
 
-_LEVELS = [ConfinementLevel.MINIMAL, ConfinementLevel.PARTIAL, ConfinementLevel.STRONG]
 _FILE_TOOLS_ENTRY = "bastion.tools_sandbox.file_tools"
 
 
@@ -36,7 +35,7 @@ def execute(
     on_chunk: Callable[[ToolStream, str], None] | None,
     cancelled: Callable[[], bool],
 ) -> ToolEnvelope:
-    if _LEVELS.index(report.level) < _LEVELS.index(request.required_level):
+    if not level_reaches(report.level, request.required_level):
         return ToolEnvelope(
             ok=False,
             content=f"[bastion sandbox] REFUSED: this call needs {request.required_level.value} confinement and "

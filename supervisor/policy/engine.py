@@ -21,6 +21,7 @@ It reads no files of the workspace, except to follow symlinks for `place`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import shlex
 from collections.abc import Iterable, Sequence
@@ -91,9 +92,9 @@ class Policy:
         path = layout.policy_file if layout.policy_file.exists() else None
         return cls.load(path, protected_files=(layout.config_file, layout.policy_file))
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """A digest of what decides: rules, default, protected paths (not lines, notes or comments)."""
+        """A digest (computed once: a Policy never changes) of what decides: rules, default, protected paths (not lines, notes or comments)."""
         view = {
             "default": self.spec.default.value,
             "rules": [[r.decision.value, list(r.tools), [c.text for c in r.commands], [p.text for p in r.paths]]

@@ -23,6 +23,7 @@ from bastion.protocol.codec import (
     worker_codec,
 )
 from bastion.protocol.common import (
+    CacheSource,
     Cancel,
     GenerationStats,
     Heartbeat,
@@ -58,6 +59,7 @@ __all__ = [
     "StopReason",
     "TokenDelta",
     "WorkerState",
+    "CacheSource",
     "client_codec",
     "supervisor_control_codec",
     "supervisor_worker_codec",

@@ -41,6 +41,17 @@ class WorkerState(enum.Enum):
     BUSY = "busy"
     STOPPING = "stopping"
     DEAD = "dead"
+    RESTARTING = "restarting"  # its worker died; a new one is being started after a backoff
+    FAILED = "failed"  # crashed too often in a short window; restarts stopped until `bastion load`
+
+
+class CacheSource(enum.Enum):
+    """Where the reused part of a prompt's KV state came from."""
+
+    LIVE = "live"  # the worker's live sequence already held it
+    RAM = "ram"  # restored from a per-session snapshot held in memory
+    DISK = "disk"  # restored from a snapshot spilled under BASTION_HOME
+    NONE = "none"  # nothing reused: the whole prompt was evaluated
 
 
 class Hello(Message, tag="hello"):
@@ -66,6 +77,11 @@ class Heartbeat(Message, tag="heartbeat"):
     progress: int = 0
     kv_tokens: int = 0
     busy: bool = False
+    # Per-session KV snapshots the worker holds (see worker/kv_snapshots.py).
+    snapshots_ram: int = 0
+    snapshot_ram_bytes: int = 0
+    snapshots_disk: int = 0
+    snapshot_disk_bytes: int = 0
 
 
 class RequestFailed(Message, tag="error"):
@@ -124,3 +140,13 @@ class GenerationStats(Message, tag="generation_stats"):
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
     kv_tokens: int
+    cache_source: CacheSource = CacheSource.NONE
+    # Tokens of dropped turns removed from the KV state in place (context shift)
+    # instead of re-evaluating what followed them.
+    shifted_tokens: int = 0
+    # Why reuse was less than it could have been (a discarded snapshot, a
+    # sliding-window cache that cannot be truncated); '' when nothing to say.
+    cache_note: str = ""
+    # blake2b-128 hex of the prompt's token ids as the KV state now holds them;
+    # equal to the digest of a fresh tokenization when the state is exact.
+    kv_digest: str = ""

@@ -109,6 +109,9 @@ class Run(Message, tag="run"):
     allow_write: bool = False
     # How long an `ask` waits for an answer before it counts as a deny.
     approval_timeout_s: float = 300.0
+    # Unload the model after this long idle once the run ends (-1 never, 0 at
+    # once); None keeps the model's configured keep_alive.
+    keep_alive_s: float | None = None
 
 
 class GetStatus(Message, tag="get_status"):
@@ -120,8 +123,12 @@ class ListModels(Message, tag="list_models"):
 
 
 class LoadModel(Message, tag="load_model"):
+    """Load `model` (also clears a `failed` mark). `keep_alive_s`: unload after
+    this long idle; -1 never, 0 as soon as it is idle, None the model's default."""
+
     request_id: str
     model: str
+    keep_alive_s: float | None = None
 
 
 class UnloadModel(Message, tag="unload_model"):
@@ -159,6 +166,21 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     threads: int = 0
     chat_template: str = ""  # where the prompt format came from
     queued: int = 0
+    # Recovery: restarts after crashes in the current window, and why the model
+    # failed (state `failed`) or last restarted.
+    restarts: int = 0
+    failure: str = ""
+    # Memory: the estimate made from the GGUF before loading (weights + KV).
+    memory_estimate_bytes: int = 0
+    # Idle unloading: -1 never; otherwise seconds idle before unload, and how
+    # many remain (None while busy or never).
+    keep_alive_s: float = -1.0
+    expires_in_s: float | None = None
+    # Per-session KV snapshots held by the worker.
+    snapshots_ram: int = 0
+    snapshot_ram_bytes: int = 0
+    snapshots_disk: int = 0
+    snapshot_disk_bytes: int = 0
 
 
 class RunStarted(Message, tag="run_start"):

@@ -33,6 +33,8 @@ class ErrorCode(enum.Enum):
     WORKER_UNRESPONSIVE = "worker_unresponsive"
     SHUTTING_DOWN = "shutting_down"
     MODEL_UNLOADED = "model_unloaded"
+    MODEL_FAILED = "model_failed"  # crashed repeatedly; `bastion load` clears it
+    INSUFFICIENT_MEMORY = "insufficient_memory"
     SUPERVISOR_UNAVAILABLE = "supervisor_unavailable"
     INTERNAL = "internal"
 

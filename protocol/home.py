@@ -104,6 +104,11 @@ class HomeLayout:
         return self.root / "models"
 
     @property
+    def kv_dir(self) -> Path:
+        """Per-session KV snapshots spilled by workers, one folder per model file."""
+        return self.root / "kv"
+
+    @property
     def config_file(self) -> Path:
         return self.root / "config.toml"
 

@@ -34,12 +34,16 @@ class Generate(Message, tag="generate"):
     """Generate a completion of `prompt` (already rendered by the supervisor).
 
     `session_id` names whose KV state this is; the worker reuses the longest
-    common prefix with the state it holds and evaluates only the rest."""
+    common prefix with the state it holds and evaluates only the rest.
+    `snapshot`: keep this session's KV state as a snapshot at the turn boundary
+    (in RAM, spilled to disk) so a later turn can restore it; False for calls
+    nobody continues (one-shot runs, hidden summaries)."""
 
     request_id: str
     session_id: str
     prompt: str
     sampling: SamplingParams = SamplingParams()
+    snapshot: bool = True
 
 
 class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):

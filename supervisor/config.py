@@ -22,3 +22,7 @@ class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
     stderr_tail_lines: int = 20
     default_threads: int = max(1, os.cpu_count() or 1)
     default_n_ctx: int = 4096
+    # Per-session KV snapshots, per worker: RAM cap (LRU beyond it) and disk
+    # cap under <home>/kv/ (0 disables that tier).
+    kv_ram_bytes: int = 256 * 1024 * 1024
+    kv_disk_bytes: int = 2 * 1024 * 1024 * 1024

@@ -270,6 +270,9 @@ class WorkerPool:
             "--parent-pid", str(os.getpid()),
             "--engine", engine,
             "--heartbeat-interval", str(self._config.heartbeat_interval_s),
+            "--kv-ram-bytes", str(self._config.kv_ram_bytes),
+            "--kv-dir", str(self._layout.kv_dir) if self._config.kv_disk_bytes > 0 else "",
+            "--kv-disk-bytes", str(self._config.kv_disk_bytes),
         ]  # fmt: skip
         handle.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,

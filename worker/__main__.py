@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fake-load-delay", type=float, default=0.0, help="seconds to load (fake engine)")
     parser.add_argument("--heartbeat-interval", type=float, default=1.0)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
+    defaults = WorkerConfig(endpoint="", worker_id="", name="", model_path="", threads=1)
+    parser.add_argument("--kv-ram-bytes", type=int, default=defaults.kv_ram_bytes,
+                        help="bytes of per-session KV snapshots kept in RAM (0: none)")
+    parser.add_argument("--kv-dir", default="", help="where KV snapshots spill to disk ('': nowhere)")
+    parser.add_argument("--kv-disk-bytes", type=int, default=defaults.kv_disk_bytes,
+                        help="bytes of KV snapshots kept on disk for this model")
     return parser
 
 
@@ -53,6 +59,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         script = tuple(replies)
     if args.n_ctx < 1 or args.threads < 1 or args.heartbeat_interval <= 0 or args.heartbeat_timeout <= 0:
         parser.error("--n-ctx, --threads and the heartbeat settings must be positive")
+    if args.kv_ram_bytes < 0 or args.kv_disk_bytes < 0:
+        parser.error("--kv-ram-bytes and --kv-disk-bytes must not be negative")
     return WorkerConfig(
         endpoint=args.endpoint,
         worker_id=args.worker_id,
@@ -67,6 +75,9 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         fake_load_delay=args.fake_load_delay,
         heartbeat_interval=args.heartbeat_interval,
         heartbeat_timeout=args.heartbeat_timeout,
+        kv_ram_bytes=args.kv_ram_bytes,
+        kv_dir=args.kv_dir,
+        kv_disk_bytes=args.kv_disk_bytes,
     )
 
 

@@ -36,3 +36,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # anyway (it may be inside a native call that cannot be interrupted).
     stop_grace: float = 5.0
     max_message_bytes: int = 16 * 1024 * 1024
+    # Per-session KV snapshots: bytes held in RAM (LRU beyond it), where they
+    # spill ('' keeps them in RAM only) and the bytes allowed there.
+    kv_ram_bytes: int = 256 * 1024 * 1024
+    kv_dir: str = ""
+    kv_disk_bytes: int = 2 * 1024 * 1024 * 1024

@@ -83,7 +83,14 @@ class GenerationFinished(Message, tag="generation_finished"):
     kv_tokens: int
 
 
-ToWorker = HelloAccepted | Heartbeat | Generate | Cancel | Shutdown | RequestFailed
+class SetThreads(Message, tag="set_threads"):
+    """Use `threads` threads from the next decode step on, also mid-generation:
+    the supervisor shares the cores among the workers that are busy."""
+
+    threads: int
+
+
+ToWorker = HelloAccepted | Heartbeat | Generate | Cancel | Shutdown | RequestFailed | SetThreads
 FromWorker = (
     Hello
     | WorkerReady

@@ -5,6 +5,20 @@ and its cancellation points, stop conditions, streaming text and timing. The
 process shell feeds it requests and carries what it emits; tests drive it
 in-process with `FakeEngine`.
 
+KV reuse, decided per request (`_prepare_kv`), best first:
+  - the live sequence, cut back to the longest common prefix with the prompt;
+    when turns were dropped from the middle of a session (context pruning),
+    the dropped range is removed and the rest shifted down (context shift)
+    instead of evaluating everything after it again;
+  - the session's turn-boundary snapshot (`SnapshotStore`: RAM, then disk),
+    when it covers more of the prompt than the live sequence does — after a
+    session switch, a worker restart or an unload;
+  - nothing: the whole prompt is evaluated.
+The stats say which (`cache_source`) and why reuse fell short (`cache_note`).
+Snapshots are taken at the end of each turn; for caches that cannot be cut
+back (sliding windows), right after the prompt is evaluated instead, so that
+the next turn's prompt extends them exactly.
+
 What every `Generate` gets, in order (the supervisor relies on it):
 
     ran to an end      TokenDelta*  GenerationStats  GenerationFinished(stop|length|cancelled)
@@ -17,16 +31,19 @@ state is dropped (it may be half-written) and the next request is served.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import msgspec
 
-from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
+from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.engine import MIN_EVALUATED, Engine
+from bastion.worker.engine import MIN_EVALUATED, Engine, common_prefix_length
+from bastion.worker.kv_snapshots import SnapshotStore
 from bastion.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -60,6 +77,10 @@ class _Run:
     prefill_done: float = 0.0
     first_token: float = 0.0
     finished: float = 0.0
+    cache_source: CacheSource = CacheSource.NONE
+    shifted_tokens: int = 0
+    cache_notes: tuple[str, ...] = ()
+    kv_digest: str = ""
 
     def decode_speed(self, now: float) -> float:
         # The first token comes out of the prefill; decoding speed is what follows it.
@@ -67,15 +88,46 @@ class _Run:
         return (self.completion_tokens - 1) / elapsed if self.first_token and elapsed > 0 else 0.0
 
 
+# A context shift must save at least this many tokens of evaluation to be
+# worth moving the cache (and the small drift re-rotated keys bring).
+MIN_SHIFT_GAIN = 16
+
+
+@dataclass(frozen=True)
+class ReusePlan:
+    """How much of a cached token sequence a prompt can reuse: keep `keep`
+    tokens after removing `drop` tokens at `drop_at` (a context shift)."""
+
+    keep: int
+    drop_at: int = 0
+    drop: int = 0
+    common: int = 0  # the plain common prefix, before any feasibility check
+
+
 class WorkerCore:
-    def __init__(self, engine: Engine, config: CoreConfig = CoreConfig()) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        config: CoreConfig = CoreConfig(),
+        snapshots: SnapshotStore | None = None,
+        threads_wanted: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._engine = engine
+        self._threads_wanted = threads_wanted
+        self._threads = 0
         self._info = engine.describe()
         self._chunk = max(1, min(config.prefill_chunk, self._info.n_batch))
+        self._snapshots = snapshots if snapshots is not None and snapshots.enabled else None
+        self._can_shift = self._info.partial_reuse and engine.can_shift()
+        self._live_session = ""
         # Plain ints written by the engine thread and read by the IO thread for
         # heartbeats; a torn read is impossible under the GIL.
         self._progress = 0
         self._kv_tokens = engine.kv_tokens()
+
+    @property
+    def snapshots(self) -> SnapshotStore | None:
+        return self._snapshots
 
     @property
     def progress(self) -> int:
@@ -98,6 +150,8 @@ class WorkerCore:
             return self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
         emit(self._stats(run))
         emit(self._finished(run, reason))
+        if self._info.partial_reuse and reason is not StopReason.ERROR:
+            self._take_snapshot(request)
         log.info(
             "request %s: %s, prompt %d (cached %d), completion %d",
             request.request_id,
@@ -111,14 +165,110 @@ class WorkerCore:
     def _run(self, run: _Run, emit: Emit, cancelled: Cancelled) -> StopReason:
         tokens = self._admit(run.request)
         run.prompt_tokens = len(tokens)
-        run.cached_tokens = self._engine.keep_prefix(tokens)
+        self._adjust_threads()
+        self._prepare_kv(run, tokens)
         self._kv_tokens = self._engine.kv_tokens()
         completed = self._prefill(tokens[run.cached_tokens :], cancelled)
         run.prefill_done = time.perf_counter()
         if not completed:
             run.finished = run.prefill_done
             return StopReason.CANCELLED
+        run.kv_digest = token_digest(self._engine.kv_token_ids()[: run.prompt_tokens])
+        if not self._info.partial_reuse:
+            self._take_snapshot(run.request)
         return self._decode(run, emit, cancelled)
+
+    # --- KV reuse ---------------------------------------------------------
+
+    def _prepare_kv(self, run: _Run, tokens: Sequence[int]) -> None:
+        """Bring the KV state to the longest reusable prefix of `tokens`, from
+        the live sequence or the session's snapshot (see the module docstring)."""
+        engine, session = self._engine, run.request.session_id
+        notes: list[str] = []
+        live = engine.kv_token_ids()
+        plan = self.plan_reuse(live, tokens, live=True)
+        source = CacheSource.LIVE
+        if plan.common > plan.keep + plan.drop and not self._info.partial_reuse:
+            notes.append(
+                f"the sliding-window cache cannot be cut back to the {plan.common} tokens it shares with the prompt"
+            )
+        if self._snapshots is not None and session and plan.keep < len(tokens) - MIN_EVALUATED:
+            lookup = self._snapshots.tokens_of(session)
+            if lookup.note:
+                notes.append(lookup.note)
+            if lookup.tokens is not None:
+                candidate = self.plan_reuse(lookup.tokens, tokens, live=False)
+                if candidate.keep > plan.keep:
+                    restored = self._restore(session, notes)
+                    if restored is not None:
+                        plan, source = candidate, restored
+                    else:
+                        plan = ReusePlan(keep=0)
+        if plan.drop:
+            engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
+            run.shifted_tokens = plan.drop
+        run.cached_tokens = engine.keep_prefix(tokens) if plan.keep else self._start_over()
+        if run.cached_tokens == 0:
+            source = CacheSource.NONE
+        if source is not CacheSource.LIVE and notes and not self._info.partial_reuse:
+            notes.append("restored the turn-boundary snapshot" if run.cached_tokens else "prefilled the whole prompt")
+        run.cache_source = source
+        run.cache_notes = tuple(notes)
+        self._live_session = session
+
+    def _start_over(self) -> int:
+        self._engine.reset()
+        return 0
+
+    def _restore(self, session: str, notes: list[str]) -> CacheSource | None:
+        assert self._snapshots is not None
+        snapshot, from_disk, note = self._snapshots.load(session)
+        if note:
+            notes.append(note)
+        if snapshot is None:
+            return None
+        if not self._engine.restore_sequence(snapshot.data, snapshot.tokens):
+            notes.append(self._snapshots.discard(session, "the engine refused its state"))
+            return None
+        return CacheSource.DISK if from_disk else CacheSource.RAM
+
+    def plan_reuse(self, cached: Sequence[int], wanted: Sequence[int], *, live: bool) -> ReusePlan:
+        """The best reuse of `cached` for prompt `wanted`: the common prefix,
+        or, when a context shift can save more, the prefix plus what follows a
+        range of `cached` that the prompt no longer has (pruned turns)."""
+        common = common_prefix_length(cached, wanted)
+        limit = len(wanted) - MIN_EVALUATED
+        keep = max(0, min(common, limit))
+        if keep < len(cached) and not self._can_cut(keep, live):
+            keep = 0
+        best = ReusePlan(keep=keep, common=common)
+        if not self._can_shift or common >= len(cached) or common >= limit or common == 0:
+            return best
+        for drop_at, drop, matched in _shift_candidates(cached, wanted, common):
+            reuse = min(common + matched, limit)
+            if reuse - best.keep >= MIN_SHIFT_GAIN and reuse > best.keep:
+                best = ReusePlan(keep=reuse, drop_at=drop_at, drop=drop, common=common)
+        return best
+
+    def _can_cut(self, keep: int, live: bool) -> bool:
+        if keep <= 0:
+            return False
+        if self._info.partial_reuse:
+            return True
+        # A sliding window: the live state knows how far back it still reaches;
+        # a snapshot was taken where the next prompt extends it, and no earlier.
+        return self._engine.can_truncate_to(keep) if live else False
+
+    def _take_snapshot(self, request: Generate) -> None:
+        """Keep the session's state for its next turn (a session switch, a
+        restart). Never fails the request: a snapshot is an optimisation."""
+        if self._snapshots is None or not request.snapshot or not request.session_id:
+            return
+        try:
+            data = self._engine.save_sequence()
+            self._snapshots.put(request.session_id, self._engine.kv_token_ids(), data)
+        except Exception:
+            log.exception("snapshot of session %r failed", request.session_id)
 
     def _admit(self, request: Generate) -> list[int]:
         if request.sampling.max_tokens < 0:
@@ -134,10 +284,19 @@ class WorkerCore:
             )
         return tokens
 
+    def _adjust_threads(self) -> None:
+        """Follow the supervisor's share of the cores (SetThreads), also when
+        it changes in the middle of a generation."""
+        wanted = self._threads_wanted()
+        if wanted > 0 and wanted != self._threads:
+            self._engine.set_threads(wanted)
+            self._threads = wanted
+
     def _prefill(self, suffix: Sequence[int], cancelled: Cancelled) -> bool:
         for chunk in prefill_chunks(suffix, self._chunk):
             if cancelled():
                 return False
+            self._adjust_threads()
             self._engine.evaluate(chunk)
             self._progress += len(chunk)
             self._kv_tokens += len(chunk)
@@ -163,6 +322,7 @@ class WorkerCore:
                 return StopReason.LENGTH
             if cancelled():
                 return StopReason.CANCELLED
+            self._adjust_threads()
             token = engine.sample()
             now = time.perf_counter()
             if not run.first_token:
@@ -197,6 +357,7 @@ class WorkerCore:
         except Exception:
             log.exception("engine reset after a failure failed too")
         self._kv_tokens = 0
+        self._live_session = ""
 
     def _fail(self, run: _Run, emit: Emit, code: ErrorCode, message: str) -> StopReason:
         request_id = run.request.request_id
@@ -228,6 +389,10 @@ class WorkerCore:
             prefill_tokens_per_s=round(evaluated / prefill_s, 2) if prefill_s > 0 else 0.0,
             decode_tokens_per_s=round((run.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
             kv_tokens=self._kv_tokens,
+            cache_source=run.cache_source,
+            shifted_tokens=run.shifted_tokens,
+            cache_note="; ".join(run.cache_notes),
+            kv_digest=run.kv_digest,
         )
 
 
@@ -239,6 +404,23 @@ def prefill_chunks(suffix: Sequence[int], size: int) -> list[Sequence[int]]:
     if size > 1 and len(bounds) > 1 and len(suffix) - bounds[-1] < MIN_EVALUATED:
         bounds[-1] -= 1
     return [suffix[a:b] for a, b in zip(bounds, [*bounds[1:], len(suffix)])]
+
+
+def token_digest(tokens: Sequence[int]) -> str:
+    """blake2b-128 of token ids: what `GenerationStats.kv_digest` reports."""
+    return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
+
+
+def _shift_candidates(cached: Sequence[int], wanted: Sequence[int], common: int):
+    """(drop_at, drop, matched) for each place where `cached`, after skipping
+    a range that starts at `common`, goes on the way `wanted` does; matched is
+    how far it keeps agreeing."""
+    first = wanted[common]
+    for start in range(common + 1, len(cached)):
+        if cached[start] != first:
+            continue
+        matched = common_prefix_length(cached[start:], wanted[common:])
+        yield common, start - common, matched
 
 
 def _ms(seconds: float) -> float:

@@ -20,6 +20,23 @@ Contract, in the order a generation uses it:
     end_sampling()        free the sampler; always called, even after a failure
     reset()               drop the whole KV state (after a failure mid-evaluate)
 
+Per-session state (see kv_snapshots.py and core.py):
+
+    kv_token_ids()        the tokens the KV state holds, in position order
+    can_truncate_to(n)    whether `keep_prefix` could keep `n` tokens; a
+                          sliding-window cache forgets old positions and can
+                          only be cut back while it still holds the window
+    can_shift()           whether a range can be removed from the middle and
+                          the rest moved down (llama.cpp's context shift)
+    shift_out(a, b)       remove positions [a, b) and shift the rest down
+    save_sequence()       the KV state as bytes (a snapshot)
+    restore_sequence(d, t) replace the KV state with snapshot `d` holding
+                          tokens `t`; False (state reset) if it was refused
+    state_layout()        what a snapshot's bytes depend on besides the model
+                          file (context size, cache types); a snapshot made
+                          under another layout must not be restored
+    set_threads(n)        threads for the following decodes
+
 Engines raise `EngineError` (or anything else, which the core treats the same)
 and are used from one thread at a time.
 """
@@ -56,6 +73,10 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     bos_token: str  # token text, '' when the model has no such token
     eos_token: str
     gguf_name: str = ""  # general.name, '' when the model carries none
+    # False for caches that cannot be cut back anywhere (a sliding window
+    # forgets old positions): snapshots are then taken where the next prompt
+    # will extend them exactly, right after the prompt is evaluated.
+    partial_reuse: bool = True
 
 
 class Engine(Protocol):
@@ -82,6 +103,22 @@ class Engine(Protocol):
     def reset(self) -> None: ...
 
     def close(self) -> None: ...
+
+    def kv_token_ids(self) -> list[int]: ...
+
+    def can_truncate_to(self, keep: int) -> bool: ...
+
+    def can_shift(self) -> bool: ...
+
+    def shift_out(self, start: int, end: int) -> None: ...
+
+    def save_sequence(self) -> bytes: ...
+
+    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool: ...
+
+    def state_layout(self) -> str: ...
+
+    def set_threads(self, threads: int) -> None: ...
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

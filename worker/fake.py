@@ -58,6 +58,8 @@ class FakeEngine:
         self._position = 0
         self._fail = config.fail_marker.encode() if config.fail_marker else b""
         self.evaluated_chunks: list[int] = []  # sizes, for tests of the chunking policy
+        self.shifted: list[tuple[int, int]] = []  # context shifts, for tests
+        self.threads = 1
         self.closed = False
 
     def describe(self) -> EngineInfo:
@@ -72,6 +74,7 @@ class FakeEngine:
             chat_template=self._config.chat_template,
             bos_token="<s>",
             eos_token="</s>",
+            partial_reuse=self._config.partial_removal,
         )
 
     def tokenize(self, text: str) -> list[int]:
@@ -146,6 +149,42 @@ class FakeEngine:
     def reset(self) -> None:
         self._kv.clear()
         self._has_logits = False
+
+    def kv_token_ids(self) -> list[int]:
+        return list(self._kv)
+
+    def can_truncate_to(self, keep: int) -> bool:
+        return keep > 0 and (keep >= len(self._kv) or self._config.partial_removal)
+
+    def can_shift(self) -> bool:
+        return self._config.partial_removal
+
+    def shift_out(self, start: int, end: int) -> None:
+        if not (0 <= start < end <= len(self._kv)) or not self.can_shift():
+            raise EngineError(f"cannot remove positions [{start}, {end}) of {len(self._kv)}")
+        del self._kv[start:end]
+        self._has_logits = False
+        self.shifted.append((start, end))
+
+    def save_sequence(self) -> bytes:
+        # The fake's whole state is its token list.
+        return b"FAKEKV" + b"".join(t.to_bytes(2, "little") for t in self._kv)
+
+    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
+        self.reset()
+        if not data.startswith(b"FAKEKV") or (len(data) - 6) % 2:
+            return False
+        held = [int.from_bytes(data[i : i + 2], "little") for i in range(6, len(data), 2)]
+        if held != list(tokens):
+            return False
+        self._kv = held
+        return True
+
+    def state_layout(self) -> str:
+        return f"fake; n_ctx {self._config.n_ctx}; partial_removal {self._config.partial_removal}"
+
+    def set_threads(self, threads: int) -> None:
+        self.threads = threads
 
     def close(self) -> None:
         self.closed = True

@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import msgspec
 import zmq
 
 from bastion.protocol import (
@@ -45,7 +46,7 @@ from bastion.protocol import (
     worker_codec,
 )
 from bastion.protocol.common import Message
-from bastion.protocol.worker_wire import Generate, GenerationFinished
+from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
 from bastion.worker.config import WorkerConfig
 from bastion.worker.lifecycle import ExitCode, StopRequest, parent_gone
 
@@ -54,7 +55,15 @@ log = logging.getLogger(__name__)
 _END_OF_REQUEST = b"end"
 
 Inbox = queue.SimpleQueue  # of Generate | StopRequest; SimpleQueue.put is safe in signal handlers
-Gauges = Callable[[], tuple[int, int]]  # (progress, kv_tokens)
+class Gauges(msgspec.Struct, frozen=True, kw_only=True):
+    """What the engine thread reports through heartbeats."""
+
+    progress: int = 0
+    kv_tokens: int = 0
+    snapshots_ram: int = 0
+    snapshot_ram_bytes: int = 0
+    snapshots_disk: int = 0
+    snapshot_disk_bytes: int = 0
 
 
 class RequestSlot:
@@ -68,6 +77,9 @@ class RequestSlot:
     def __init__(self) -> None:
         self._current: str | None = None
         self._cancelled = False
+        # Threads the supervisor last asked for (0: none asked); read by the
+        # engine thread between decode steps.
+        self.threads = 0
 
     def claim(self, request_id: str) -> bool:
         if self._current is not None:
@@ -127,7 +139,7 @@ class SupervisorLink:
         outbox: zmq.Socket,
         inbox: Inbox,
         slot: RequestSlot,
-        gauges: Gauges,
+        gauges: Callable[[], Gauges],
     ) -> None:
         self._config = config
         self._dealer = dealer
@@ -228,6 +240,10 @@ class SupervisorLink:
                     log.info("cancel of %s, which is not running", request_id)
             case Heartbeat():
                 pass
+            case SetThreads(threads=threads) if threads > 0:
+                self._slot.threads = threads
+            case SetThreads(threads=threads):
+                log.warning("ignoring a request for %d threads", threads)
             case Shutdown():
                 self.request_stop(ExitCode.OK, "shutdown requested by the supervisor")
             case RequestFailed(code=code, message=text):
@@ -257,10 +273,9 @@ class SupervisorLink:
         # anyway so that every Generate still ends with one GenerationFinished.
         log.warning("refused %s: %s", request.request_id, message)
         rid = request.request_id
-        _, kv_tokens = self._gauges()
         self._send(RequestFailed(request_id=rid, code=code, message=message, retryable=retryable))
         finished = GenerationFinished(
-            request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=kv_tokens
+            request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=self._gauges().kv_tokens
         )
         self._send(finished)
 
@@ -271,10 +286,21 @@ class SupervisorLink:
                 self.request_stop(ExitCode.SUPERVISOR_LOST, f"no word from the supervisor for {silent:.1f} s")
             elif parent_gone(self._config.parent_pid):
                 self.request_stop(ExitCode.SUPERVISOR_LOST, "the parent process died")
-        progress, kv_tokens = self._gauges()
+        gauges = self._gauges()
         self._seq += 1
         busy = self._slot.current is not None
-        self._send(Heartbeat(seq=self._seq, progress=progress, kv_tokens=kv_tokens, busy=busy))
+        self._send(
+            Heartbeat(
+                seq=self._seq,
+                progress=gauges.progress,
+                kv_tokens=gauges.kv_tokens,
+                busy=busy,
+                snapshots_ram=gauges.snapshots_ram,
+                snapshot_ram_bytes=gauges.snapshot_ram_bytes,
+                snapshots_disk=gauges.snapshots_disk,
+                snapshot_disk_bytes=gauges.snapshot_disk_bytes,
+            )
+        )
 
     def _send(self, message: Message) -> None:
         self._dealer.send(self._codec.encode(message))

@@ -57,6 +57,8 @@ class LlamaCppEngine:
         self._piece = ctypes.create_string_buffer(_PIECE_BUFFER)
         self._bos_text = self._token_text(self._llama.token_bos())
         self._add_bos = bool(self._llama._model.add_bos_token())
+        self._n_swa = int(llama_cpp.llama_model_n_swa(self._llama.model))
+        self._threads = config.threads
         self._info = self._read_info()
 
     def _token_text(self, token: int) -> str:
@@ -79,6 +81,7 @@ class LlamaCppEngine:
             bos_token=self._bos_text,
             eos_token=self._token_text(self._llama.token_eos()),
             gguf_name=metadata.get("general.name", ""),
+            partial_reuse=self._n_swa <= 0,
         )
 
     def describe(self) -> EngineInfo:
@@ -96,23 +99,88 @@ class LlamaCppEngine:
     def keep_prefix(self, tokens: Sequence[int]) -> int:
         llama = self._llama
         keep = reusable_prefix(llama.input_ids[: llama.n_tokens].tolist(), tokens)
-        if keep == 0 or not self._window_covers(keep) or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
+        if keep == 0 or not self.can_truncate_to(keep) or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
             llama.reset()
             return 0
         llama.n_tokens = keep
         llama._requires_eval = True
         return keep
 
-    def _window_covers(self, keep: int) -> bool:
+    def kv_token_ids(self) -> list[int]:
+        return self._llama.input_ids[: self._llama.n_tokens].tolist()
+
+    def can_truncate_to(self, keep: int) -> bool:
         """A sliding-window cache forgets old positions; truncating it is only
         sound while it still holds the window the next token attends to (the
         same test llama.cpp's server makes)."""
-        n_swa = llama_cpp.llama_model_n_swa(self._llama.model)
-        if n_swa <= 0:
+        if keep <= 0:
+            return False
+        if self._n_swa <= 0 or keep >= self._llama.n_tokens:
             return True
-        memory = llama_cpp.llama_get_memory(self._llama.ctx)
-        pos_min = llama_cpp.llama_memory_seq_pos_min(memory, 0)
-        return pos_min <= max(0, keep - n_swa)
+        pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory(), 0)
+        return pos_min <= max(0, keep - self._n_swa)
+
+    def _memory(self):  # noqa: ANN202 - an opaque llama_memory_t
+        return llama_cpp.llama_get_memory(self._llama.ctx)
+
+    def can_shift(self) -> bool:
+        # A sliding window's cells outside the window are gone, so moving the
+        # rest down would leave holes the model never saw; only full caches shift.
+        return self._n_swa <= 0 and bool(llama_cpp.llama_memory_can_shift(self._memory()))
+
+    def shift_out(self, start: int, end: int) -> None:
+        llama = self._llama
+        n = llama.n_tokens
+        if not (0 <= start < end <= n) or not self.can_shift():
+            raise EngineError(f"cannot remove positions [{start}, {end}) of {n}")
+        memory = self._memory()
+        if not llama_cpp.llama_memory_seq_rm(memory, 0, start, end):
+            raise EngineError(f"llama.cpp refused to remove positions [{start}, {end})")
+        # The positions after the hole move down; llama.cpp re-rotates their
+        # keys (RoPE) at the next decode.
+        llama_cpp.llama_memory_seq_add(memory, 0, end, -1, start - end)
+        kept = n - (end - start)
+        llama.input_ids[start:kept] = llama.input_ids[end:n]
+        llama.n_tokens = kept
+        llama._requires_eval = True
+
+    def save_sequence(self) -> bytes:
+        ctx = self._llama.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if written <= 0:
+            raise EngineError("llama.cpp could not serialise the KV state")
+        return ctypes.string_at(buffer, written)
+
+    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
+        llama = self._llama
+        llama.reset()
+        llama_cpp.llama_memory_clear(self._memory(), True)
+        if not tokens or len(tokens) >= self._info.n_ctx:
+            return False
+        source = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(llama.ctx, source, len(data), 0)
+        # A refused or inconsistent state is dropped whole: half a state would
+        # give wrong text, which is worse than a prefill.
+        if read != len(data) or llama_cpp.llama_memory_seq_pos_max(self._memory(), 0) != len(tokens) - 1:
+            llama_cpp.llama_memory_clear(self._memory(), True)
+            return False
+        llama.input_ids[: len(tokens)] = tokens
+        llama.n_tokens = len(tokens)
+        llama._requires_eval = True
+        return True
+
+    def state_layout(self) -> str:
+        return (
+            f"llama.cpp {llama_cpp.__version__}; {self._info.architecture}; n_ctx {self._info.n_ctx};"
+            f" n_swa {self._n_swa}; kv f16; seq 0"
+        )
+
+    def set_threads(self, threads: int) -> None:
+        if threads > 0 and threads != self._threads:
+            llama_cpp.llama_set_n_threads(self._llama.ctx, threads, threads)
+            self._threads = threads
 
     def evaluate(self, tokens: Sequence[int]) -> None:
         if self._llama.n_tokens + len(tokens) > self._info.n_ctx:

@@ -29,6 +29,7 @@ import queue
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 import psutil
@@ -56,8 +57,9 @@ from bastion.protocol.worker_wire import (
 from bastion.worker.config import WorkerConfig
 from bastion.worker.core import Emit, WorkerCore
 from bastion.worker.engine import Engine, InvalidModelFile
+from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
-from bastion.worker.link import Inbox, Outbox, RequestSlot, SupervisorLink
+from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlot, SupervisorLink
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +168,35 @@ class WorkerProc:
         log.error("no answer to the hello within %.1f s", self._config.hello_timeout)
         return ExitCode.SUPERVISOR_LOST
 
-    def _gauges(self) -> tuple[int, int]:
+    def _gauges(self) -> Gauges:
         core = self._core
-        return (core.progress, core.kv_tokens) if core is not None else (0, 0)
+        if core is None:
+            return Gauges()
+        store = core.snapshots
+        if store is None:
+            return Gauges(progress=core.progress, kv_tokens=core.kv_tokens)
+        return Gauges(
+            progress=core.progress,
+            kv_tokens=core.kv_tokens,
+            snapshots_ram=store.ram_count,
+            snapshot_ram_bytes=store.ram_bytes,
+            snapshots_disk=store.disk_count,
+            snapshot_disk_bytes=store.disk_bytes,
+        )
+
+    def _snapshot_store(self, engine: Engine) -> SnapshotStore:
+        path = self._config.model_path
+        try:
+            model = model_fingerprint(path)
+        except OSError:
+            model = f"path:{path}"  # an engine that reads no file (the fake)
+        return SnapshotStore(
+            model=model,
+            layout=engine.state_layout(),
+            ram_bytes=self._config.kv_ram_bytes,
+            disk_dir=Path(self._config.kv_dir) if self._config.kv_dir else None,
+            disk_bytes=self._config.kv_disk_bytes,
+        )
 
     def _serve(self, emit: Emit) -> ExitCode:
         started = time.perf_counter()
@@ -182,9 +210,16 @@ class WorkerProc:
             self._refuse_queued(emit, code, "the model could not be loaded")
             return ExitCode.LOAD_FAILED
         with contextlib.closing(engine):
-            self._core = WorkerCore(engine)
-            emit(WorkerReady(model=self._describe(engine, (time.perf_counter() - started) * 1000.0)))
-            return self._serve_requests(self._core, emit)
+            snapshots = self._snapshot_store(engine)
+            try:
+                slot = self._slot
+                self._core = WorkerCore(engine, snapshots=snapshots, threads_wanted=lambda: slot.threads)
+                emit(WorkerReady(model=self._describe(engine, (time.perf_counter() - started) * 1000.0)))
+                return self._serve_requests(self._core, emit)
+            finally:
+                # A clean exit (unload, keep_alive, shutdown) leaves every
+                # session's last turn on disk for the next worker.
+                snapshots.close(timeout=self._config.stop_grace)
 
     def _serve_requests(self, core: WorkerCore, emit: Emit) -> ExitCode:
         while True:
@@ -209,9 +244,9 @@ class WorkerProc:
             if isinstance(item, Generate):
                 rid = item.request_id
                 emit(RequestFailed(request_id=rid, code=code, message=message))
-                _, kv_tokens = self._gauges()
                 end = GenerationFinished(
-                    request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=kv_tokens
+                    request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0,
+                    kv_tokens=self._gauges().kv_tokens,
                 )
                 emit(end)
 

@@ -43,11 +43,11 @@ def list_sessions(as_json: JsonFlag = False) -> None:
     if not listing.sessions:
         print("no sessions")
         return
-    rows = [("NAME", "STATE", "MODEL", "MESSAGES", "RUNS", "UPDATED")] + [
-        (s.name, s.state.value, s.model, str(s.messages), str(s.runs), _when(s.updated_at))
+    rows = [("NAME", "STATE", "MODEL", "MESSAGES", "RUNS", "LAST RUN", "UPDATED")] + [
+        (s.name, s.state.value, s.model, str(s.messages), str(s.runs), s.last_run or "-", _when(s.updated_at))
         for s in listing.sessions
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(6)]
+    widths = [max(len(row[i]) for row in rows) for i in range(7)]
     for row in rows:
         print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
 
@@ -71,7 +71,9 @@ def show_session(
         print(detail.prompt, end="")
         return
     summary = detail.session
-    print(f"session {summary.name} · model {summary.model} · {summary.messages} messages · {summary.runs} runs")
+    interrupted = " · last run interrupted (the supervisor stopped mid-turn)" if summary.last_run == "interrupted" else ""
+    print(f"session {summary.name} · model {summary.model} · {summary.messages} messages · {summary.runs} runs"
+          f"{interrupted}")
     for message in detail.messages:
         flags = "".join(
             [" [pinned]" if message.pinned else "", " [interrupted]" if message.interrupted else ""]

@@ -42,6 +42,9 @@ class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     messages: int
     runs: int
     state: SessionState = SessionState.IDLE
+    # How its latest run ended: running, finished, or interrupted (its
+    # supervisor died mid-turn); '' before the first run.
+    last_run: str = ""
 
 
 class SessionMessage(msgspec.Struct, frozen=True, kw_only=True):

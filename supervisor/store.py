@@ -109,7 +109,8 @@ class _Session(msgspec.Struct, frozen=True):
 _SUMMARY_SQL = """
     SELECT s.name, s.model, s.created_at, s.updated_at,
            (SELECT count(*) FROM messages m WHERE m.session_id = s.id),
-           (SELECT count(*) FROM runs r WHERE r.session_id = s.id)
+           (SELECT count(*) FROM runs r WHERE r.session_id = s.id),
+           (SELECT r.status FROM runs r WHERE r.session_id = s.id ORDER BY r.id DESC LIMIT 1)
     FROM sessions s
 """
 _MESSAGE_COLUMNS = "seq, role, content, tool_name, pinned, interrupted, kind, created_at"
@@ -381,9 +382,10 @@ def _check_name(name: str) -> None:
 
 
 def _summary(row: tuple) -> SessionSummary:
-    name, model, created_at, updated_at, messages, runs = row
+    name, model, created_at, updated_at, messages, runs, last_run = row
     return SessionSummary(
-        name=name, model=model, created_at=created_at, updated_at=updated_at, messages=messages, runs=runs
+        name=name, model=model, created_at=created_at, updated_at=updated_at, messages=messages, runs=runs,
+        last_run=last_run or "",
     )
 
 

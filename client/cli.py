@@ -19,7 +19,7 @@ from typing import Annotated, NoReturn
 import msgspec
 import typer
 
-from bastion.client import render
+from bastion.client import memory_text, render
 from bastion.client.chat import chat
 from bastion.client.command_io import (
     EXIT_CANCELLED,
@@ -39,6 +39,7 @@ from bastion.client.run_options import (
     ApprovalTimeoutOption,
     ContextOption,
     IgnoreEosOption,
+    KeepAliveOption,
     MaxIterationsOption,
     MaxTokensOption,
     ModelOption,
@@ -52,6 +53,7 @@ from bastion.client.run_options import (
     TopKOption,
     TopPOption,
     WorkspaceOption,
+    keep_alive_seconds,
     run_request,
 )
 from bastion.client.run_stream import stream_run
@@ -115,13 +117,14 @@ def run(
     allow_shell: AllowShellOption = False,
     allow_write: AllowWriteOption = False,
     approval_timeout: ApprovalTimeoutOption = 300.0,
+    keep_alive: KeepAliveOption = None,
 ) -> None:
     """Answer PROMPT with a local model, streaming the reply (an agent run when --tools are given)."""
     options = RunOptions(model=model, system=system, session=session, tools=tools, template=template,
                          max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                          max_iterations=max_iterations, context=context, ignore_eos=ignore_eos,
                          workspace=workspace, allow_shell=allow_shell, allow_write=allow_write,
-                         approval_timeout=approval_timeout)
+                         approval_timeout=approval_timeout, keep_alive=keep_alive)
     connection = connect(as_json, start=True)
     assert connection is not None
     with connection:
@@ -194,11 +197,13 @@ def status(as_json: JsonFlag = False) -> None:
     print(f"home:       {report.home}")
     print(f"socket:     {report.control_endpoint}")
     print(f"models:     {report.models_loaded} loaded, {report.runs_active} runs active")
+    for i, line in enumerate(memory_text.budget_lines(report)):
+        print(f"{'memory:' if i == 0 else '':<12}{line}")
 
 
 @app.command()
 def ps(as_json: JsonFlag = False) -> None:
-    """List loaded models with their worker process, memory and KV cache."""
+    """List loaded models: worker process, state, memory, KV cache; restarting and failed ones say why."""
     connection = connect(as_json, start=False)
     if connection is None:
         if as_json:
@@ -218,11 +223,13 @@ def ps(as_json: JsonFlag = False) -> None:
 def load(
     model: Annotated[str, typer.Argument(help="A model name or a path to a .gguf file.")],
     as_json: JsonFlag = False,
+    keep_alive: KeepAliveOption = None,
 ) -> None:
-    """Load a model into its own worker process (no-op if it is loaded)."""
+    """Load a model into its own worker process (no-op if it is loaded with the same settings)."""
+    request = LoadModel(request_id=new_id(), model=model_argument(model) or model,
+                        keep_alive_s=keep_alive_seconds(keep_alive))
     connection = connect(as_json, start=True)
     assert connection is not None
-    request = LoadModel(request_id=new_id(), model=model_argument(model) or model)
     renderer = render.TextRenderer()
     with connection:
         connection.send(request)
@@ -235,7 +242,11 @@ def load(
                         renderer.finish()
                         if not as_json:
                             state = "already loaded" if event.already_loaded else "loaded"
-                            render.say(f"{event.model.name} {state} (worker pid {event.model.pid})")
+                            if event.reload_reason:
+                                state = f"reloaded with new settings ({event.reload_reason})"
+                            render.say(f"{event.model.name} {state} (worker pid {event.model.pid}, "
+                                       f"~{memory_text.memory_cell(event.model)}, keep_alive "
+                                       f"{memory_text.keep_alive_cell(event.model)})")
                         return
                     case RequestFailed():
                         renderer.finish()

@@ -14,7 +14,8 @@ from typing import TextIO
 
 import msgspec
 
-from bastion.protocol import GenerationStats, RequestFailed, TokenDelta
+from bastion.client.memory_text import keep_alive_cell, memory_cell
+from bastion.protocol import GenerationStats, RequestFailed, TokenDelta, WorkerState
 from bastion.protocol.agent_events import (
     ContextBudget,
     PromptRendered,
@@ -77,11 +78,16 @@ class TextRenderer:
                     self._ends_with_newline = text.endswith("\n")
             case GenerationStats():
                 self._finish_line()
-                cached = f", {event.cached_tokens} cached" if event.cached_tokens else ""
+                cached = (
+                    f", {event.cached_tokens} cached ({event.cache_source.value})" if event.cached_tokens else ""
+                )
+                shifted = f", {event.shifted_tokens} pruned in place" if event.shifted_tokens else ""
                 self._err.write(
                     f"[{event.completion_tokens} tokens, {event.decode_tokens_per_s:.1f} tok/s, "
-                    f"first token {event.ttft_ms:.0f} ms, prompt {event.prompt_tokens} tokens{cached}]\n"
+                    f"first token {event.ttft_ms:.0f} ms, prompt {event.prompt_tokens} tokens{cached}{shifted}]\n"
                 )
+                if event.cache_note:
+                    self._err.write(f"warning: {event.cache_note}\n")
                 self._err.flush()
             case RequestFailed():
                 self._finish_line()
@@ -159,19 +165,50 @@ class TextRenderer:
 def model_table(models: list[ModelStatus]) -> str:
     if not models:
         return "no models loaded"
-    header = ("NAME", "PID", "STATE", "RSS", "CTX", "KV TOKENS", "THREADS", "TEMPLATE")
+    header = ("NAME", "PID", "STATE", "RSS", "EST MEM", "CTX", "KV TOKENS", "KV SNAPSHOTS", "THREADS", "KEEP ALIVE",
+              "TEMPLATE")
     rows = [header] + [
         (
             model.name,
-            str(model.pid),
-            model.state.value,
+            str(model.pid) if model.pid else "-",
+            _state(model),
             f"{model.rss_bytes / 2**20:.0f} MiB",
+            memory_cell(model),
             str(model.n_ctx),
             str(model.kv_tokens),
+            _snapshots(model),
             str(model.threads),
+            keep_alive_cell(model),
             model.chat_template,
         )
         for model in models
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows)
+    lines = ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
+    for model in models:
+        if model.state is WorkerState.FAILED:
+            lines.append(f"{model.name} failed: {model.failure}")
+            lines.append(f"  run `bastion load {model.name}` to try again")
+        elif model.state is WorkerState.RESTARTING and model.failure:
+            lines.append(f"{model.name} is restarting: {model.failure}")
+    return "\n".join(lines)
+
+
+def _state(model: ModelStatus) -> str:
+    if model.restarts and model.state is not WorkerState.FAILED:
+        return f"{model.state.value} ({model.restarts} restart{'s' if model.restarts > 1 else ''})"
+    return model.state.value
+
+
+def _snapshots(model: ModelStatus) -> str:
+    """`2, 3.0 MiB + 1 on disk, 1.0 MiB`: per-session KV snapshots in RAM, then on disk."""
+    tiers = [(count, size, where) for count, size, where in (
+        (model.snapshots_ram, model.snapshot_ram_bytes, ""),
+        (model.snapshots_disk, model.snapshot_disk_bytes, " on disk"),
+    ) if count]  # fmt: skip
+    return " + ".join(f"{count}{where}, {_mib(size)}" for count, size, where in tiers) or "-"
+
+
+def _mib(size: int) -> str:
+    mib = size / 2**20
+    return f"{mib:.1f} MiB" if mib < 10 else f"{mib:.0f} MiB"

@@ -11,6 +11,7 @@ import typer
 from bastion.client.command_io import model_argument, new_id
 from bastion.protocol import SamplingParams
 from bastion.protocol.control import ContextStrategy, Run
+from bastion.protocol.quantities import parse_duration
 
 ModelOption = Annotated[
     str | None,
@@ -52,6 +53,26 @@ AllowWriteOption = Annotated[
 ApprovalTimeoutOption = Annotated[
     float, typer.Option("--approval-timeout", min=1, help="Seconds an approval waits before it counts as deny.")
 ]
+
+
+def keep_alive_seconds(value: str | None) -> float | None:
+    """`--keep-alive` as seconds (-1: never); None when not given."""
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--keep-alive") from None
+
+
+KeepAliveOption = Annotated[
+    str | None,
+    typer.Option(
+        "--keep-alive",
+        help='Keep the model loaded this long once idle: "5m", "30s", 0 (unload when done), -1 (never). '
+        "Default: the model's keep_alive setting (5m unless configured).",
+    ),
+]
 IgnoreEosOption = Annotated[
     bool, typer.Option("--ignore-eos", help="Generate exactly --max-tokens, past end-of-text (benchmarks).")
 ]
@@ -75,6 +96,7 @@ class RunOptions(msgspec.Struct, kw_only=True):
     allow_shell: bool = False
     allow_write: bool = False
     approval_timeout: float = 300.0
+    keep_alive: str | None = None
 
 
 def tool_names(tools: str | None) -> tuple[str, ...]:
@@ -105,4 +127,5 @@ def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) 
         allow_shell=options.allow_shell,
         allow_write=options.allow_write,
         approval_timeout_s=options.approval_timeout,
+        keep_alive_s=keep_alive_seconds(options.keep_alive),
     )

@@ -36,6 +36,7 @@ class WarningCode(enum.Enum):
     TEMPLATE_UNSTABLE = "template_unstable"  # the template re-rendered history differently
     TEMPLATE_FALLBACK = "template_fallback"  # the model's template rejected a message; a built-in was used
     TOOL_CALL_INVALID = "tool_call_invalid"
+    GENERATION_RETRIED = "generation_retried"  # its worker died before any of it was streamed; asked again
 
 
 class TurnStarted(Message, tag="turn_start"):

@@ -204,11 +204,20 @@ class ModelLoaded(Message, tag="model_loaded"):
     request_id: str
     model: ModelStatus
     already_loaded: bool = False
+    # Set when a loaded worker was replaced because the model's settings
+    # changed (e.g. n_ctx in config.toml): what changed.
+    reload_reason: str = ""
 
 
 class ModelUnloaded(Message, tag="model_unloaded"):
     request_id: str
     name: str
+
+
+class MemoryBudgetSource(enum.Enum):
+    DEFAULT = "default"  # a share of the memory available when the supervisor started
+    CONFIG = "config"  # [memory] budget in config.toml
+    FLAG = "flag"  # the supervisor's --memory-budget
 
 
 class StatusReport(Message, tag="status"):
@@ -221,6 +230,14 @@ class StatusReport(Message, tag="status"):
     uptime_s: float
     models_loaded: int
     runs_active: int
+    # Memory: the budget loaded models must fit in, where it came from
+    # (`memory_budget_detail` says how it was computed), and the estimated
+    # bytes each loaded or loading model holds against it.
+    memory_budget_bytes: int = 0
+    memory_budget_source: MemoryBudgetSource = MemoryBudgetSource.DEFAULT
+    memory_budget_detail: str = ""
+    memory_held_bytes: int = 0
+    memory_held_by: dict[str, int] = {}
 
 
 class ShutdownStarted(Message, tag="shutdown_started"):

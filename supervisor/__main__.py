@@ -24,6 +24,7 @@ from bastion.supervisor.daemon import (
     acquire_lock,
 )
 from bastion.supervisor.errors import RegistryError, StoreError
+from bastion.supervisor.memory import memory_budget_argument
 from bastion.supervisor.registry import RegistryWatcher
 from bastion.supervisor.store import SessionStore, database_path
 
@@ -38,11 +39,38 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds without a heartbeat after which a worker is killed as hung")
     parser.add_argument("--max-queued-per-worker", type=int, default=defaults.max_queued_per_worker,
                         help="requests that may wait for one busy model; one more is answered busy")
+    parser.add_argument("--worker-stall-limit", type=float, default=defaults.worker_stall_limit_s,
+                        help="seconds a busy worker may go without progress before it is killed as hung")
+    parser.add_argument("--restart-backoff", type=float, default=defaults.restart_backoff_s,
+                        help="seconds before restarting a crashed worker (doubles per crash)")
+    parser.add_argument("--restart-backoff-max", type=float, default=defaults.restart_backoff_max_s,
+                        help="the longest wait before a restart")
+    parser.add_argument("--restart-limit", type=int, default=defaults.restart_limit,
+                        help="crashes within --restart-window that mark a model failed")
+    parser.add_argument("--restart-window", type=float, default=defaults.restart_window_s,
+                        help="seconds over which crashes are counted")
+    parser.add_argument("--memory-budget", type=memory_budget_argument(defaults.memory_available_bytes),
+                        default=None, metavar="SIZE",
+                        help='memory loaded models may hold by their estimates, e.g. "8GiB", or "60%%" of what '
+                             "is available now (default: [memory] budget in config.toml, else 80%%)")
+    parser.add_argument("--no-share-cores", action="store_true",
+                        help="let every worker use its full thread count even while others generate")
+    parser.add_argument("--pin-cores", action="store_true",
+                        help="pin each generating worker to its own cores (see bench/vs_peer.py concurrent)")
     args = parser.parse_args(argv)
     config = SupervisorConfig(
+        share_cores=not args.no_share_cores,
+        pin_cores=args.pin_cores,
+        memory_budget_bytes=args.memory_budget,
+        memory_available_bytes=defaults.memory_available_bytes,
         heartbeat_interval_s=args.heartbeat_interval,
         worker_silence_limit_s=args.worker_silence_limit,
         max_queued_per_worker=args.max_queued_per_worker,
+        worker_stall_limit_s=args.worker_stall_limit,
+        restart_backoff_s=args.restart_backoff,
+        restart_backoff_max_s=args.restart_backoff_max,
+        restart_limit=args.restart_limit,
+        restart_window_s=args.restart_window,
     )
     logging.basicConfig(
         level=args.log_level.upper(),

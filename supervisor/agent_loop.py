@@ -55,7 +55,7 @@ from bastion.supervisor.context import (
     summary_message,
     summary_request,
 )
-from bastion.supervisor.conversation import Conversation
+from bastion.supervisor.conversation import Conversation, EphemeralConversation
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModel
 from bastion.supervisor.policy.model import NamedToolCall, PolicyCall
@@ -66,6 +66,7 @@ from bastion.supervisor.tokenizer import TokenCounter
 from bastion.supervisor.tool_calls import ParsedCall, parse_tool_calls, repair_hint
 from bastion.supervisor.tools import ToolRegistry, ToolSpec, advertise
 from bastion.supervisor.trust_gate import GateVerdict
+from bastion.supervisor.worker_slot import WorkerUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class LoopSettings(msgspec.Struct, frozen=True, kw_only=True):
     max_iterations: int = 8
     # Unusable tool calls fed back to the model before the run gives up.
     max_repairs: int = 2
+    # Times a model call is asked again after its worker died before any of
+    # it reached the client.
+    max_generation_retries: int = 1
     strategy: ContextStrategy = ContextStrategy.WINDOW
 
 
@@ -250,14 +254,12 @@ class AgentLoop:
         prompt = await asyncio.to_thread(self._summary_prompt, list(folded))
         if prompt is None:
             return ""
-        generation = Generation(internal_id=self._new_id(), session_id=f"{self._conversation.name}#summary",
-                                prompt=prompt, sampling=_SUMMARY_SAMPLING, run=self._run, stream=False)
         try:
-            self._model.handle.submit(generation)
+            outcome = await self._call_model(prompt, _SUMMARY_SAMPLING, f"{self._conversation.name}#summary",
+                                             stream=False)
         except SupervisorError as exc:  # a busy or dying worker: fall back to the window
             log.warning("summary not possible: %s", exc.message)
             return ""
-        outcome = await generation.outcome
         if outcome.stop_reason not in (StopReason.STOP, StopReason.LENGTH):
             log.warning("summary generation ended %s: %s", outcome.stop_reason.value, outcome.error_message)
             return ""
@@ -278,21 +280,57 @@ class AgentLoop:
     # --- generation -------------------------------------------------------
 
     async def _generate(self, prompt: str) -> GenerationOutcome:
-        generation = Generation(internal_id=self._new_id(), session_id=self._conversation.name, prompt=prompt,
-                                sampling=self._sampling, run=self._run)
-        self._run.current = generation
-        self._model.handle.submit(generation)
-        cancelled = asyncio.ensure_future(self._run.cancelled.wait())
         try:
-            await asyncio.wait({generation.outcome, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-            if not generation.done:
-                self._model.handle.cancel(generation)
-            outcome = await generation.outcome
-        finally:
-            cancelled.cancel()
-            self._run.current = None
+            outcome = await self._call_model(prompt, self._sampling, self._conversation.name, stream=True)
+        except WorkerUnavailableError as exc:  # failed, unloaded, or not back from a restart in time
+            outcome = GenerationOutcome(text="", stop_reason=StopReason.ERROR, tokens=0, error_code=exc.code,
+                                        error_message=exc.message, error_retryable=exc.retryable)
         self.last_stats = outcome.stats
         return outcome
+
+    async def _call_model(self, prompt: str, sampling: SamplingParams, session_id: str, *,
+                          stream: bool) -> GenerationOutcome:
+        """One model call. If its worker dies before any of it reached the
+        client (a hidden call never reaches it), it is asked again once the
+        model's restarted worker is ready: the client sees a warning, not an
+        error. Past `max_generation_retries`, the death is the outcome."""
+        retries = 0
+        while True:
+            # Only a stored session has a next turn to restore a KV snapshot for.
+            keep_snapshot = stream and not isinstance(self._conversation, EphemeralConversation)
+            generation = Generation(internal_id=self._new_id(), session_id=session_id, prompt=prompt,
+                                    sampling=sampling, run=self._run, stream=stream, snapshot=keep_snapshot)
+            outcome = await self._attempt(generation)
+            died = outcome.error_code in (ErrorCode.WORKER_DIED, ErrorCode.WORKER_UNRESPONSIVE)
+            unseen = generation.tokens_streamed == 0 or not stream
+            out_of_retries = retries >= self._settings.max_generation_retries
+            if not (died and unseen) or out_of_retries or self._run.cancel_requested:
+                return outcome
+            retries += 1
+            why = outcome.error_message.splitlines()[0] if outcome.error_message else "its worker died"
+            self._warn(WarningCode.GENERATION_RETRIED, f"{why}; asking again once the model is back "
+                                                       f"(retry {retries} of {self._settings.max_generation_retries})")
+
+    async def _attempt(self, generation: Generation) -> GenerationOutcome:
+        """Submit `generation` once a worker serves the model (waiting through
+        a restart), and wait for it or for the run's cancel."""
+        self._run.current = generation
+        cancelled = asyncio.ensure_future(self._run.cancelled.wait())
+        serving = asyncio.ensure_future(self._model.serving())
+        try:
+            await asyncio.wait({serving, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not serving.done():
+                return GenerationOutcome(text="", stop_reason=StopReason.CANCELLED, tokens=0)
+            handle = serving.result()
+            handle.submit(generation)
+            await asyncio.wait({generation.outcome, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            if not generation.done:
+                handle.cancel(generation)
+            return await generation.outcome
+        finally:
+            serving.cancel()
+            cancelled.cancel()
+            self._run.current = None
 
     def _take_reply(self, outcome: GenerationOutcome):
         """Store the reply; return (ending, calls, problems): an ending stops the run."""

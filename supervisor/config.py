@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import msgspec
+import psutil
 
 
 class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -12,6 +13,16 @@ class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_interval_s: float = 1.0
     # A worker silent this long is treated as hung and killed.
     worker_silence_limit_s: float = 30.0
+    # A busy worker whose progress counter stays still this long is hung too
+    # (a deadlock answers heartbeats but evaluates nothing).
+    worker_stall_limit_s: float = 60.0
+    # Crash recovery: restart after restart_backoff_s, doubling per crash up
+    # to restart_backoff_max_s; restart_limit crashes within restart_window_s
+    # mark the model failed until `bastion load`.
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 8.0
+    restart_limit: int = 3
+    restart_window_s: float = 60.0
     # How long a spawned worker may take to say hello and load its model.
     worker_load_timeout_s: float = 300.0
     # Requests waiting for one busy worker; one more is answered `busy`.
@@ -26,3 +37,14 @@ class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
     # cap under <home>/kv/ (0 disables that tier).
     kv_ram_bytes: int = 256 * 1024 * 1024
     kv_disk_bytes: int = 2 * 1024 * 1024 * 1024
+    # Split the cores among the workers that are generating (SetThreads), so
+    # concurrent models do not oversubscribe them; optionally pin each busy
+    # worker to its own cores (see supervisor/cores.py and bench/vs_peer.py).
+    share_cores: bool = True
+    pin_cores: bool = False
+    # Memory budget for loaded models' estimates (memory.py): --memory-budget;
+    # None leaves it to [memory] budget in config.toml, else 80% of
+    # memory_available_bytes.
+    memory_budget_bytes: int | None = None
+    # What the machine had available when the supervisor started (read once, see memory.resolve_budget).
+    memory_available_bytes: int = msgspec.field(default_factory=lambda: psutil.virtual_memory().available)

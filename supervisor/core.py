@@ -184,6 +184,8 @@ class Supervisor:
         self._send(client, HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=os.getpid()))
 
     def _status(self, request_id: str) -> StatusReport:
+        budget = self._models.memory_budget()
+        held = self._models.memory_held()
         return StatusReport(
             request_id=request_id,
             pid=os.getpid(),
@@ -194,6 +196,11 @@ class Supervisor:
             uptime_s=round(time.monotonic() - self._started, 3),
             models_loaded=len(self._models.names()),
             runs_active=sum(1 for run in self._runs.values() if not run.done),
+            memory_budget_bytes=budget.bytes,
+            memory_budget_source=budget.source,
+            memory_budget_detail=budget.detail,
+            memory_held_bytes=sum(held.values()),
+            memory_held_by=held,
         )
 
     def _reply_error(self, client: bytes, request_id: str, code: ErrorCode, message: str, *,
@@ -309,11 +316,12 @@ class Supervisor:
     async def _load(self, client: bytes, request: LoadModel) -> None:
         async with self._answering(client, request.request_id):
             spec = self._registry.current().lookup(request.model)
-            model, already = await self._models.ensure_loaded(
-                spec, self._progress_reporter(client, request.request_id, spec.name)
-            )
+            self._models.clear_failure(spec.name)  # an explicit load is how a failed model gets another chance
+            progress = self._progress_reporter(client, request.request_id, spec.name)
+            model, already = await self._models.ensure_loaded(spec, progress, keep_alive_s=request.keep_alive_s)
+            reload_reason = "" if already else model.reload_reason
             self._send(client, ModelLoaded(request_id=request.request_id, model=status_of(model),
-                                           already_loaded=already))
+                                           already_loaded=already, reload_reason=reload_reason))
 
     async def _unload(self, client: bytes, request: UnloadModel) -> None:
         async with self._answering(client, request.request_id):

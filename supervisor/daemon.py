@@ -93,7 +93,8 @@ class SupervisorDaemon:
         self._sandbox_codec = supervisor_sandbox_codec()
         self._sandboxes = SandboxPool(layout=layout, send=self._send_sandbox)
         self._pool = WorkerPool(config=config, layout=layout, send=self._send_worker)
-        self._models = LoadedModels(config=config, layout=layout, pool=self._pool)
+        self._models = LoadedModels(config=config, layout=layout, pool=self._pool,
+                                    memory_settings=registry.memory_settings)
         self._counters = TokenCounters()
         trust = Trust(policies=PolicyWatcher(layout), approvals=approvals, waits=ApprovalWaits(approvals),
                       audit=audit, sandboxes=self._sandboxes)

@@ -96,7 +96,7 @@ class RunService:
         spec = self._registry.current().lookup(spec_name)
         run.model = spec.name
         tool_specs, workbench = await self._select_tools(request)
-        loaded = await self._load_unless_cancelled(run, spec)
+        loaded = await self._load_unless_cancelled(run, spec, request.keep_alive_s)
         if loaded is None:
             run.finish(StopReason.CANCELLED)
             return
@@ -165,12 +165,16 @@ class RunService:
             )
         return specs, Workbench(workspace=str(workspace), allow_write=request.allow_write, required_level=required)
 
-    async def _load_unless_cancelled(self, run: ActiveRun, spec: ModelSpec) -> LoadedModel | None:
+    async def _load_unless_cancelled(
+        self, run: ActiveRun, spec: ModelSpec, keep_alive_s: float | None
+    ) -> LoadedModel | None:
         """The loaded model, or None when the client cancels first. A load can
         take minutes (assembling a chunked model); Ctrl-C must not wait for it.
-        The load itself goes on, for the next request."""
+        The load itself goes on, for the next request. The run uses the model
+        until it ends: it is not unloaded under it."""
         load = asyncio.ensure_future(
-            self._models.ensure_loaded(spec, self._progress(run.client, run.request_id, spec.name))
+            self._models.ensure_loaded(spec, self._progress(run.client, run.request_id, spec.name),
+                                       keep_alive_s=keep_alive_s, until=run.finished)
         )
         cancelled = asyncio.ensure_future(run.cancelled.wait())
         try:
@@ -232,7 +236,7 @@ def with_template(model: LoadedModel, template: str | None) -> LoadedModel:
     if template is None or model.handle.description is None:
         return model
     formatter = PromptFormatter.for_model(model.handle.description, template)
-    return LoadedModel(model.spec, model.handle, formatter)
+    return model.with_formatter(formatter)
 
 
 def _latest_system(conversation: Conversation) -> str | None:

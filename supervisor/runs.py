@@ -89,8 +89,12 @@ class Generation:
         sampling: SamplingParams,
         run: ActiveRun,
         stream: bool = True,
+        snapshot: bool = True,
     ) -> None:
         self.internal_id = internal_id
+        # Ask the worker to keep a KV snapshot for the session's next turn;
+        # pointless for calls nobody continues (one-shot runs, summaries).
+        self.snapshot = snapshot
         self.session_id = session_id
         self.prompt = prompt
         self.sampling = sampling

@@ -257,6 +257,12 @@ def test_two_models_generate_concurrently_in_their_own_workers(bastion: Bastion)
     assert listed["gemma3-270m"]["architecture"] == "gemma3"
     assert listed["gemma3-270m"]["chat_template"].startswith("builtin:gemma")
     assert {listed[name]["pid"] for name in listed} == set(pids.values())
+    # While both generated, each decoded with its share of the cores, not all of them.
+    cores = len(os.sched_getaffinity(0))
+    if cores % 2 == 0:  # an even split: each gets half
+        for name in runs:
+            log = (bastion.home / "logs" / f"worker-{name}.log").read_text()
+            assert f"decoding with {cores // 2} thread(s)" in log, log[-2000:]
 
 
 def wait_for_supervisor(bastion: Bastion, pid: int, timeout: float = 60) -> None:

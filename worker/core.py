@@ -291,6 +291,7 @@ class WorkerCore:
         if wanted > 0 and wanted != self._threads:
             self._engine.set_threads(wanted)
             self._threads = wanted
+            log.info("decoding with %d thread(s) from now on", wanted)
 
     def _prefill(self, suffix: Sequence[int], cancelled: Cancelled) -> bool:
         for chunk in prefill_chunks(suffix, self._chunk):

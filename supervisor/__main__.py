@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests that may wait for one busy model; one more is answered busy")
     parser.add_argument("--worker-stall-limit", type=float, default=defaults.worker_stall_limit_s,
                         help="seconds a busy worker may go without progress before it is killed as hung")
+    parser.add_argument("--restart-first-backoff", type=float, default=defaults.restart_first_backoff_s,
+                        help="seconds before restarting after the first crash in the window")
     parser.add_argument("--restart-backoff", type=float, default=defaults.restart_backoff_s,
                         help="seconds before restarting a crashed worker (doubles per crash)")
     parser.add_argument("--restart-backoff-max", type=float, default=defaults.restart_backoff_max_s,
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_silence_limit_s=args.worker_silence_limit,
         max_queued_per_worker=args.max_queued_per_worker,
         worker_stall_limit_s=args.worker_stall_limit,
+        restart_first_backoff_s=args.restart_first_backoff,
         restart_backoff_s=args.restart_backoff,
         restart_backoff_max_s=args.restart_backoff_max,
         restart_limit=args.restart_limit,

@@ -19,6 +19,9 @@ class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Crash recovery: restart after restart_backoff_s, doubling per crash up
     # to restart_backoff_max_s; restart_limit crashes within restart_window_s
     # mark the model failed until `bastion load`.
+    # The first crash in the window restarts at once (after this long): a
+    # lone crash should cost seconds; repeated ones back off.
+    restart_first_backoff_s: float = 0.0
     restart_backoff_s: float = 0.5
     restart_backoff_max_s: float = 8.0
     restart_limit: int = 3

@@ -4,8 +4,9 @@ Pure decisions, no processes and no clock of their own (callers pass `now`),
 so every rule here is tested without spawning anything:
 
 - `CrashHistory.record` answers each unexpected worker exit with `Restart`
-  (after a backoff that doubles with each crash still inside the window,
-  up to a cap) or, once `crash_limit` crashes fall inside `window_s`, with
+  (at once for the first crash in the window — a lone crash should cost
+  seconds, not a wait — then after a backoff that doubles with each further
+  crash still inside the window, up to a cap) or, once `crash_limit` crashes fall inside `window_s`, with
   `GiveUp`: a model that keeps crashing is marked failed instead of looping.
 - `hang_reason` says whether a live worker counts as hung: silent (no message
   for the silence limit) or stalled (busy, yet its progress counter has not
@@ -29,6 +30,7 @@ _LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ worker \S+ (?P<level>[A-Z]+
 
 
 class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    first_backoff_s: float = 0.0
     backoff_s: float = 0.5
     backoff_max_s: float = 8.0
     crash_limit: int = 3
@@ -36,7 +38,7 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def from_config(cls, config: SupervisorConfig) -> RestartPolicy:
-        return cls(backoff_s=config.restart_backoff_s, backoff_max_s=config.restart_backoff_max_s,
+        return cls(first_backoff_s=config.restart_first_backoff_s, backoff_s=config.restart_backoff_s, backoff_max_s=config.restart_backoff_max_s,
                    crash_limit=config.restart_limit, window_s=config.restart_window_s)
 
 
@@ -65,7 +67,10 @@ class CrashHistory:
         if crashes >= self._policy.crash_limit:
             self.gave_up = True
             return GiveUp(crashes=crashes, window_s=self._policy.window_s)
-        delay = min(self._policy.backoff_s * 2 ** (crashes - 1), self._policy.backoff_max_s)
+        if crashes == 1:
+            delay = self._policy.first_backoff_s
+        else:
+            delay = min(self._policy.backoff_s * 2 ** (crashes - 2), self._policy.backoff_max_s)
         return Restart(delay_s=delay, crashes=crashes)
 
     def restarts(self, now: float) -> int:

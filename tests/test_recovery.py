@@ -48,17 +48,17 @@ from tests.test_cli_e2e import events_of, start_streaming, wait_for_supervisor
 
 # --- the rules ---------------------------------------------------------------
 
-POLICY = RestartPolicy(backoff_s=0.5, backoff_max_s=2.0, crash_limit=4, window_s=60.0)
+POLICY = RestartPolicy(first_backoff_s=0.0, backoff_s=0.5, backoff_max_s=2.0, crash_limit=4, window_s=60.0)
 
 
-def test_backoff_doubles_per_crash_up_to_the_cap() -> None:
+def test_a_lone_crash_restarts_at_once_then_backoff_doubles_up_to_the_cap() -> None:
     history = CrashHistory(POLICY)
     assert [history.record(t) for t in (0.0, 1.0, 2.0)] == [
-        Restart(delay_s=0.5, crashes=1), Restart(delay_s=1.0, crashes=2), Restart(delay_s=2.0, crashes=3),
+        Restart(delay_s=0.0, crashes=1), Restart(delay_s=0.5, crashes=2), Restart(delay_s=1.0, crashes=3),
     ]  # fmt: skip
     capped = CrashHistory(msgspec.structs.replace(POLICY, crash_limit=10))
-    delays = [capped.record(float(t)) for t in range(6)]
-    assert [d.delay_s for d in delays if isinstance(d, Restart)] == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+    delays = [capped.record(float(t)) for t in range(7)]
+    assert [d.delay_s for d in delays if isinstance(d, Restart)] == [0.0, 0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
 
 
 def test_the_crash_limit_within_the_window_gives_up() -> None:
@@ -76,7 +76,7 @@ def test_crashes_older_than_the_window_are_forgotten_and_backoff_starts_over() -
     for t in (0.0, 10.0, 20.0):
         history.record(t)
     assert history.restarts(75.0) == 1  # only the crash at 20 s is within 60 s
-    assert history.record(100.0) == Restart(delay_s=0.5, crashes=1)
+    assert history.record(100.0) == Restart(delay_s=0.0, crashes=1)
 
 
 def test_a_limit_of_one_never_restarts() -> None:
@@ -167,7 +167,7 @@ class ScriptedPool:
         return [handle for handle in self.started if not handle.exited.done()]
 
 
-FAST = SupervisorConfig(restart_backoff_s=0.01, restart_backoff_max_s=0.04, restart_limit=3, restart_window_s=60.0)
+FAST = SupervisorConfig(restart_first_backoff_s=0.01, restart_backoff_s=0.01, restart_backoff_max_s=0.04, restart_limit=3, restart_window_s=60.0)
 
 
 @pytest.fixture
@@ -265,7 +265,8 @@ def test_a_worker_that_fails_every_restart_ends_failed_not_looping(tmp_path: Pat
 
 def test_unloading_a_restarting_model_cancels_the_restart(tmp_path: Path, scripted_spec: ModelSpec) -> None:
     async def scenario() -> None:
-        slow = msgspec.structs.replace(FAST, restart_backoff_s=30.0, restart_backoff_max_s=30.0)
+        slow = msgspec.structs.replace(FAST, restart_first_backoff_s=30.0, restart_backoff_s=30.0,
+                                       restart_backoff_max_s=30.0)
         models, pool = recovering(tmp_path, slow)
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
@@ -285,7 +286,8 @@ def test_unloading_a_restarting_model_cancels_the_restart(tmp_path: Path, script
 
 def test_a_load_during_a_restart_waits_for_it(tmp_path: Path, scripted_spec: ModelSpec) -> None:
     async def scenario() -> None:
-        models, pool = recovering(tmp_path, msgspec.structs.replace(FAST, restart_backoff_s=0.2, restart_backoff_max_s=0.2))
+        models, pool = recovering(tmp_path, msgspec.structs.replace(FAST, restart_first_backoff_s=0.2, restart_backoff_s=0.2,
+                                                                 restart_backoff_max_s=0.2))
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
         await asyncio.sleep(0)
@@ -312,7 +314,7 @@ def test_a_requested_stop_is_not_a_crash(tmp_path: Path, scripted_spec: ModelSpe
 
 def test_shutdown_does_not_restart_anything(tmp_path: Path, scripted_spec: ModelSpec) -> None:
     async def scenario() -> None:
-        models, pool = recovering(tmp_path, msgspec.structs.replace(FAST, restart_backoff_s=0.05))
+        models, pool = recovering(tmp_path, msgspec.structs.replace(FAST, restart_first_backoff_s=0.05, restart_backoff_s=0.05))
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
         await asyncio.sleep(0)
@@ -489,7 +491,7 @@ def test_a_model_whose_restarts_die_on_load_ends_failed(bastion: Bastion, tmp_pa
 @model_marker
 def test_load_and_unload_while_a_model_is_restarting(bastion: Bastion, tmp_path: Path, supervisor) -> None:
     scripted_models(bastion, tmp_path, "slow")
-    supervisor("--restart-backoff", "4", "--restart-backoff-max", "4")
+    supervisor("--restart-first-backoff", "4", "--restart-backoff", "4", "--restart-backoff-max", "4")
     assert bastion("load", "slow").returncode == 0
     first = models_of(bastion)["slow"]["pid"]
     os.kill(first, signal.SIGKILL)

@@ -149,9 +149,11 @@ class WorkerCore:
             self._recover()
             return self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
         emit(self._stats(run))
-        emit(self._finished(run, reason))
         if self._info.partial_reuse and reason is not StopReason.ERROR:
-            self._take_snapshot(request)
+            # Before the end is reported: a crash right after the turn must
+            # still find it on disk (see SnapshotStore.put).
+            self._take_snapshot(request, durable=True)
+        emit(self._finished(run, reason))
         log.info(
             "request %s: %s, prompt %d (cached %d), completion %d",
             request.request_id,
@@ -259,14 +261,14 @@ class WorkerCore:
         # a snapshot was taken where the next prompt extends it, and no earlier.
         return self._engine.can_truncate_to(keep) if live else False
 
-    def _take_snapshot(self, request: Generate) -> None:
+    def _take_snapshot(self, request: Generate, *, durable: bool = False) -> None:
         """Keep the session's state for its next turn (a session switch, a
         restart). Never fails the request: a snapshot is an optimisation."""
         if self._snapshots is None or not request.snapshot or not request.session_id:
             return
         try:
             data = self._engine.save_sequence()
-            self._snapshots.put(request.session_id, self._engine.kv_token_ids(), data)
+            self._snapshots.put(request.session_id, self._engine.kv_token_ids(), data, durable=durable)
         except Exception:
             log.exception("snapshot of session %r failed", request.session_id)
 

@@ -136,18 +136,32 @@ class SnapshotStore:
 
     # --- the engine thread's calls -----------------------------------------
 
-    def put(self, session: str, tokens: Sequence[int], data: bytes) -> None:
-        """Keep `data` as `session`'s latest snapshot (RAM, then written behind to disk)."""
+    def put(self, session: str, tokens: Sequence[int], data: bytes, *, durable: bool = False) -> None:
+        """Keep `data` as `session`'s latest snapshot: in RAM, and on disk —
+        written behind by the writer thread, or before returning when
+        `durable` (a turn's end: a worker killed right after it must still
+        find that turn on disk; the page cache outlives the process)."""
         snapshot = Snapshot(session=session, tokens=tuple(tokens), data=data)
         self._drop_ram(session)
         if 0 < len(data) <= self._ram_cap:
             self._ram[session] = snapshot
             self.ram_bytes += len(data)
             self._evict_ram()
-        if self._dir is not None:
-            with self._cond:
+        if self._dir is None:
+            return
+        with self._cond:
+            if not durable:
                 self._pending[session] = snapshot
                 self._cond.notify()
+                return
+            # An older write of this session must not land after this one.
+            self._pending.pop(session, None)
+            while self._writing == session:
+                self._cond.wait()
+        try:
+            self._write(snapshot)
+        except Exception:  # a failed write must never fail the turn
+            log.exception("writing the KV snapshot of %r failed", session)
 
     def tokens_of(self, session: str) -> Lookup:
         """The tokens `session`'s snapshot covers, without reading its payload."""
@@ -247,7 +261,7 @@ class SnapshotStore:
 
     # --- disk -----------------------------------------------------------------
 
-    _writing = False
+    _writing = ""  # the session the writer thread is writing now
 
     def _path(self, session: str) -> Path | None:
         if self._dir is None:
@@ -273,14 +287,14 @@ class SnapshotStore:
                     return
                 session = next(iter(self._pending))
                 snapshot = self._pending.pop(session)
-                self._writing = True
+                self._writing = session
             try:
                 self._write(snapshot)
             except Exception:  # a failed write must never stop the worker
                 log.exception("writing the KV snapshot of %r failed", session)
             finally:
                 with self._cond:
-                    self._writing = False
+                    self._writing = ""
                     self._cond.notify_all()
 
     def _write(self, snapshot: Snapshot) -> None:
@@ -299,7 +313,8 @@ class SnapshotStore:
                 saved_at=time.time(),
             )
         )
-        temporary = path.with_name(path.name + ".tmp")
+        # Named per thread: the writer and a durable put may write at once.
+        temporary = path.with_name(f"{path.name}.{threading.get_ident()}.tmp")
         try:
             with open(temporary, "wb") as f:
                 f.write(_MAGIC)

@@ -14,6 +14,10 @@ happen, with `raise ... from ...`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 from bastion.protocol import ErrorCode
 
 
@@ -53,3 +57,17 @@ class StoreError(SupervisorError):
 
 class ContextOverflowError(SupervisorError):
     code = ErrorCode.CONTEXT_OVERFLOW
+
+
+@contextlib.contextmanager
+def reading_model_file(path: Path) -> Iterator[None]:
+    """Turn the ways opening a model file fails into InvalidModelFileError
+    with a message a user can act on."""
+    try:
+        yield
+    except IsADirectoryError as exc:
+        raise InvalidModelFileError(f"{path} is a directory, not a GGUF file") from exc
+    except FileNotFoundError as exc:
+        raise InvalidModelFileError(f"model file not found: {path}") from exc
+    except OSError as exc:
+        raise InvalidModelFileError(f"cannot read model file {path}: {exc.strerror}") from exc

@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import msgspec
 
-from bastion.supervisor.errors import InvalidModelFileError
+from bastion.supervisor.errors import InvalidModelFileError, reading_model_file
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -105,16 +105,9 @@ class GgufMetadata(msgspec.Struct, frozen=True, kw_only=True):
 
 def read_gguf_metadata(path: Path) -> GgufMetadata:
     """Everything in `path` but its tensor data; InvalidModelFileError if it is not a sound GGUF."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return _Reader(f, path, size).read()
-    except IsADirectoryError as exc:
-        raise InvalidModelFileError(f"{path} is a directory, not a GGUF file") from exc
-    except FileNotFoundError as exc:
-        raise InvalidModelFileError(f"model file not found: {path}") from exc
-    except OSError as exc:
-        raise InvalidModelFileError(f"cannot read model file {path}: {exc.strerror}") from exc
+    with reading_model_file(path), open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        return _Reader(f, path, size).read()
 
 
 class _Reader:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Annotated, assert_never
 import msgspec
 
 from bastion.protocol import HomeLayout
-from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError
+from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError, reading_model_file
 
 if TYPE_CHECKING:
     from bastion.supervisor.registry import ModelSpec
@@ -125,15 +125,8 @@ class _Verified(msgspec.Struct, frozen=True, kw_only=True):
 
 def read_gguf_header(path: Path) -> GgufHeader:
     """Read the fixed GGUF header; InvalidModelFileError if `path` is not a GGUF."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(24)
-    except IsADirectoryError as exc:
-        raise InvalidModelFileError(f"{path} is a directory, not a GGUF file") from exc
-    except FileNotFoundError as exc:
-        raise InvalidModelFileError(f"model file not found: {path}") from exc
-    except OSError as exc:
-        raise InvalidModelFileError(f"cannot read model file {path}: {exc.strerror}") from exc
+    with reading_model_file(path), open(path, "rb") as f:
+        head = f.read(24)
     if head[:4] != GGUF_MAGIC:
         raise InvalidModelFileError(f"{path} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF')")
     version = int.from_bytes(head[4:8], "little")

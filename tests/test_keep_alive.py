@@ -19,62 +19,22 @@ from pathlib import Path
 
 import pytest
 
-from bastion.protocol import PROTOCOL_VERSION, ErrorCode, Hello, HomeLayout, Role, WorkerState
-from bastion.protocol.worker_wire import ModelDescription, WorkerReady
+from bastion.protocol import HomeLayout
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import RegistryError
 from bastion.supervisor.memory import SCRIPTED_BYTES, BudgetSetting, InsufficientMemoryError
 from bastion.supervisor.model_sources import ScriptedReplies
 from bastion.supervisor.models import LoadedModels, ModelBusyError, status_of
 from bastion.supervisor.registry import DEFAULT_KEEP_ALIVE_S, MemorySettings, ModelRegistry, ModelSpec
-from bastion.supervisor.workers import WorkerHandle, WorkerLaunch
 from tests.conftest import Bastion
+from tests.standin_pool import StandInPool
 from tests.test_cli_e2e import events_of, start_streaming
 
 MiB = 1 << 20
 
 # --- in-process: LoadedModels with stand-in workers -------------------------------
 
-DESCRIPTION = ModelDescription(
-    name="m", path="", architecture="scripted", n_ctx=256, n_ctx_train=256, n_vocab=258, n_params=0, threads=1,
-    has_chat_template=False, chat_template="", bos_token="<s>", eos_token="</s>", file_size=0, load_ms=1.0,
-    rss_bytes=0,
-)  # fmt: skip
-
-
-class InstantPool:
-    """Stands in for WorkerPool: real handles that are ready at once, no processes."""
-
-    def __init__(self, config: SupervisorConfig) -> None:
-        self._config = config
-        self.started: list[WorkerHandle] = []
-
-    async def spawn(self, **launch: object) -> WorkerHandle:
-        fields = {k: v for k, v in launch.items() if k in WorkerLaunch.__struct_fields__}
-        launch = WorkerLaunch(**fields)  # type: ignore[arg-type]
-        handle = WorkerHandle(worker_id=f"w{len(self.started)}", launch=launch, send=lambda *_: None,
-                              config=self._config)
-        self.started.append(handle)
-        handle.on_message(Hello(protocol_version=PROTOCOL_VERSION, role=Role.WORKER))
-        handle.on_message(WorkerReady(model=DESCRIPTION))
-        return handle
-
-    async def stop(self, handle: WorkerHandle, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "") -> None:
-        if handle.exited.done():
-            return
-        handle.stop_requested = True
-        handle.state = WorkerState.STOPPING
-        handle.on_exit(0)
-
-    async def stop_unstarted(self, handle: WorkerHandle) -> None:
-        await self.stop(handle)
-
-    async def stop_all(self) -> None:
-        for handle in self.started:
-            await self.stop(handle)
-
-    def alive(self) -> set[str]:
-        return {handle.name for handle in self.started if not handle.exited.done()}
+InstantPool = StandInPool
 
 
 def spec(tmp_path: Path, name: str, **fields: object) -> ModelSpec:
@@ -164,7 +124,7 @@ def test_loading_past_the_budget_unloads_the_least_recently_used_idle_model(tmp_
         await models.ensure_loaded(spec(tmp_path, "b"), nothing)
         await models.ensure_loaded(spec(tmp_path, "a"), nothing)  # a is now the more recent
         await models.ensure_loaded(spec(tmp_path, "c"), nothing)
-        assert pool.alive() == {"a", "c"} and models.names() == ["a", "c"]
+        assert pool.alive_names() == {"a", "c"} and models.names() == ["a", "c"]
         assert models.memory_held() == {"a": SCRIPTED_BYTES, "c": SCRIPTED_BYTES}
 
     asyncio.run(scenario())
@@ -177,7 +137,7 @@ def test_a_model_in_use_or_generating_is_never_unloaded_for_another(tmp_path: Pa
         await models.ensure_loaded(spec(tmp_path, "a"), nothing, until=run_ends)
         with pytest.raises(InsufficientMemoryError, match=r"models in use or loading hold the rest \(a 32 MiB\)"):
             await models.ensure_loaded(spec(tmp_path, "b"), nothing)
-        assert pool.alive() == {"a"}
+        assert pool.alive_names() == {"a"}
         run_ends.set_result(None)
         await asyncio.sleep(0)
         # No request holds it now, but its worker is still generating (e.g. a cancelled run's reply).
@@ -187,7 +147,7 @@ def test_a_model_in_use_or_generating_is_never_unloaded_for_another(tmp_path: Pa
             await models.ensure_loaded(spec(tmp_path, "b"), nothing)
         handle.current = None
         await models.ensure_loaded(spec(tmp_path, "b"), nothing)
-        assert pool.alive() == {"b"}
+        assert pool.alive_names() == {"b"}
 
     asyncio.run(scenario())
 
@@ -200,7 +160,7 @@ def test_a_model_bigger_than_the_budget_fails_without_unloading_anything(tmp_pat
         budget.mib = 16  # config.toml edited
         with pytest.raises(InsufficientMemoryError, match="more than the whole memory budget of 16 MiB"):
             await models.ensure_loaded(spec(tmp_path, "b"), nothing)
-        assert pool.alive() == {"a"}
+        assert pool.alive_names() == {"a"}
 
     asyncio.run(scenario())
 
@@ -211,11 +171,11 @@ def test_keep_alive_zero_unloads_once_the_request_ends_and_not_before(tmp_path: 
         run_ends: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=0, until=run_ends)
         await asyncio.sleep(0.05)
-        assert pool.alive() == {"a"}
+        assert pool.alive_names() == {"a"}
         (status,) = models.statuses()
         assert status.keep_alive_s == 0 and status.expires_in_s is None  # in use: no countdown
         run_ends.set_result(None)
-        await until(lambda: not pool.alive())
+        await until(lambda: not pool.alive_names())
         assert models.names() == []
 
     asyncio.run(scenario())
@@ -231,11 +191,11 @@ def test_keep_alive_counts_from_the_last_request_and_minus_one_means_never(tmp_p
         await models.ensure_loaded(spec(tmp_path, "short"), nothing)  # no keep_alive: the spec's...
         assert models.get("short").usage.keep_alive_s == DEFAULT_KEEP_ALIVE_S  # type: ignore[union-attr]
         await models.ensure_loaded(spec(tmp_path, "short"), nothing, keep_alive_s=0.3)  # ...or the request's
-        await until(lambda: "short" not in pool.alive())
+        await until(lambda: "short" not in pool.alive_names())
         assert time.monotonic() - started >= 0.25  # the timer restarted at the last request
         statuses = {s.name: s for s in models.statuses()}
         assert statuses["never"].keep_alive_s == -1 and statuses["never"].expires_in_s is None
-        assert pool.alive() == {"never"}
+        assert pool.alive_names() == {"never"}
 
     asyncio.run(scenario())
 
@@ -246,9 +206,9 @@ def test_keep_alive_waits_while_the_worker_is_still_generating(tmp_path: Path) -
         model, _ = await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=0.05)
         model.handle.current = object()  # type: ignore[assignment]
         await asyncio.sleep(0.3)
-        assert pool.alive() == {"a"}
+        assert pool.alive_names() == {"a"}
         model.handle.current = None
-        await until(lambda: not pool.alive())
+        await until(lambda: not pool.alive_names())
 
     asyncio.run(scenario())
 

@@ -60,6 +60,11 @@ def test_switch_restores_from_ram_and_a_killed_worker_resumes_from_disk(bastion:
     assert resumed["cache_source"] == "disk"
     assert resumed["cached_tokens"] >= back["prompt_tokens"]
 
+    # An unloaded model (by hand, or by keep_alive) comes back with its sessions on disk.
+    assert bastion("unload", "smollm2-135m").returncode == 0
+    after_unload = turn(bastion, "alpha", "Name one more colour.")
+    assert after_unload["cache_source"] == "disk" and after_unload["cached_tokens"] >= resumed["prompt_tokens"]
+
     # A supervisor that stopped cleanly left every session's last turn on disk too.
     assert bastion("down", timeout=60).returncode == 0
     after_restart = turn(bastion, "beta", "And at the top of a high mountain?")

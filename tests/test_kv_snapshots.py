@@ -5,15 +5,18 @@ driven with `FakeEngine` (the real engines are in test_worker_kv_llama.py)."""
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from bastion.protocol import CacheSource, GenerationStats, SamplingParams
 from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.worker.core import WorkerCore, token_digest
+from bastion.worker.engine import EngineError
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
-from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
+from bastion.worker.kv_snapshots import SnapshotHeader, SnapshotStore, model_fingerprint
 
 MODEL = "m" * 32
 LAYOUT = "fake; n_ctx 4096"
@@ -303,3 +306,63 @@ def test_no_shift_when_it_would_save_little(tmp_path: Path) -> None:
     generate(core, "A", "<s>abcdefgh</s>xyz12</s>")
     stats = generate(core, "A", "<s>abcdefgh</s>xyz1")
     assert stats.shifted_tokens == 0 and engine.shifted == []
+
+
+def test_a_run_cancelled_before_it_evaluated_anything_keeps_the_good_snapshot(tmp_path: Path) -> None:
+    engine, s, core = fake_core(tmp_path)
+    system = "<s>system: be brief</s>"
+    generate(core, "A", system + turns(6) + "<s>now</s>")
+    good = s.tokens_of("A").tokens
+    # Pruned turns: the worker shifts the cache, then the cancel lands before
+    # the first prefill chunk. The half-prepared state must not be kept.
+    out: list[FromWorker] = []
+    core.generate(Generate(request_id="c", session_id="A", prompt=system + turns(3, first=3) + "<s>x</s>",
+                           sampling=GREEDY), out.append, lambda: True)
+    assert engine.shifted and s.tokens_of("A").tokens == good
+
+
+def test_a_snapshot_that_fails_to_load_leaves_the_live_reuse_alone(tmp_path: Path) -> None:
+    engine = FakeEngine(FakeEngineConfig(script=("ok",)))
+    disk_only = SnapshotStore(model=MODEL, layout=engine.state_layout(), ram_bytes=0, disk_dir=tmp_path / "kv",
+                              disk_bytes=1 << 30)
+    core = WorkerCore(engine, snapshots=disk_only)
+    generate(core, "A", A1)
+    half = A1[: len(A1) // 2]
+    generate(core, "B", half + "something else entirely")  # live now shares half of A's prompt
+    path = disk_only._path("A")
+    assert path is not None
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    stats = generate(core, "A", A1 + "ok</s> more")
+    assert "checksum" in stats.cache_note
+    assert stats.cache_source is CacheSource.LIVE and stats.cached_tokens == len(engine.tokenize(half))
+
+
+def test_a_damaged_token_in_the_header_fails_the_checksum(tmp_path: Path) -> None:
+    first = store(tmp_path)
+    first.put("a", [1, 2, 3], b"payload")
+    first.close()
+    (path,) = kv_files(tmp_path)
+    raw = path.read_bytes()
+    start = len(b"BASTIONKV1\n") + 4
+    (length,) = struct.unpack("<I", raw[start - 4 : start])
+    header = msgspec.msgpack.decode(raw[start : start + length], type=SnapshotHeader)
+    forged = msgspec.msgpack.encode(msgspec.structs.replace(header, tokens=[1, 2, 4]))
+    path.write_bytes(raw[: start - 4] + struct.pack("<I", len(forged)) + forged + raw[start + length :])
+    snapshot, _from_disk, note = store(tmp_path).load("a")
+    assert snapshot is None and "checksum" in note
+
+
+def test_a_refused_context_shift_costs_a_prefill_not_the_request(tmp_path: Path, monkeypatch) -> None:
+    engine, _s, core = fake_core(tmp_path)
+    system = "<s>system: be brief</s>"
+    generate(core, "A", system + turns(6) + "<s>now</s>")
+
+    def refuse(start: int, end: int) -> None:
+        raise EngineError("no shifting today")
+
+    monkeypatch.setattr(engine, "shift_out", refuse)
+    stats = generate(core, "A", system + turns(3, first=3) + "<s>next</s>")
+    assert stats.cache_source is CacheSource.NONE and stats.cached_tokens == 0
+    assert "context shift refused" in stats.cache_note

@@ -42,7 +42,7 @@ import msgspec
 
 from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.engine import MIN_EVALUATED, Engine, common_prefix_length
+from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore
 from bastion.worker.text import TextStream
 
@@ -140,6 +140,7 @@ class WorkerCore:
 
     def generate(self, request: Generate, emit: Emit, cancelled: Cancelled) -> StopReason:
         run = _Run(request=request, started=time.perf_counter())
+        progress_before = self._progress
         try:
             reason = self._run(run, emit, cancelled)
         except _Refused as refusal:
@@ -149,9 +150,12 @@ class WorkerCore:
             self._recover()
             return self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
         emit(self._stats(run))
-        if self._info.partial_reuse and reason is not StopReason.ERROR:
-            # Before the end is reported: a crash right after the turn must
-            # still find it on disk (see SnapshotStore.put).
+        # Before the end is reported: a crash right after the turn must still
+        # find it on disk (see SnapshotStore.put). A run cancelled before it
+        # evaluated anything leaves the state half-prepared (a shift not yet
+        # applied, a reset): it must not replace the session's good snapshot.
+        evaluated = self._progress > progress_before
+        if self._info.partial_reuse and reason is not StopReason.ERROR and evaluated:
             self._take_snapshot(request, durable=True)
         emit(self._finished(run, reason))
         log.info(
@@ -201,14 +205,18 @@ class WorkerCore:
             if lookup.tokens is not None:
                 candidate = self.plan_reuse(lookup.tokens, tokens, live=False)
                 if candidate.keep > plan.keep:
-                    restored = self._restore(session, notes)
+                    restored, touched = self._restore(session, notes)
                     if restored is not None:
                         plan, source = candidate, restored
-                    else:
+                    elif touched:  # the live state is gone too
                         plan = ReusePlan(keep=0)
         if plan.drop:
-            engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
-            run.shifted_tokens = plan.drop
+            try:
+                engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
+                run.shifted_tokens = plan.drop
+            except EngineError as exc:  # an optimisation that cannot run costs a prefill, not the request
+                notes.append(f"context shift refused ({exc}); prefilled the whole prompt")
+                plan = ReusePlan(keep=0)
         run.cached_tokens = engine.keep_prefix(tokens) if plan.keep else self._start_over()
         if run.cached_tokens == 0:
             source = CacheSource.NONE
@@ -222,17 +230,19 @@ class WorkerCore:
         self._engine.reset()
         return 0
 
-    def _restore(self, session: str, notes: list[str]) -> CacheSource | None:
+    def _restore(self, session: str, notes: list[str]) -> tuple[CacheSource | None, bool]:
+        """(where the restored state came from, or None; whether the engine's
+        state was replaced — a refused restore leaves nothing live)."""
         assert self._snapshots is not None
         snapshot, from_disk, note = self._snapshots.load(session)
         if note:
             notes.append(note)
         if snapshot is None:
-            return None
+            return None, False
         if not self._engine.restore_sequence(snapshot.data, snapshot.tokens):
             notes.append(self._snapshots.discard(session, "the engine refused its state"))
-            return None
-        return CacheSource.DISK if from_disk else CacheSource.RAM
+            return None, True
+        return (CacheSource.DISK if from_disk else CacheSource.RAM), True
 
     def plan_reuse(self, cached: Sequence[int], wanted: Sequence[int], *, live: bool) -> ReusePlan:
         """The best reuse of `cached` for prompt `wanted`: the common prefix,
@@ -414,16 +424,26 @@ def token_digest(tokens: Sequence[int]) -> str:
     return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
 
 
+# Places tried for the end of a dropped range; the nearest first. Pruning
+# drops whole turns, so the right one is among the turn starts.
+MAX_SHIFT_CANDIDATES = 64
+
+
 def _shift_candidates(cached: Sequence[int], wanted: Sequence[int], common: int):
     """(drop_at, drop, matched) for each place where `cached`, after skipping
     a range that starts at `common`, goes on the way `wanted` does; matched is
-    how far it keeps agreeing."""
-    first = wanted[common]
+    how far it keeps agreeing. Compares in place: no copies per candidate."""
+    first, tried = wanted[common], 0
     for start in range(common + 1, len(cached)):
         if cached[start] != first:
             continue
-        matched = common_prefix_length(cached[start:], wanted[common:])
+        matched, limit = 0, min(len(cached) - start, len(wanted) - common)
+        while matched < limit and cached[start + matched] == wanted[common + matched]:
+            matched += 1
         yield common, start - common, matched
+        tried += 1
+        if tried >= MAX_SHIFT_CANDIDATES:
+            return
 
 
 def _ms(seconds: float) -> float:

@@ -42,6 +42,7 @@ _PREFIX = struct.Struct("<I")  # header length
 _MAX_HEADER = 4 * 1024 * 1024
 _SUFFIX = ".kv"
 _FINGERPRINT_SPAN = 1024 * 1024
+_STALE_TEMPORARY_S = 600.0
 
 
 class SnapshotHeader(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,7 +51,7 @@ class SnapshotHeader(msgspec.Struct, frozen=True, kw_only=True):
     session: str
     tokens: list[int]
     payload_bytes: int
-    crc32: int
+    crc32: int  # of the tokens and the payload (_checksum)
     saved_at: float
 
 
@@ -217,6 +218,8 @@ class SnapshotStore:
         self._drop_ram(session)
         with self._cond:
             self._pending.pop(session, None)
+            while self._writing == session:  # else its rename would bring the file back
+                self._cond.wait()
         path = self._path(session)
         return self._discard(path, reason) if path is not None else f"KV snapshot discarded: {reason}"
 
@@ -256,12 +259,18 @@ class SnapshotStore:
                      "; it stays on disk" if self._dir is not None else "")
 
     def _pending_for(self, session: str) -> Snapshot | None:
+        """A snapshot not yet on disk: queued, or being written right now
+        (so a lookup never falls back to an older file in between)."""
         with self._cond:
-            return self._pending.get(session)
+            pending = self._pending.get(session)
+            if pending is None and self._in_flight is not None and self._in_flight.session == session:
+                return self._in_flight
+            return pending
 
     # --- disk -----------------------------------------------------------------
 
     _writing = ""  # the session the writer thread is writing now
+    _in_flight: Snapshot | None = None  # and its snapshot
 
     def _path(self, session: str) -> Path | None:
         if self._dir is None:
@@ -274,8 +283,10 @@ class SnapshotStore:
         for entry in self._dir.iterdir():
             if entry.suffix == _SUFFIX and entry.is_file():
                 self._disk_sizes[entry.name] = entry.stat().st_size
-            elif entry.name.endswith(".tmp"):
-                entry.unlink(missing_ok=True)  # a write cut short by a crash
+            elif entry.name.endswith(".tmp") and time.time() - _mtime(entry) > _STALE_TEMPORARY_S:
+                # A write cut short by a crash; a recent one may be another
+                # worker's (two models on one file) still writing.
+                entry.unlink(missing_ok=True)
         self.disk_bytes = sum(self._disk_sizes.values())
 
     def _write_loop(self) -> None:
@@ -288,6 +299,7 @@ class SnapshotStore:
                 session = next(iter(self._pending))
                 snapshot = self._pending.pop(session)
                 self._writing = session
+                self._in_flight = snapshot
             try:
                 self._write(snapshot)
             except Exception:  # a failed write must never stop the worker
@@ -295,6 +307,7 @@ class SnapshotStore:
             finally:
                 with self._cond:
                     self._writing = ""
+                    self._in_flight = None
                     self._cond.notify_all()
 
     def _write(self, snapshot: Snapshot) -> None:
@@ -309,7 +322,7 @@ class SnapshotStore:
                 session=snapshot.session,
                 tokens=list(snapshot.tokens),
                 payload_bytes=len(snapshot.data),
-                crc32=zlib.crc32(snapshot.data),
+                crc32=_checksum(snapshot.tokens, snapshot.data),
                 saved_at=time.time(),
             )
         )
@@ -321,18 +334,19 @@ class SnapshotStore:
                 f.write(_PREFIX.pack(len(header)))
                 f.write(header)
                 f.write(snapshot.data)
-            os.replace(temporary, path)
+            # Renamed and counted in one step, so the other thread's cap
+            # enforcement never deletes a file it has not seen counted.
+            with self._disk_lock:
+                os.replace(temporary, path)
+                size = path.stat().st_size
+                self.disk_bytes += size - self._disk_sizes.get(path.name, 0)
+                self._disk_sizes[path.name] = size
+                self._enforce_disk_cap(keep=path.name)
         except OSError as exc:
             # A full or failing disk costs the spill, never the session or the worker.
             temporary.unlink(missing_ok=True)
             log.warning("KV snapshot of %r not written to %s: %s", snapshot.session, path.parent,
                         exc.strerror or exc)
-            return
-        size = path.stat().st_size
-        with self._disk_lock:
-            self.disk_bytes += size - self._disk_sizes.get(path.name, 0)
-            self._disk_sizes[path.name] = size
-            self._enforce_disk_cap(keep=path.name)
 
     def _enforce_disk_cap(self, keep: str) -> None:
         if self.disk_bytes <= self._disk_cap:
@@ -382,7 +396,7 @@ class SnapshotStore:
             data = f.read(header.payload_bytes + 1)
         if len(data) != header.payload_bytes:
             raise _Unusable("it is truncated")
-        if zlib.crc32(data) != header.crc32:
+        if _checksum(header.tokens, data) != header.crc32:
             raise _Unusable("its checksum does not match (corrupt)")
         return Snapshot(session=session, tokens=tuple(header.tokens), data=data)
 
@@ -398,6 +412,12 @@ class SnapshotStore:
 
 class _Unusable(Exception):
     pass
+
+
+def _checksum(tokens: Sequence[int], data: bytes) -> int:
+    """CRC-32 of the tokens and the payload: a token id damaged in the header
+    would label the state with the wrong text as surely as damaged KV bytes."""
+    return zlib.crc32(data, zlib.crc32(struct.pack(f"<{len(tokens)}i", *tokens)))
 
 
 def _mtime(path: Path) -> float:

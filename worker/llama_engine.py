@@ -59,6 +59,7 @@ class LlamaCppEngine:
         self._add_bos = bool(self._llama._model.add_bos_token())
         self._n_swa = int(llama_cpp.llama_model_n_swa(self._llama.model))
         self._threads = config.threads
+        self._shift_pending = False
         self._info = self._read_info()
 
     def _token_text(self, token: int) -> str:
@@ -139,12 +140,17 @@ class LlamaCppEngine:
         # The positions after the hole move down; llama.cpp re-rotates their
         # keys (RoPE) at the next decode.
         llama_cpp.llama_memory_seq_add(memory, 0, end, -1, start - end)
+        self._shift_pending = True
         kept = n - (end - start)
         llama.input_ids[start:kept] = llama.input_ids[end:n]
         llama.n_tokens = kept
         llama._requires_eval = True
 
     def save_sequence(self) -> bytes:
+        if self._shift_pending:
+            # The keys are re-rotated at the next decode; saved now, the new
+            # positions would go with keys still encoded for the old ones.
+            raise EngineError("a context shift is not applied yet; evaluate first")
         ctx = self._llama.ctx
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         buffer = (ctypes.c_uint8 * size)()
@@ -157,6 +163,7 @@ class LlamaCppEngine:
         llama = self._llama
         llama.reset()
         llama_cpp.llama_memory_clear(self._memory(), True)
+        self._shift_pending = False
         if not tokens or len(tokens) >= self._info.n_ctx:
             return False
         source = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
@@ -189,6 +196,7 @@ class LlamaCppEngine:
             self._llama.eval(list(tokens))
         except RuntimeError as exc:
             raise EngineError(str(exc)) from exc
+        self._shift_pending = False
 
     def begin_sampling(self, params: SamplingParams) -> None:
         # Llama's sampler chain reads the seed when it is built.
@@ -226,6 +234,7 @@ class LlamaCppEngine:
 
     def reset(self) -> None:
         self._llama.reset()
+        self._shift_pending = False
 
     def close(self) -> None:
         self.end_sampling()

@@ -55,7 +55,7 @@ from bastion.supervisor.context import (
     summary_message,
     summary_request,
 )
-from bastion.supervisor.conversation import Conversation, EphemeralConversation
+from bastion.supervisor.conversation import Conversation
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.models import LoadedModel
 from bastion.supervisor.policy.model import NamedToolCall, PolicyCall
@@ -297,7 +297,7 @@ class AgentLoop:
         retries = 0
         while True:
             # Only a stored session has a next turn to restore a KV snapshot for.
-            keep_snapshot = stream and not isinstance(self._conversation, EphemeralConversation)
+            keep_snapshot = stream and self._conversation.continues
             generation = Generation(internal_id=self._new_id(), session_id=session_id, prompt=prompt,
                                     sampling=sampling, run=self._run, stream=stream, snapshot=keep_snapshot)
             outcome = await self._attempt(generation)

@@ -24,6 +24,8 @@ from bastion.supervisor.store import MessageKind, SessionStore
 
 class Conversation(Protocol):
     name: str
+    # Whether a later run may continue it (then its KV state is worth a snapshot).
+    continues: bool
 
     def context_messages(self) -> list[ContextMessage]: ...
 
@@ -39,6 +41,8 @@ class Conversation(Protocol):
 
 
 class StoredConversation:
+    continues = True
+
     def __init__(self, store: SessionStore, name: str) -> None:
         self._store = store
         self.name = name
@@ -75,6 +79,8 @@ class StoredConversation:
 
 class EphemeralConversation:
     """A one-shot run's conversation: the same behaviour, kept in memory."""
+
+    continues = False
 
     def __init__(self, name: str) -> None:
         self.name = name

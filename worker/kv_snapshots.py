@@ -157,7 +157,7 @@ class SnapshotStore:
                 return
             # An older write of this session must not land after this one.
             self._pending.pop(session, None)
-            while self._writing == session:
+            while self._writing(session):
                 self._cond.wait()
         try:
             self._write(snapshot)
@@ -218,7 +218,7 @@ class SnapshotStore:
         self._drop_ram(session)
         with self._cond:
             self._pending.pop(session, None)
-            while self._writing == session:  # else its rename would bring the file back
+            while self._writing(session):  # else its rename would bring the file back
                 self._cond.wait()
         path = self._path(session)
         return self._discard(path, reason) if path is not None else f"KV snapshot discarded: {reason}"
@@ -227,7 +227,7 @@ class SnapshotStore:
         """Wait until every snapshot put so far is on disk; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending or self._writing:
+            while self._pending or self._in_flight is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -263,14 +263,15 @@ class SnapshotStore:
         (so a lookup never falls back to an older file in between)."""
         with self._cond:
             pending = self._pending.get(session)
-            if pending is None and self._in_flight is not None and self._in_flight.session == session:
-                return self._in_flight
-            return pending
+            return self._in_flight if pending is None and self._writing(session) else pending
+
+    def _writing(self, session: str) -> bool:
+        """Whether the writer thread is writing `session` now (hold `_cond`)."""
+        return self._in_flight is not None and self._in_flight.session == session
 
     # --- disk -----------------------------------------------------------------
 
-    _writing = ""  # the session the writer thread is writing now
-    _in_flight: Snapshot | None = None  # and its snapshot
+    _in_flight: Snapshot | None = None  # what the writer thread is writing now
 
     def _path(self, session: str) -> Path | None:
         if self._dir is None:
@@ -298,7 +299,6 @@ class SnapshotStore:
                     return
                 session = next(iter(self._pending))
                 snapshot = self._pending.pop(session)
-                self._writing = session
                 self._in_flight = snapshot
             try:
                 self._write(snapshot)
@@ -306,7 +306,6 @@ class SnapshotStore:
                 log.exception("writing the KV snapshot of %r failed", session)
             finally:
                 with self._cond:
-                    self._writing = ""
                     self._in_flight = None
                     self._cond.notify_all()
 

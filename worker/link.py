@@ -56,7 +56,8 @@ _END_OF_REQUEST = b"end"
 
 Inbox = queue.SimpleQueue  # of Generate | StopRequest; SimpleQueue.put is safe in signal handlers
 class Gauges(msgspec.Struct, frozen=True, kw_only=True):
-    """What the engine thread reports through heartbeats."""
+    """What the engine thread reports through heartbeats: Heartbeat's fields
+    of the same names."""
 
     progress: int = 0
     kv_tokens: int = 0
@@ -289,18 +290,7 @@ class SupervisorLink:
         gauges = self._gauges()
         self._seq += 1
         busy = self._slot.current is not None
-        self._send(
-            Heartbeat(
-                seq=self._seq,
-                progress=gauges.progress,
-                kv_tokens=gauges.kv_tokens,
-                busy=busy,
-                snapshots_ram=gauges.snapshots_ram,
-                snapshot_ram_bytes=gauges.snapshot_ram_bytes,
-                snapshots_disk=gauges.snapshots_disk,
-                snapshot_disk_bytes=gauges.snapshot_disk_bytes,
-            )
-        )
+        self._send(Heartbeat(seq=self._seq, busy=busy, **msgspec.structs.asdict(gauges)))
 
     def _send(self, message: Message) -> None:
         self._dealer.send(self._codec.encode(message))

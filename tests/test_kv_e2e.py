@@ -51,8 +51,14 @@ def test_switch_restores_from_ram_and_a_killed_worker_resumes_from_disk(bastion:
     back = turn(bastion, "alpha", "Which one do you like best?")
     assert back["cache_source"] == "ram" and back["cached_tokens"] > back["prompt_tokens"] // 2
     wait_for_snapshot_files(bastion.home, 2)
-    code, listing = bastion.json("ps")
-    (model,) = [m for line in listing for m in line.get("models", [])]
+    # `ps` reports what the worker's last heartbeat (one a second) said.
+    deadline = time.monotonic() + 30
+    while True:
+        code, listing = bastion.json("ps")
+        (model,) = [m for line in listing for m in line.get("models", [])]
+        if model["snapshots_ram"] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert model["snapshots_ram"] == 2 and model["snapshot_ram_bytes"] > 1_000_000
 
     os.kill(worker_pid(bastion), signal.SIGKILL)

@@ -264,7 +264,7 @@ def _full_prefill(bench: Bench, bastion: PrivateBastion, prompt_tokens: int, k: 
 
 
 # How the supervisor shares the cores among workers generating at once
-# (supervisor/cores.py): the default, each worker on all its threads, and the
+# (supervisor/processes/cores.py): the default, each worker on all its threads, and the
 # default plus pinning each busy worker to its own cores.
 CONCURRENT_VARIANTS = {
     "shared": (),

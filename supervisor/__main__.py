@@ -14,8 +14,6 @@ import logging
 import sys
 
 from bastion.protocol import HomeLayout
-from bastion.supervisor.approvals import ApprovalStore
-from bastion.supervisor.audit import AuditError, AuditLog
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.daemon import (
     EXIT_ALREADY_RUNNING,
@@ -23,10 +21,12 @@ from bastion.supervisor.daemon import (
     SupervisorDaemon,
     acquire_lock,
 )
-from bastion.supervisor.errors import RegistryError, StoreError
-from bastion.supervisor.memory import memory_budget_argument
-from bastion.supervisor.registry import RegistryWatcher
-from bastion.supervisor.store import SessionStore, database_path
+from bastion.supervisor.errors import AuditError, RegistryError, StoreError
+from bastion.supervisor.models.memory import memory_budget_argument
+from bastion.supervisor.models.registry import RegistryWatcher
+from bastion.supervisor.store.sessions import SessionStore, database_path
+from bastion.supervisor.trust.approvals import ApprovalStore
+from bastion.supervisor.trust.audit import AuditLog
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ class SupervisorConfig(msgspec.Struct, frozen=True, kw_only=True):
     kv_disk_bytes: int = 2 * 1024 * 1024 * 1024
     # Split the cores among the workers that are generating (SetThreads), so
     # concurrent models do not oversubscribe them; optionally pin each busy
-    # worker to its own cores (see supervisor/cores.py and bench/vs_peer.py).
+    # worker to its own cores (see supervisor/processes/cores.py and bench/vs_peer.py).
     share_cores: bool = True
     pin_cores: bool = False
     # Memory budget for loaded models' estimates (memory.py): --memory-budget;

@@ -75,16 +75,16 @@ from bastion.protocol.trust import (
     ShowPolicy,
     VerifyAudit,
 )
-from bastion.supervisor.errors import SupervisorError
-from bastion.supervisor.models import LoadedModels, status_of
-from bastion.supervisor.registry import RegistryWatcher
-from bastion.supervisor.run_requests import RunService
+from bastion.supervisor.control.runs import RunService
+from bastion.supervisor.control.trust import TrustRequests
+from bastion.supervisor.errors import SupervisorError, UnknownSessionError
+from bastion.supervisor.models.loaded import LoadedModels, status_of
+from bastion.supervisor.models.registry import RegistryWatcher
+from bastion.supervisor.models.tokenizer import TokenCounters
 from bastion.supervisor.runs import ActiveRun
-from bastion.supervisor.store import SessionStore, UnknownSessionError
-from bastion.supervisor.tokenizer import TokenCounters
-from bastion.supervisor.tools import ToolRegistry
-from bastion.supervisor.trust import Trust
-from bastion.supervisor.trust_requests import TrustRequests
+from bastion.supervisor.store.sessions import SessionStore
+from bastion.supervisor.tools.registry import ToolRegistry
+from bastion.supervisor.trust.gate import Trust
 
 log = logging.getLogger(__name__)
 

@@ -35,19 +35,18 @@ from bastion.protocol.codec import supervisor_sandbox_codec
 from bastion.protocol.control import ControlEvent
 from bastion.protocol.sandbox_wire import ToSandbox
 from bastion.protocol.worker_wire import ToWorker
-from bastion.supervisor.approvals import ApprovalStore
-from bastion.supervisor.audit import AuditLog
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.core import Supervisor
-from bastion.supervisor.models import LoadedModels
-from bastion.supervisor.registry import RegistryWatcher
-from bastion.supervisor.sandboxes import SandboxPool
-from bastion.supervisor.store import SessionStore
-from bastion.supervisor.tokenizer import TokenCounters
-from bastion.supervisor.tools import ToolRegistry
-from bastion.supervisor.trust import Trust
-from bastion.supervisor.trust_gate import ApprovalWaits, PolicyWatcher
-from bastion.supervisor.workers import WorkerPool
+from bastion.supervisor.models.loaded import LoadedModels
+from bastion.supervisor.models.registry import RegistryWatcher
+from bastion.supervisor.models.tokenizer import TokenCounters
+from bastion.supervisor.processes.sandboxes import SandboxPool
+from bastion.supervisor.processes.workers import WorkerPool
+from bastion.supervisor.store.sessions import SessionStore
+from bastion.supervisor.tools.registry import ToolRegistry
+from bastion.supervisor.trust.approvals import ApprovalStore
+from bastion.supervisor.trust.audit import AuditLog
+from bastion.supervisor.trust.gate import ApprovalWaits, PolicyWatcher, Trust
 
 log = logging.getLogger(__name__)
 

@@ -14,16 +14,16 @@ import pytest
 from bastion.protocol import ErrorCode
 from bastion.protocol.sandbox_wire import ShellArgs
 from bastion.protocol.sessions import ChatRole
-from bastion.supervisor import approvals
-from bastion.supervisor.approvals import (
-    ApprovalError,
+from bastion.supervisor.errors import ApprovalError
+from bastion.supervisor.store.migrations import MIGRATIONS
+from bastion.supervisor.store.sessions import SessionStore
+from bastion.supervisor.trust import approvals
+from bastion.supervisor.trust.approvals import (
     ApprovalStatus,
     ApprovalStore,
     PendingApproval,
     canonical_arguments,
 )
-from bastion.supervisor.migrations import MIGRATIONS
-from bastion.supervisor.store import SessionStore
 
 ARGS = canonical_arguments({"command": "make test"})
 WORKSPACE = "/work/project"

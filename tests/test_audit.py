@@ -18,13 +18,13 @@ import pytest
 from bastion.protocol import ErrorCode, HomeLayout
 from bastion.protocol.agent_events import ToolDecisionKind
 from bastion.protocol.sandbox_wire import ConfinementLevel, ToolEnvelope, TruncationReason
-from bastion.supervisor import audit
-from bastion.supervisor.approvals import ApprovalStatus
-from bastion.supervisor.audit import (
+from bastion.supervisor.errors import AuditError, SupervisorError
+from bastion.supervisor.trust import audit
+from bastion.supervisor.trust.approvals import ApprovalStatus
+from bastion.supervisor.trust.audit import (
     GENESIS,
     AuditAnchor,
     AuditedCall,
-    AuditError,
     AuditKind,
     AuditLog,
     DecisionRecord,
@@ -37,8 +37,7 @@ from bastion.supervisor.audit import (
     quarantine_path,
     seal,
 )
-from bastion.supervisor.audit_verify import ProblemKind, VerifyReport, verify
-from bastion.supervisor.errors import SupervisorError
+from bastion.supervisor.trust.audit_verify import ProblemKind, VerifyReport, verify
 
 SECRET_ARGS = '{"command":"cat ~/.ssh/id_ed25519"}'
 
@@ -356,7 +355,7 @@ def test_a_real_file_size_limit_records_nothing_and_leaves_a_valid_log(path: Pat
         import resource, signal, sys
         from pathlib import Path
         from bastion.protocol.agent_events import ToolDecisionKind
-        from bastion.supervisor.audit import AuditedCall, AuditError, AuditLog
+        from bastion.supervisor.trust.audit import AuditedCall, AuditError, AuditLog
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         path = Path({str(path)!r})
         limit = path.stat().st_size + 700  # room for about one more record

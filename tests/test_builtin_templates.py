@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from bastion.protocol.worker_wire import ModelDescription
-from bastion.supervisor.builtin_templates import BUILTIN_SOURCES
-from bastion.supervisor.prompt import (
+from bastion.supervisor.templates.builtin import BUILTIN_SOURCES
+from bastion.supervisor.templates.formatter import (
     BuiltinTemplate,
     ChatMessage,
     ChatRole,

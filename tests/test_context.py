@@ -8,15 +8,15 @@ from hypothesis import strategies as st
 
 from bastion.protocol import ErrorCode
 from bastion.protocol.sessions import ChatRole
-from bastion.supervisor.context import (
+from bastion.supervisor.errors import ContextOverflowError, TemplateError
+from bastion.supervisor.harness.context import (
     ContextMessage,
     ContextPlan,
     plan_context,
     summary_message,
     summary_request,
 )
-from bastion.supervisor.errors import ContextOverflowError, TemplateError
-from bastion.supervisor.prompt import ChatMessage
+from bastion.supervisor.templates.formatter import ChatMessage
 
 S, U, A, T = ChatRole.SYSTEM, ChatRole.USER, ChatRole.ASSISTANT, ChatRole.TOOL
 GENERATION_PROMPT = "<|im_start|>assistant\n"

@@ -1,4 +1,4 @@
-"""How the supervisor shares cores among busy workers (supervisor/cores.py)."""
+"""How the supervisor shares cores among busy workers (supervisor/processes/cores.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 from bastion.protocol import HomeLayout, SamplingParams, StopReason, WorkerState
 from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
 from bastion.supervisor.config import SupervisorConfig
-from bastion.supervisor.cores import available_cpus, cpu_sets, pin_process, share_cores
+from bastion.supervisor.processes.cores import available_cpus, cpu_sets, pin_process, share_cores
+from bastion.supervisor.processes.workers import WorkerHandle, WorkerLaunch, WorkerPool
 from bastion.supervisor.runs import ActiveRun, Generation
-from bastion.supervisor.workers import WorkerHandle, WorkerLaunch, WorkerPool
 
 
 @pytest.mark.parametrize(

@@ -45,7 +45,7 @@ def test_protocol_imports_nothing_of_the_project() -> None:
 
 
 # The supervisor may load a model's vocabulary, never its weights (DESIGN §1).
-VOCAB_ONLY_MODULE = Path("supervisor/tokenizer.py")
+VOCAB_ONLY_MODULE = Path("supervisor/models/tokenizer.py")
 
 
 def imports_llama_cpp(path: Path) -> bool:

@@ -21,11 +21,11 @@ import pytest
 
 from bastion.protocol import HomeLayout
 from bastion.supervisor.config import SupervisorConfig
-from bastion.supervisor.errors import RegistryError
-from bastion.supervisor.memory import SCRIPTED_BYTES, BudgetSetting, InsufficientMemoryError
-from bastion.supervisor.model_sources import ScriptedReplies
-from bastion.supervisor.models import LoadedModels, ModelBusyError, status_of
-from bastion.supervisor.registry import DEFAULT_KEEP_ALIVE_S, MemorySettings, ModelRegistry, ModelSpec
+from bastion.supervisor.errors import InsufficientMemoryError, ModelBusyError, RegistryError
+from bastion.supervisor.models.loaded import LoadedModels, status_of
+from bastion.supervisor.models.memory import SCRIPTED_BYTES, BudgetSetting
+from bastion.supervisor.models.registry import DEFAULT_KEEP_ALIVE_S, MemorySettings, ModelRegistry, ModelSpec
+from bastion.supervisor.models.sources import ScriptedReplies
 from tests.conftest import Bastion
 from tests.standin_pool import StandInPool
 from tests.test_cli_e2e import events_of, start_streaming

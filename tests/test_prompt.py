@@ -14,10 +14,11 @@ import pytest
 
 from bastion.protocol import HomeLayout
 from bastion.protocol.worker_wire import ModelDescription
-from bastion.supervisor.builtin_templates import template_family
 from bastion.supervisor.errors import TemplateError
-from bastion.supervisor.model_sources import resolve_gguf
-from bastion.supervisor.prompt import (
+from bastion.supervisor.models.registry import ModelRegistry
+from bastion.supervisor.models.sources import resolve_gguf
+from bastion.supervisor.templates.builtin import template_family
+from bastion.supervisor.templates.formatter import (
     BuiltinTemplate,
     ChatMessage,
     ChatRole,
@@ -27,7 +28,6 @@ from bastion.supervisor.prompt import (
     TemplateOrigin,
     is_prefix_stable,
 )
-from bastion.supervisor.registry import ModelRegistry
 
 SYSTEM = ChatMessage(role=ChatRole.SYSTEM, content="You are terse.")
 USER = ChatMessage(role=ChatRole.USER, content="Hi")
@@ -344,7 +344,7 @@ def test_chatml_template_without_a_tool_role_falls_back_and_render_logs_it_once(
 ) -> None:
     formatter = PromptFormatter.for_model(describe("qwen2", CHATML_NO_TOOLS), None)
     conversation = [SYSTEM, USER, CALL, RESULT]
-    with caplog.at_level("INFO", logger="bastion.supervisor.prompt"):
+    with caplog.at_level("INFO", logger="bastion.supervisor.templates.formatter"):
         first = formatter.render(conversation)
         formatter.render(conversation)
     assert first.endswith('<|im_start|>tool\n{"time": "12:00"}<|im_end|>\n<|im_start|>assistant\n')

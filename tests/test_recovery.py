@@ -29,18 +29,17 @@ import pytest
 
 from bastion.protocol import Heartbeat, HomeLayout, WorkerState
 from bastion.supervisor.config import SupervisorConfig
-from bastion.supervisor.model_sources import ScriptedReplies
-from bastion.supervisor.models import LoadedModels
-from bastion.supervisor.recovery import (
+from bastion.supervisor.errors import ModelFailedError, ModelUnloadedError
+from bastion.supervisor.models.loaded import LoadedModels
+from bastion.supervisor.models.registry import ModelSpec
+from bastion.supervisor.models.restarts import (
     CrashHistory,
     GiveUp,
     Restart,
     RestartPolicy,
-    failure_line,
-    hang_reason,
 )
-from bastion.supervisor.registry import ModelSpec
-from bastion.supervisor.worker_slot import ModelFailedError, ModelUnloadedError
+from bastion.supervisor.models.sources import ScriptedReplies
+from bastion.supervisor.processes.liveness import failure_line, hang_reason
 from tests.conftest import Bastion
 from tests.standin_pool import StandInPool
 from tests.test_cli_e2e import events_of, start_streaming, wait_for_supervisor

@@ -9,9 +9,9 @@ import pytest
 
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
-from bastion.supervisor.model_sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf
-from bastion.supervisor.prompt import BuiltinTemplate
-from bastion.supervisor.registry import DEFAULT_N_CTX, ModelRegistry
+from bastion.supervisor.models.registry import DEFAULT_N_CTX, ModelRegistry
+from bastion.supervisor.models.sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf
+from bastion.supervisor.templates.formatter import BuiltinTemplate
 
 
 def fake_gguf(path: Path) -> Path:

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.supervisor.policy.shell_facts import OpaqueReason, Redirection, RedirectKind
-from bastion.supervisor.policy.shell_words import MAX_DEPTH, parse_command
-from bastion.supervisor.policy.shell_wrappers import XARGS_INPUT
+from bastion.supervisor.trust.policy.shell_facts import OpaqueReason, Redirection, RedirectKind
+from bastion.supervisor.trust.policy.shell_words import MAX_DEPTH, parse_command
+from bastion.supervisor.trust.policy.shell_wrappers import XARGS_INPUT
 
 # (spec, command line, argv of every simple command in the order found)
 SPLITS = [

@@ -16,18 +16,15 @@ import pytest
 
 from bastion.protocol import ErrorCode, HomeLayout, StopReason
 from bastion.protocol.sessions import ChatRole, SessionMessage
-from bastion.supervisor.errors import StoreError
-from bastion.supervisor.migrations import MIGRATIONS, migrate
-from bastion.supervisor.store import (
+from bastion.supervisor.errors import (
     InvalidSessionNameError,
-    MessageKind,
-    RunStatus,
     SessionExistsError,
-    SessionStore,
+    StoreError,
     UnknownMessageError,
     UnknownSessionError,
-    database_path,
 )
+from bastion.supervisor.store.migrations import MIGRATIONS, migrate
+from bastion.supervisor.store.sessions import MessageKind, RunStatus, SessionStore, database_path
 
 USER, ASSISTANT, TOOL = ChatRole.USER, ChatRole.ASSISTANT, ChatRole.TOOL
 
@@ -340,7 +337,7 @@ KILLED_WRITER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from bastion.protocol.sessions import ChatRole
-    from bastion.supervisor.store import SessionStore
+    from bastion.supervisor.store.sessions import SessionStore
 
     store = SessionStore.open(Path(sys.argv[1]))
     store.ensure_session("s", "m")

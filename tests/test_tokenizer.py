@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from bastion.protocol import HomeLayout
 from bastion.supervisor.errors import InvalidModelFileError
-from bastion.supervisor.model_sources import resolve_gguf
-from bastion.supervisor.registry import ModelRegistry
-from bastion.supervisor.tokenizer import ByteTokenCounter, TokenCounters, VocabTokenCounter
+from bastion.supervisor.models.registry import ModelRegistry
+from bastion.supervisor.models.sources import resolve_gguf
+from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounters, VocabTokenCounter
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 from tests.conftest import smollm2_gguf

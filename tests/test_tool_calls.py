@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.supervisor.tool_calls import (
+from bastion.supervisor.tools.calls import (
     CallFormat,
     CallProblem,
     ParseOutcome,
@@ -17,7 +17,7 @@ from bastion.supervisor.tool_calls import (
     parse_tool_calls,
     repair_hint,
 )
-from bastion.supervisor.tools import ToolRegistry, ToolSpec
+from bastion.supervisor.tools.registry import ToolRegistry, ToolSpec
 
 SEARCH = ToolSpec(
     name="web_search",
@@ -360,7 +360,7 @@ def test_a_well_formed_call_round_trips_whatever_its_argument_text(query: str, f
 
 
 def test_parses_a_pythonic_call_of_a_known_tool_in_a_fence() -> None:
-    from bastion.supervisor.tools import ToolSpec
+    from bastion.supervisor.tools.registry import ToolSpec
 
     write = ToolSpec(name="write_file", description="w", read_only=False, parameters={
         "type": "object", "properties": {"path": {"type": "string"}, "content": {"type": "string"}},
@@ -372,7 +372,7 @@ def test_parses_a_pythonic_call_of_a_known_tool_in_a_fence() -> None:
 
 
 def test_python_code_that_calls_no_known_tool_is_prose() -> None:
-    from bastion.supervisor.tools import ToolSpec
+    from bastion.supervisor.tools.registry import ToolSpec
 
     write = ToolSpec(name="write_file", description="w", read_only=False, parameters={
         "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]})

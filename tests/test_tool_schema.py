@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bastion.supervisor.errors import SupervisorError
-from bastion.supervisor.tool_schema import ToolSchemaError, check_schema, validate
+from bastion.supervisor.errors import SupervisorError, ToolSchemaError
+from bastion.supervisor.tools.schema import check_schema, validate
 
 ARGS = {
     "type": "object",

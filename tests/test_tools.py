@@ -13,17 +13,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bastion.supervisor.errors import SupervisorError
-from bastion.supervisor.tool_calls import parse_tool_calls
-from bastion.supervisor.tool_schema import ToolSchemaError
-from bastion.supervisor.tools import (
+from bastion.supervisor.errors import (
+    SupervisorError,
     ToolRegistrationError,
-    ToolRegistry,
-    ToolResult,
-    ToolSpec,
+    ToolSchemaError,
     UnknownToolError,
-    advertise,
 )
+from bastion.supervisor.tools.calls import parse_tool_calls
+from bastion.supervisor.tools.registry import ToolRegistry, ToolResult, ToolSpec, advertise
 
 NOON_UTC = datetime(2025, 1, 15, 12, 0, 0, tzinfo=UTC)
 

@@ -13,8 +13,8 @@ import pytest
 
 from bastion.protocol import CacheSource, GenerationStats, HomeLayout, SamplingParams, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate
-from bastion.supervisor.model_sources import resolve_gguf
-from bastion.supervisor.registry import ModelRegistry
+from bastion.supervisor.models.registry import ModelRegistry
+from bastion.supervisor.models.sources import resolve_gguf
 from bastion.worker.core import WorkerCore, token_digest
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig

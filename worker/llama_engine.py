@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import llama_cpp
 import msgspec
@@ -41,15 +41,16 @@ class LlamaCppEngine:
         self._stack = contextlib.ExitStack()
         _check_gguf(config.model_path)
         try:
-            self._llama = llama_cpp.Llama(
-                model_path=config.model_path,
-                n_ctx=config.n_ctx,
-                n_batch=config.n_batch,
-                n_ubatch=config.n_batch,
-                n_threads=config.threads,
-                n_threads_batch=config.threads,
-                verbose=False,
-            )
+            with _amx_weights_off():
+                self._llama = llama_cpp.Llama(
+                    model_path=config.model_path,
+                    n_ctx=config.n_ctx,
+                    n_batch=config.n_batch,
+                    n_ubatch=config.n_batch,
+                    n_threads=config.threads,
+                    n_threads_batch=config.threads,
+                    verbose=False,
+                )
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {config.model_path}: {exc}") from exc
         self._stack.callback(self._llama.close)
@@ -239,6 +240,42 @@ class LlamaCppEngine:
     def close(self) -> None:
         self.end_sampling()
         self._stack.close()
+
+
+def built_with_amx() -> bool:
+    """Whether this llama.cpp build carries the AMX matrix kernels (a native
+    build on a CPU with AMX, e.g. Intel Sapphire Rapids)."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+@contextlib.contextmanager
+def _amx_weights_off() -> Iterator[None]:
+    """Load weights into plain CPU buffers when the build has AMX kernels.
+
+    llama.cpp's AMX path (weights repacked into an "extra buffer") crashes with
+    SIGSEGV in `ggml_backend_amx_mul_mat` on the first multi-token batch on some
+    Sapphire Rapids machines (llama.cpp issue 20824, open without a fix).
+    `use_extra_bufts = False` keeps the weights where the ordinary kernels read
+    them. `Llama` builds its model parameters from
+    `llama_model_default_params()` inside its constructor and offers no
+    argument for this field, so the default is swapped for the one call.
+    """
+    if not built_with_amx():
+        yield
+        return
+    native = llama_cpp.llama_cpp
+    default = native.llama_model_default_params
+
+    def without_extra_buffers() -> llama_cpp.llama_model_params:
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    native.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = default
 
 
 def _check_gguf(path: str) -> None:

@@ -1,0 +1,458 @@
+"""Model worker processes as the supervisor sees them.
+
+`WorkerPool` spawns `python -m bastion.worker` children, answers their hello,
+and watches each one's exit directly (an asyncio task awaits the process), so
+a crash is noticed the moment it happens rather than when heartbeats stop.
+Each heartbeat tick it also kills workers that count as hung (silent, or busy
+without progress; see recovery.py); `respawn` starts a fresh worker exactly
+like a dead one, for crash recovery (models.py decides when).
+`WorkerHandle` is one such child: its state, what it reported when ready, the
+tail of its stderr, the generation it is serving and a bounded queue of generations waiting
+for it. A worker serves one generation at a time; it keeps that session's KV
+state warm for the next one.
+
+This module never touches the client socket: runs carry their own way back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from bastion.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ErrorCode,
+    GenerationStats,
+    Heartbeat,
+    Hello,
+    HelloAccepted,
+    HomeLayout,
+    RequestFailed,
+    Role,
+    Shutdown,
+    StopReason,
+    TokenDelta,
+    WorkerState,
+)
+from bastion.protocol.worker_wire import (
+    FromWorker,
+    Generate,
+    GenerationFinished,
+    ModelDescription,
+    SetThreads,
+    ToWorker,
+    WorkerLoadFailed,
+    WorkerReady,
+)
+from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError, QueueFullError, SupervisorError
+from bastion.supervisor.processes.cores import available_cpus, cpu_sets, pin_process, share_cores
+from bastion.supervisor.processes.liveness import failure_line, hang_reason
+from bastion.supervisor.runs import Generation
+
+log = logging.getLogger(__name__)
+
+SendToWorker = Callable[[bytes, ToWorker], None]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker was started with; a restart starts the next one the same way."""
+
+    name: str
+    model_path: Path
+    n_ctx: int
+    threads: int
+    engine: str = "llama"
+    kv_ram_bytes: int = 0
+    kv_disk_bytes: int = 0
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        launch: WorkerLaunch,
+        send: SendToWorker,
+        config: SupervisorConfig,
+    ) -> None:
+        self.worker_id = worker_id
+        self.identity = worker_id.encode()
+        self.launch = launch
+        self.name = launch.name
+        self.model_path = launch.model_path
+        self.n_ctx = launch.n_ctx
+        self.threads = launch.threads
+        self.state = WorkerState.STARTING
+        self.process: asyncio.subprocess.Process | None = None
+        self.description: ModelDescription | None = None
+        self.ready: asyncio.Future[ModelDescription] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stderr_tail: deque[str] = deque(maxlen=config.stderr_tail_lines)
+        self.current: Generation | None = None
+        self.queue: deque[Generation] = deque()
+        self.last_seen = time.monotonic()
+        self.kv_tokens = 0
+        self.progress = 0
+        # When `progress` last moved, or the current generation started if later.
+        self.progress_at = self.last_seen
+        self.snapshots_ram = 0
+        self.snapshot_ram_bytes = 0
+        self.snapshots_disk = 0
+        self.snapshot_disk_bytes = 0
+        self.template_source = ""
+        self.killed_as_hung = False
+        self.hang_reason = ""
+        # Set by `WorkerPool.stop`: the exit that follows was asked for, not a crash.
+        self.stop_requested = False
+        # After the exit: how it ended and the last thing it said, in one line
+        # (warnings and `bastion ps` quote it).
+        self.exit_line = ""
+        self.load_error = ""  # what a WorkerLoadFailed said
+        # Threads the worker decodes with now (it starts with its launch
+        # setting; SetThreads changes it), and who to tell when it starts or
+        # stops generating (the pool shares the cores among busy workers).
+        self.applied_threads = launch.threads
+        self.on_activity: Callable[[], None] = lambda: None
+        self._send = send
+        self._config = config
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+    def send(self, message: ToWorker) -> None:
+        self._send(self.identity, message)
+
+    # --- runs -------------------------------------------------------------
+
+    def submit(self, generation: Generation) -> None:
+        """Start generation `generation` now if the worker is idle, else queue it (bounded)."""
+        if self.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            raise SupervisorError(f"model {self.name} is {self.state.value}, not serving")
+        if self.current is None:
+            self._start(generation)
+            return
+        if len(self.queue) >= self._config.max_queued_per_worker:
+            raise QueueFullError(
+                f"model {self.name} has {len(self.queue)} requests waiting; try again shortly"
+            )
+        self.queue.append(generation)
+
+    def cancel(self, generation: Generation) -> None:
+        if generation is self.current:
+            self.send(Cancel(request_id=generation.internal_id))
+        elif generation in self.queue:
+            self.queue.remove(generation)
+            generation.deliver(GenerationFinished(request_id=generation.internal_id, stop_reason=StopReason.CANCELLED,
+                                           completion_tokens=0, kv_tokens=self.kv_tokens))
+
+    def _start(self, generation: Generation) -> None:
+        self.current = generation
+        self.state = WorkerState.BUSY
+        self.progress_at = time.monotonic()
+        self.on_activity()  # the cores are shared anew before it starts
+        self.send(
+            Generate(
+                request_id=generation.internal_id,
+                session_id=generation.session_id,
+                prompt=generation.prompt,
+                sampling=generation.sampling,
+                snapshot=generation.snapshot,
+            )
+        )
+
+    def _next(self) -> None:
+        self.current = None
+        if self.state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+        while self.queue and self.state is WorkerState.IDLE:
+            generation = self.queue.popleft()
+            if not generation.done:
+                self._start(generation)
+        if self.current is None:
+            self.on_activity()
+
+    def set_threads(self, threads: int) -> None:
+        """Ask the worker to decode with `threads` threads from its next step."""
+        if threads != self.applied_threads:
+            self.send(SetThreads(threads=threads))
+            self.applied_threads = threads
+
+    # --- messages from the worker -----------------------------------------
+
+    def on_message(self, message: FromWorker) -> None:
+        self.last_seen = time.monotonic()
+        match message:
+            case Hello():
+                self._on_hello(message)
+            case WorkerReady(model=description):
+                self.description = description
+                if self.state is WorkerState.LOADING:  # never revive a worker being stopped
+                    self.state = WorkerState.IDLE
+                if not self.ready.done():
+                    self.ready.set_result(description)
+                log.info("worker %s (%s, pid %d) ready in %.0f ms", self.worker_id, self.name, self.pid,
+                         description.load_ms)
+            case WorkerLoadFailed(code=code, message=text):
+                self.load_error = text
+                error_type = InvalidModelFileError if code is ErrorCode.INVALID_MODEL_FILE else ModelSourceError
+                if not self.ready.done():
+                    self.ready.set_exception(error_type(f"{self.name}: {text}"))
+            case Heartbeat():
+                self.kv_tokens = message.kv_tokens
+                if message.progress != self.progress:
+                    self.progress = message.progress
+                    self.progress_at = self.last_seen
+                self.snapshots_ram = message.snapshots_ram
+                self.snapshot_ram_bytes = message.snapshot_ram_bytes
+                self.snapshots_disk = message.snapshots_disk
+                self.snapshot_disk_bytes = message.snapshot_disk_bytes
+            case TokenDelta() | GenerationStats():
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+            case RequestFailed(request_id=""):
+                log.warning("worker %s reported: %s (%s)", self.worker_id, message.message, message.code.value)
+            case RequestFailed():
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+            case GenerationFinished():
+                self.kv_tokens = message.kv_tokens
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+                    self._next()
+
+    def _on_hello(self, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION or hello.role is not Role.WORKER:
+            self.send(
+                RequestFailed(
+                    code=ErrorCode.PROTOCOL_MISMATCH,
+                    message=f"supervisor speaks protocol {PROTOCOL_VERSION} to workers; "
+                    f"got {hello.role.value} protocol {hello.protocol_version}",
+                )
+            )
+            return
+        self.state = WorkerState.LOADING
+        self.send(HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=os.getpid()))
+
+    # --- exit -------------------------------------------------------------
+
+    def on_exit(self, returncode: int) -> None:
+        stopping = self.state is WorkerState.STOPPING
+        self.state = WorkerState.DEAD
+        tail = "\n".join(self.stderr_tail)
+        how = f"was killed as hung ({self.hang_reason})" if self.killed_as_hung else describe_exit(returncode)
+        self.exit_line = failure_line(f"worker for {self.name} (pid {self.pid}) {how}", list(self.stderr_tail))
+        report = f"{self.exit_line}\nlast stderr lines:\n{tail}" if tail else self.exit_line
+        if not self.ready.done():
+            self.ready.set_exception(ModelSourceError(f"model {self.name} failed to load: {report}"))
+        code = ErrorCode.SHUTTING_DOWN if stopping else ErrorCode.WORKER_DIED
+        if self.killed_as_hung:
+            code = ErrorCode.WORKER_UNRESPONSIVE
+        for generation in [self.current, *self.queue]:
+            if generation is not None:
+                generation.fail(code, report, retryable=not stopping)
+        self.current = None
+        self.queue.clear()
+        self.on_activity()  # its share of the cores goes to the others
+        if not self.exited.done():
+            self.exited.set_result(returncode)
+
+
+class WorkerPool:
+    """Spawns workers and maps their socket identities to handles."""
+
+    def __init__(self, *, config: SupervisorConfig, layout: HomeLayout, send: SendToWorker) -> None:
+        self._config = config
+        self._layout = layout
+        self._send = send
+        self._by_identity: dict[bytes, WorkerHandle] = {}
+        self._counter = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._cpus = available_cpus()
+        self._pinned: set[bytes] = set()
+
+    def handles(self) -> list[WorkerHandle]:
+        return list(self._by_identity.values())
+
+    def by_identity(self, identity: bytes) -> WorkerHandle | None:
+        return self._by_identity.get(identity)
+
+    async def spawn(
+        self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama",
+        kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
+    ) -> WorkerHandle:
+        launch = WorkerLaunch(
+            name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine,
+            kv_ram_bytes=self._config.kv_ram_bytes if kv_ram_bytes is None else kv_ram_bytes,
+            kv_disk_bytes=self._config.kv_disk_bytes if kv_disk_bytes is None else kv_disk_bytes,
+        )  # fmt: skip
+        return await self._spawn(launch)
+
+    async def respawn(self, dead: WorkerHandle) -> WorkerHandle:
+        """A fresh worker started exactly as `dead` was (its state is STARTING;
+        wait for `ready` as after `spawn`)."""
+        return await self._spawn(dead.launch)
+
+    async def _spawn(self, launch: WorkerLaunch) -> WorkerHandle:
+        self._counter += 1
+        handle = WorkerHandle(
+            worker_id=f"w{os.getpid()}-{self._counter}",
+            launch=launch,
+            send=self._send,
+            config=self._config,
+        )
+        name = launch.name
+        argv = [
+            sys.executable, "-m", "bastion.worker",
+            "--endpoint", self._layout.workers_endpoint,
+            "--worker-id", handle.worker_id,
+            "--name", name,
+            "--model-path", str(launch.model_path),
+            "--n-ctx", str(launch.n_ctx),
+            "--threads", str(launch.threads),
+            "--parent-pid", str(os.getpid()),
+            "--engine", launch.engine,
+            "--heartbeat-interval", str(self._config.heartbeat_interval_s),
+            "--kv-ram-bytes", str(launch.kv_ram_bytes),
+            "--kv-dir", str(self._layout.kv_dir) if launch.kv_disk_bytes > 0 else "",
+            "--kv-disk-bytes", str(launch.kv_disk_bytes),
+        ]  # fmt: skip
+        handle.process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        handle.on_activity = self.share_cores
+        self._by_identity[handle.identity] = handle  # only once there is a process to watch
+        log.info("spawned worker %s for %s (pid %d)", handle.worker_id, name, handle.pid)
+        self._watch(handle)
+        return handle
+
+    def _watch(self, handle: WorkerHandle) -> None:
+        log_path = self._layout.logs_dir / f"worker-{handle.name}.log"
+        stderr_done = asyncio.get_running_loop().create_future()
+
+        async def read_stderr() -> None:
+            assert handle.process and handle.process.stderr
+            with open(log_path, "a", encoding="utf-8", errors="replace") as log_file:
+                while line := await handle.process.stderr.readline():
+                    text = line.decode(errors="replace").rstrip()
+                    handle.stderr_tail.append(text)
+                    log_file.write(f"[{handle.pid}] {text}\n")
+                    log_file.flush()
+            stderr_done.set_result(None)
+
+        async def wait_exit() -> None:
+            assert handle.process
+            returncode = await handle.process.wait()
+            # The last stderr lines say why it died; give the pipe a moment to drain.
+            try:
+                await asyncio.wait_for(asyncio.shield(stderr_done), 2.0)
+            except TimeoutError:
+                pass
+            level = logging.INFO if handle.state is WorkerState.STOPPING else logging.ERROR
+            log.log(level, "worker %s (%s) %s", handle.worker_id, handle.name, describe_exit(returncode))
+            handle.on_exit(returncode)
+            self._by_identity.pop(handle.identity, None)
+
+        for coro in (read_stderr(), wait_exit()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def share_cores(self) -> None:
+        """Give each generating worker its share of the cores (see cores.py):
+        called whenever a worker starts or stops generating."""
+        if not self._config.share_cores:
+            return
+        busy = [h for h in self._by_identity.values() if h.current is not None and h.state is WorkerState.BUSY]
+        shares = share_cores([h.worker_id for h in busy], len(self._cpus), {h.worker_id: h.threads for h in busy})
+        for handle in busy:
+            handle.set_threads(shares[handle.worker_id])
+        if self._config.pin_cores:
+            self._pin(busy, shares)
+
+    def _pin(self, busy: list[WorkerHandle], shares: dict[str, int]) -> None:
+        sets = cpu_sets(shares, self._cpus)
+        for handle in busy:
+            if pin_process(handle.pid, sets[handle.worker_id]):
+                self._pinned.add(handle.identity)
+        for identity in self._pinned - {h.identity for h in busy}:
+            handle = self._by_identity.get(identity)
+            if handle is None or pin_process(handle.pid, self._cpus):  # idle again: the whole machine
+                self._pinned.discard(identity)
+
+    def heartbeat(self, seq: int) -> None:
+        now = time.monotonic()
+        for handle in self.handles():
+            if handle.state is WorkerState.DEAD or handle.state is WorkerState.STARTING:
+                continue
+            handle.send(Heartbeat(seq=seq))
+            if handle.killed_as_hung or handle.process is None:
+                continue
+            reason = hang_reason(
+                now=now, last_seen=handle.last_seen, busy=handle.state is WorkerState.BUSY,
+                progress_at=handle.progress_at, silence_limit_s=self._config.worker_silence_limit_s,
+                stall_limit_s=self._config.worker_stall_limit_s,
+            )  # fmt: skip
+            if reason is not None:
+                # Killed, it exits like a crash: its generations fail and models.py restarts it.
+                log.error("worker %s (%s): %s; killing it as hung", handle.worker_id, handle.name, reason)
+                handle.hang_reason = reason
+                handle.killed_as_hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.kill()
+
+    async def stop(
+        self, handle: WorkerHandle, code: ErrorCode = ErrorCode.SHUTTING_DOWN, reason: str = "the supervisor is stopping"
+    ) -> None:
+        """Stop one worker: ask, then SIGTERM, then SIGKILL. Its generations
+        fail first with `code` (retryable): a stopped model is not a cancel."""
+        if handle.exited.done():
+            return
+        handle.stop_requested = True
+        for generation in [*handle.queue, handle.current]:
+            if generation is not None:
+                generation.fail(code, reason, retryable=True)
+        handle.queue.clear()
+        if handle.current is not None:
+            handle.cancel(handle.current)  # so the worker stops computing at once
+        handle.state = WorkerState.STOPPING
+        handle.send(Shutdown())
+        for escalate in (None, signal.SIGTERM, signal.SIGKILL):
+            if escalate is not None and handle.process and handle.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    handle.process.send_signal(escalate)
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.exited), self._config.stop_grace_s)
+                return
+            except TimeoutError:
+                log.warning("worker %s did not stop; escalating", handle.worker_id)
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(self.stop(handle) for handle in self.handles()))
+
+    async def stop_unstarted(self, handle: WorkerHandle) -> None:
+        """Stop a worker that never became ready (its load failed or timed out)."""
+        await self.stop(handle, ErrorCode.MODEL_LOAD_FAILED, f"model {handle.name} did not load")

@@ -97,7 +97,7 @@ class TextRenderer:
                 self._finish_line()
             case ContextBudget() if self._verbose:
                 self._note(f"[context {event.used_tokens}/{event.max_tokens} tokens of {event.context_size}, "
-                           f"{event.messages_kept} messages, {event.messages_pruned} pruned, {event.strategy}]")
+                           f"{event.messages_kept} messages, {event.messages_pruned} pruned, {event.strategy.value}]")
             case ToolCallParsed():
                 self._note(f"→ {event.name} {event.arguments}")
             case ToolDecision(decision=decision) if decision is not ToolDecisionKind.ALLOW:

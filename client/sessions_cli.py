@@ -15,6 +15,7 @@ from bastion.protocol.sessions import (
     DeleteSession,
     ForkSession,
     ListSessions,
+    RunStatus,
     SessionChanged,
     SessionDetail,
     SessionList,
@@ -44,7 +45,7 @@ def list_sessions(as_json: JsonFlag = False) -> None:
         print("no sessions")
         return
     rows = [("NAME", "STATE", "MODEL", "MESSAGES", "RUNS", "LAST RUN", "UPDATED")] + [
-        (s.name, s.state.value, s.model, str(s.messages), str(s.runs), s.last_run or "-", _when(s.updated_at))
+        (s.name, s.state.value, s.model, str(s.messages), str(s.runs), s.last_run.value if s.last_run else "-", _when(s.updated_at))
         for s in listing.sessions
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(7)]
@@ -71,7 +72,7 @@ def show_session(
         print(detail.prompt, end="")
         return
     summary = detail.session
-    interrupted = " · last run interrupted (the supervisor stopped mid-turn)" if summary.last_run == "interrupted" else ""
+    interrupted = " · last run interrupted (the supervisor stopped mid-turn)" if summary.last_run is RunStatus.INTERRUPTED else ""
     print(f"session {summary.name} · model {summary.model} · {summary.messages} messages · {summary.runs} runs"
           f"{interrupted}")
     for message in detail.messages:

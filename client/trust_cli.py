@@ -22,11 +22,13 @@ import msgspec
 import typer
 
 from bastion.client import render
-from bastion.client.command_io import EXIT_FAILURE, EXIT_USAGE, connect, expect, new_id
+from bastion.client.command_io import EXIT_FAILURE, EXIT_USAGE, connect, exit_for, expect, new_id
 from bastion.client.run_options import AllowShellOption, AllowWriteOption, WorkspaceOption
+from bastion.protocol import RequestFailed
 from bastion.protocol.sandbox_wire import SandboxedArgs
 from bastion.protocol.trust import (
     ApprovalList,
+    ApprovalRequired,
     ApprovalResolved,
     AuditVerified,
     CheckPolicy,
@@ -67,7 +69,7 @@ def list_tools(as_json: JsonFlag = False) -> None:
         return
     for tool in listing.tools:
         where = "sandbox" if tool.sandboxed else "built-in"
-        flag = f"  (needs {tool.needs_flag})" if tool.needs_flag else ""
+        flag = f"  (needs {tool.needs_flag.value})" if tool.needs_flag else ""
         print(f"{tool.name:<12} {where:<9} {tool.description}{flag}")
 
 
@@ -98,20 +100,21 @@ def run_tool(
         for event in connection.events(request.request_id):
             if as_json:
                 render.json_line(event)
-            if isinstance(event, ToolInvoked):
-                result = event
-                break
-            if event.__struct_config__.tag == "approval_required" and not as_json:
-                render.say(f"waiting for approval {event.approval_id}: bastion approve {event.approval_id}")
-            if event.__struct_config__.tag == "error":
-                if not as_json:
-                    render.error(event.message)
-                raise typer.Exit(EXIT_USAGE if event.code.value == "invalid_request" else EXIT_FAILURE)
+            match event:
+                case ToolInvoked():
+                    result = event
+                    break
+                case ApprovalRequired(approval_id=approval_id) if not as_json:
+                    render.say(f"waiting for approval {approval_id}: bastion approve {approval_id}")
+                case RequestFailed(code=code, message=message):
+                    if not as_json:
+                        render.error(message)
+                    raise typer.Exit(exit_for(code))
     assert result is not None
     if as_json:
         raise typer.Exit(0 if result.envelope and result.envelope.ok else EXIT_FAILURE)
     if result.envelope is None:
-        render.error(f"not run: {result.decision} ({result.reason})")
+        render.error(f"not run: {result.decision.value} ({result.reason})")
         raise typer.Exit(EXIT_FAILURE)
     print(result.envelope.content, end="" if result.envelope.content.endswith("\n") else "\n")
     if not result.envelope.ok:
@@ -146,8 +149,8 @@ def test_policy(
     else:
         for result in checked.results:
             mark = "ok  " if result.passed else "FAIL"
-            detail = "" if result.passed else f"  (expected {result.expected}: {result.reason})"
-            print(f"{mark} {result.name}: {result.actual}{detail}")
+            detail = "" if result.passed else f"  (expected {result.expected.value}: {result.reason})"
+            print(f"{mark} {result.name}: {result.actual.value}{detail}")
         print(f"{len(checked.results) - len(failed)} passed, {len(failed)} failed")
     if failed:
         raise typer.Exit(EXIT_FAILURE)

@@ -29,6 +29,23 @@ class ToolDecisionKind(enum.Enum):
     ASK = "ask"
 
 
+class ContextStrategy(enum.Enum):
+    WINDOW = "window"  # drop the oldest whole turns
+    SUMMARIZE = "summarize"  # fold the oldest turns into one pinned summary (falls back to window)
+
+
+class CallFormat(enum.Enum):
+    """How the model wrote a tool call."""
+
+    FENCED = "fenced"  # ```tool_call or ```tool
+    FENCED_JSON = "fenced_json"  # ```json or an unlabelled fence
+    PYTHONIC = "pythonic"  # a fence holding only `known_tool("a", b=1)`, as small models write it
+    BARE_JSON = "bare_json"  # a JSON object or array in the prose
+    TAGGED = "tagged"  # <tool_call>...</tool_call>
+    PYTHON_TAG = "python_tag"  # <|python_tag|>
+    MISTRAL = "mistral"  # [TOOL_CALLS]
+
+
 class WarningCode(enum.Enum):
     MAX_ITERATIONS = "max_iterations"
     CONTEXT_PRUNED = "context_pruned"
@@ -52,7 +69,7 @@ class ContextBudget(Message, tag="context_budget"):
     context_size: int
     messages_kept: int
     messages_pruned: int  # dropped (or summarised) from the oldest turns this time
-    strategy: str
+    strategy: ContextStrategy
 
 
 class ToolCallParsed(Message, tag="tool_call"):
@@ -60,7 +77,7 @@ class ToolCallParsed(Message, tag="tool_call"):
     call_id: str
     name: str
     arguments: str  # canonical JSON
-    format: str  # how the model wrote it (fenced, xml, bare_json, ...)
+    format: CallFormat
 
 
 class ToolDecision(Message, tag="tool_decision"):

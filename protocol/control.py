@@ -21,6 +21,7 @@ import msgspec
 
 from bastion.protocol.agent_events import (
     ContextBudget,
+    ContextStrategy,
     PromptRendered,
     RunWarning,
     ToolCallParsed,
@@ -74,11 +75,6 @@ from bastion.protocol.trust import (
     ToolList,
     VerifyAudit,
 )
-
-
-class ContextStrategy(enum.Enum):
-    WINDOW = "window"  # drop the oldest whole turns
-    SUMMARIZE = "summarize"  # fold the oldest turns into one pinned summary (falls back to window)
 
 
 class Run(Message, tag="run"):

@@ -8,17 +8,20 @@ The sandbox's DEALER connects to the supervisor's tools ROUTER and speaks first:
     sandbox    -> SandboxReady {confinement report: each layer active or missing, and the level}
     supervisor -> RunTool {request_id, arguments, workspace, limits}
     sandbox    -> ToolChunk* (shell output while it runs) then ToolFinished {envelope}
-    supervisor -> CancelTool {request_id}   (the call's whole process tree is killed)
+    supervisor -> Cancel {request_id}   (the call's whole process tree is killed)
     both ways     Heartbeat every second
 
 Tool arguments are Structs, one per tool, so policy inspects typed fields
-(argv for the shell, paths for files), never a bag of JSON.
+(argv for the shell, paths for files), never a bag of JSON. What else is known
+of each tool (who may turn it on, whether it writes, how it runs) is its
+record in tool_catalog.py.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
+from typing import Annotated
 
 import msgspec
 
@@ -26,35 +29,41 @@ from bastion.protocol.common import Cancel, Heartbeat, Hello, HelloAccepted, Mes
 
 
 class ToolArguments(msgspec.Struct, frozen=True, kw_only=True, tag_field="tool"):
-    """Base of every sandboxed tool's arguments; the tag is the tool's name."""
+    """Base of every sandboxed tool's arguments; the tag is the tool's name.
+
+    Field annotations carry what the model is told about each argument (a
+    description, a minimum): the JSON schema it sees is generated from them
+    (tool_catalog.argument_schema)."""
+
+
+WorkspacePath = Annotated[str, msgspec.Meta(description="a path relative to the workspace")]
 
 
 class ShellArgs(ToolArguments, tag="shell"):
     command: str  # run by /bin/sh -c inside the sandbox; policy matches its parsed argv
-    timeout_s: float | None = None
+    timeout_s: Annotated[float, msgspec.Meta(ge=1)] | None = None
 
 
 class ReadFileArgs(ToolArguments, tag="read_file"):
-    path: str
-    offset: int = 0  # first line, 0-based
-    limit: int | None = None  # lines
+    path: WorkspacePath
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0  # first line, 0-based
+    limit: Annotated[int, msgspec.Meta(ge=1)] | None = None  # lines
 
 
 class WriteFileArgs(ToolArguments, tag="write_file"):
-    path: str
+    path: WorkspacePath
     content: str
 
 
 class EditFileArgs(ToolArguments, tag="edit_file"):
-    """Replace exactly one occurrence of `old` with `new` (fails when missing or ambiguous)."""
-
-    path: str
+    # Replace exactly one occurrence of `old` with `new` (fails when missing or ambiguous).
+    path: WorkspacePath
     old: str
     new: str
 
 
 class ListDirArgs(ToolArguments, tag="list_dir"):
-    path: str = "."
+    path: WorkspacePath = "."
 
 
 class GlobArgs(ToolArguments, tag="glob"):
@@ -63,13 +72,16 @@ class GlobArgs(ToolArguments, tag="glob"):
 
 class GrepArgs(ToolArguments, tag="grep"):
     pattern: str  # a Python regular expression
-    path: str = "."
+    path: WorkspacePath = "."
     glob: str | None = None  # only files whose workspace-relative path matches
 
 
 SandboxedArgs = ShellArgs | ReadFileArgs | WriteFileArgs | EditFileArgs | ListDirArgs | GlobArgs | GrepArgs
 
-WRITE_TOOLS = frozenset({"write_file", "edit_file"})
+
+def tool_name(arguments: ToolArguments) -> str:
+    """The name of the tool `arguments` are for (its Struct's tag)."""
+    return str(type(arguments).__struct_config__.tag)
 
 
 class ConfinementLevel(enum.Enum):

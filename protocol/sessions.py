@@ -34,6 +34,12 @@ class SessionState(enum.Enum):
     WAITING_FOR_APPROVAL = "waiting_for_approval"  # a tool call asked; any client may answer
 
 
+class RunStatus(enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    INTERRUPTED = "interrupted"  # still open when its supervisor died mid-turn
+
+
 class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     model: str
@@ -42,9 +48,7 @@ class SessionSummary(msgspec.Struct, frozen=True, kw_only=True):
     messages: int
     runs: int
     state: SessionState = SessionState.IDLE
-    # How its latest run ended: running, finished, or interrupted (its
-    # supervisor died mid-turn); '' before the first run.
-    last_run: str = ""
+    last_run: RunStatus | None = None  # None before the first run
 
 
 class SessionMessage(msgspec.Struct, frozen=True, kw_only=True):

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import msgspec
 
+from bastion.protocol.agent_events import ToolDecisionKind
 from bastion.protocol.common import Message
 from bastion.protocol.sandbox_wire import ConfinementReport, SandboxedArgs, ToolEnvelope
+from bastion.protocol.tool_catalog import TrustFlag
 
 
 class ApprovalRequired(Message, tag="approval_required"):
@@ -64,7 +66,7 @@ class ToolInfo(msgspec.Struct, frozen=True, kw_only=True):
     parameters: dict
     sandboxed: bool
     writes: bool
-    needs_flag: str = ""  # --allow-shell / --allow-write, when the tool is off by default
+    needs_flag: TrustFlag | None = None  # the flag that turns it on, when it is off by default
 
 
 class ListTools(Message, tag="list_tools"):
@@ -88,7 +90,7 @@ class InvokeTool(Message, tag="invoke_tool"):
 
 class ToolInvoked(Message, tag="tool_invoked"):
     request_id: str
-    decision: str  # allow | deny | ask, after approvals
+    decision: ToolDecisionKind  # after approvals: allow or deny
     reason: str
     envelope: ToolEnvelope | None = None  # None when the call was not run
 
@@ -112,8 +114,8 @@ class CheckPolicy(Message, tag="check_policy"):
 
 class PolicyCaseResult(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    expected: str
-    actual: str
+    expected: ToolDecisionKind
+    actual: ToolDecisionKind
     passed: bool
     reason: str = ""
 

@@ -5,4 +5,4 @@ is compatible and needs no bump (msgspec ignores unknown fields and fills
 missing defaulted ones).
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3

@@ -2,8 +2,9 @@
 
 Startup: take an exclusive lock in the runtime directory (a second supervisor
 for the same home exits instead of stealing the sockets; clients use the same
-lock to tell whether one is running), bind the control and workers ROUTERs on
-`ipc://` paths in that mode-0700 directory, write the pid file.
+lock to tell whether one is running), build the object graph (`compose`: the
+one place collaborators are wired), bind the control, workers and tools
+ROUTERs on `ipc://` paths in that mode-0700 directory, write the pid file.
 
 Shutdown (SIGTERM, SIGINT or a `Shutdown` request): stop accepting work, stop
 every worker (Shutdown, then SIGTERM, then SIGKILL), remove the sockets and the
@@ -19,6 +20,7 @@ import fcntl
 import logging
 import os
 import signal
+from collections.abc import Callable
 from typing import IO
 
 import zmq
@@ -36,12 +38,17 @@ from bastion.protocol.control import ControlEvent
 from bastion.protocol.sandbox_wire import ToSandbox
 from bastion.protocol.worker_wire import ToWorker
 from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.control.models import ModelRequests
+from bastion.supervisor.control.runs import RunService
+from bastion.supervisor.control.sessions import SessionRequests
+from bastion.supervisor.control.trust import TrustRequests
 from bastion.supervisor.core import Supervisor
 from bastion.supervisor.models.loaded import LoadedModels
 from bastion.supervisor.models.registry import RegistryWatcher
 from bastion.supervisor.models.tokenizer import TokenCounters
 from bastion.supervisor.processes.sandboxes import SandboxPool
 from bastion.supervisor.processes.workers import WorkerPool
+from bastion.supervisor.runs import ClientSink, generation_ids
 from bastion.supervisor.store.sessions import SessionStore
 from bastion.supervisor.tools.registry import ToolRegistry
 from bastion.supervisor.trust.approvals import ApprovalStore
@@ -66,6 +73,35 @@ def acquire_lock(layout: HomeLayout) -> IO[str]:
         handle.close()
         raise AlreadyRunningError(f"a supervisor is already running for {layout.root}") from None
     return handle
+
+
+def compose(
+    *,
+    layout: HomeLayout,
+    registry: RegistryWatcher,
+    models: LoadedModels,
+    store: SessionStore,
+    approvals: ApprovalStore,
+    audit: AuditLog,
+    sandboxes: SandboxPool,
+    counters: TokenCounters,
+    sink: ClientSink,
+    request_shutdown: Callable[[], None],
+) -> Supervisor:
+    """The supervisor's object graph, each collaborator built once: the one
+    place they are wired together (tests wire stand-in processes here too)."""
+    trust = Trust(policies=PolicyWatcher(layout), approvals=approvals, waits=ApprovalWaits(approvals), audit=audit,
+                  sandboxes=sandboxes)
+    tools = ToolRegistry.standard()
+    runs = RunService(registry=registry, models=models, store=store, tools=tools, counters=counters, trust=trust,
+                      new_id=generation_ids())
+    sessions = SessionRequests(store=store, waits=trust.waits, busy_sessions=runs.busy_sessions,
+                               next_prompt=runs.next_prompt)
+    return Supervisor(
+        runs=runs, sessions=sessions, models=ModelRequests(layout=layout, registry=registry, models=models),
+        trust=TrustRequests(trust=trust, tools=tools, audit_path=layout.audit_log), loaded=models, sink=sink,
+        request_shutdown=request_shutdown,
+    )  # fmt: skip
 
 
 class SupervisorDaemon:
@@ -95,19 +131,11 @@ class SupervisorDaemon:
         self._models = LoadedModels(config=config, layout=layout, pool=self._pool,
                                     memory_settings=registry.memory_settings)
         self._counters = TokenCounters()
-        trust = Trust(policies=PolicyWatcher(layout), approvals=approvals, waits=ApprovalWaits(approvals),
-                      audit=audit, sandboxes=self._sandboxes)
-        self._core = Supervisor(
-            trust=trust,
-            layout=layout,
-            registry=registry,
-            models=self._models,
-            store=store,
-            tools=ToolRegistry.builtin(),
-            counters=self._counters,
-            send_client=self._send_client,
+        self._core = compose(
+            layout=layout, registry=registry, models=self._models, store=store, approvals=approvals, audit=audit,
+            sandboxes=self._sandboxes, counters=self._counters, sink=self._send_client,
             request_shutdown=self._stop.set,
-        )
+        )  # fmt: skip
 
     def _router(self) -> zmq.asyncio.Socket:
         socket = self._context.socket(zmq.ROUTER)

@@ -1,19 +1,26 @@
-"""A client's run, and the generations the worker serves for it.
+"""A client's run, and the model calls made for it.
 
-`ActiveRun` is what the client sees: events sent under its `request_id` and
-exactly one `RunFinished`, whatever happens (repeated endings are ignored, so
-a crash racing a normal finish cannot send two ends).
+`ActiveRun` is what the client sees: events sent under its `request_id` to
+its client identity through the one outbound path the process shell provides
+(`ClientSink`), and exactly one `RunFinished`, whatever happens (repeated
+endings are ignored, so a crash racing a normal finish cannot send two ends).
+It is also how work done for the run learns that the client cancelled.
 
 `Generation` is one model call made for a run (an agent run makes several; a
 context summary makes a hidden one). The worker sees only its internal id;
 the generation forwards the worker's token and stats events to the run under
 the client's id, collects the reply text, and resolves `outcome` exactly once:
 when the worker says it finished, or when the worker dies.
+
+The path of a token, end to end: the daemon decodes the worker's frame →
+`WorkerHandle.on_message` → `Generation.deliver` → `ActiveRun.send` → the
+daemon's `ClientSink`. Nothing on it holds a reference back up the chain.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 
@@ -23,18 +30,20 @@ from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, Sampling
 from bastion.protocol.control import ControlEvent, RunFinished
 from bastion.protocol.worker_wire import FromWorker, GenerationFinished
 
+# Sends one event to one client identity; never blocks (the daemon's outbound socket).
+ClientSink = Callable[[bytes, ControlEvent], None]
+
 
 class ActiveRun:
-    def __init__(self, *, request_id: str, client: bytes, emit: Callable[[ControlEvent], None]) -> None:
+    def __init__(self, *, request_id: str, client: bytes, sink: ClientSink) -> None:
         self.request_id = request_id
         self.client = client
         self.model = ""
         self.started_at = time.monotonic()
         self.cancel_requested = False
         self.cancelled = asyncio.Event()
-        self.current: Generation | None = None
         self.finished: asyncio.Future[StopReason] = asyncio.get_running_loop().create_future()
-        self._emit = emit
+        self._sink = sink
 
     @property
     def done(self) -> bool:
@@ -42,7 +51,7 @@ class ActiveRun:
 
     def send(self, event: ControlEvent) -> None:
         if not self.done:
-            self._emit(event)
+            self._sink(self.client, event)
 
     def request_cancel(self) -> None:
         self.cancel_requested = True
@@ -65,7 +74,7 @@ class ActiveRun:
     def finish(self, reason: StopReason) -> None:
         if self.done:
             return
-        self._emit(RunFinished(request_id=self.request_id, stop_reason=reason))
+        self._sink(self.client, RunFinished(request_id=self.request_id, stop_reason=reason))
         self.finished.set_result(reason)
 
 
@@ -74,9 +83,11 @@ class GenerationOutcome(msgspec.Struct, frozen=True, kw_only=True):
     stop_reason: StopReason
     tokens: int
     stats: GenerationStats | None = None
-    error_code: ErrorCode | None = None
-    error_message: str = ""
-    error_retryable: bool = False
+    error: RequestFailed | None = None  # why it stopped, when stop_reason is error
+
+    @property
+    def worker_died(self) -> bool:
+        return self.error is not None and self.error.code in (ErrorCode.WORKER_DIED, ErrorCode.WORKER_UNRESPONSIVE)
 
 
 class Generation:
@@ -98,9 +109,11 @@ class Generation:
         self.session_id = session_id
         self.prompt = prompt
         self.sampling = sampling
-        self.run = run
         self.stream = stream  # False: a hidden call (e.g. a summary); only stats reach the client
         self.outcome: asyncio.Future[GenerationOutcome] = asyncio.get_running_loop().create_future()
+        # Where the worker's events go, restamped with the client's id.
+        self._emit = run.send
+        self._client_request_id = run.request_id
         self._pieces: list[str] = []
         self._tokens = 0
         self._stats: GenerationStats | None = None
@@ -121,11 +134,11 @@ class Generation:
                 self._pieces.append(text)
                 self._tokens = n
                 if self.stream:
-                    self.run.send(msgspec.structs.replace(message, request_id=self.run.request_id))
+                    self._emit(msgspec.structs.replace(message, request_id=self._client_request_id))
             case GenerationStats():
                 self._stats = message
                 if self.stream:
-                    self.run.send(msgspec.structs.replace(message, request_id=self.run.request_id))
+                    self._emit(msgspec.structs.replace(message, request_id=self._client_request_id))
             case RequestFailed():
                 self._error = message
             case GenerationFinished(stop_reason=reason):
@@ -141,15 +154,13 @@ class Generation:
     def _resolve(self, reason: StopReason) -> None:
         if self.done:
             return
-        error = self._error
         self.outcome.set_result(
-            GenerationOutcome(
-                text="".join(self._pieces),
-                stop_reason=reason,
-                tokens=self._tokens,
-                stats=self._stats,
-                error_code=error.code if error else None,
-                error_message=error.message if error else "",
-                error_retryable=error.retryable if error else False,
-            )
+            GenerationOutcome(text="".join(self._pieces), stop_reason=reason, tokens=self._tokens, stats=self._stats,
+                              error=self._error)
         )
+
+
+def generation_ids(prefix: str = "g") -> Callable[[], str]:
+    """Internal generation ids, unique within one supervisor: g1, g2, …"""
+    numbers = itertools.count(1)
+    return lambda: f"{prefix}{next(numbers)}"

@@ -76,7 +76,7 @@ def test_the_pool_shares_the_cores_as_workers_start_and_stop_generating(tmp_path
             handle.on_activity = pool.share_cores
             pool._by_identity[handle.identity] = handle
             handles.append(handle)
-        run = ActiveRun(request_id="r", client=b"c", emit=lambda _e: None)
+        run = ActiveRun(request_id="r", client=b"c", sink=lambda _c, _e: None)
 
         def generation(i: str) -> Generation:
             return Generation(internal_id=i, session_id="s", prompt="p", sampling=SamplingParams(), run=run)

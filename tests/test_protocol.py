@@ -29,7 +29,9 @@ from bastion.protocol import (
     worker_codec,
 )
 from bastion.protocol.agent_events import (
+    CallFormat,
     ContextBudget,
+    ContextStrategy,
     PromptRendered,
     RunWarning,
     ToolCallParsed,
@@ -94,6 +96,7 @@ from bastion.protocol.sessions import (
     SessionSummary,
     ShowSession,
 )
+from bastion.protocol.tool_catalog import TrustFlag
 from bastion.protocol.trust import (
     ApprovalInfo,
     ApprovalList,
@@ -175,9 +178,9 @@ SAMPLES: list[msgspec.Struct] = [
     ShutdownStarted(request_id="r"),
     TurnStarted(request_id="r", session="s", iteration=1),
     ContextBudget(request_id="r", used_tokens=10, max_tokens=20, context_size=30, messages_kept=3,
-                  messages_pruned=1, strategy="window"),
+                  messages_pruned=1, strategy=ContextStrategy.WINDOW),
     ToolCallParsed(request_id="r", call_id="c1", name="calculator", arguments='{"expression":"1+1"}',
-                   format="fenced"),
+                   format=CallFormat.FENCED),
     ToolDecision(request_id="r", call_id="c1", decision=ToolDecisionKind.ALLOW, reason="built-in"),
     ToolStarted(request_id="r", call_id="c1", name="calculator"),
     ToolOutput(request_id="r", call_id="c1", text="2"),
@@ -212,14 +215,14 @@ SAMPLES: list[msgspec.Struct] = [
     ApprovalResolved(request_id="r", approval_id="a1", approved=True),
     ListTools(request_id="r"),
     ToolList(request_id="r", tools=[ToolInfo(name="shell", description="d", parameters={"type": "object"},
-                                             sandboxed=True, writes=True, needs_flag="--allow-shell")]),
+                                             sandboxed=True, writes=True, needs_flag=TrustFlag.ALLOW_SHELL)]),
     InvokeTool(request_id="r", arguments=WriteFileArgs(path="a.txt", content="x"), workspace="/ws",
                allow_write=True),
-    ToolInvoked(request_id="r", decision="allow", reason="rule", envelope=ENVELOPE),
+    ToolInvoked(request_id="r", decision=ToolDecisionKind.ALLOW, reason="rule", envelope=ENVELOPE),
     ShowPolicy(request_id="r"),
     PolicyShown(request_id="r", source="/p.toml", hash="abc", text="rules"),
     CheckPolicy(request_id="r", cases_path="/c.toml", workspace="/ws"),
-    PolicyChecked(request_id="r", results=[PolicyCaseResult(name="n", expected="deny", actual="deny",
+    PolicyChecked(request_id="r", results=[PolicyCaseResult(name="n", expected=ToolDecisionKind.DENY, actual=ToolDecisionKind.DENY,
                                                             passed=True)]),
     VerifyAudit(request_id="r"),
     AuditVerified(request_id="r", ok=False, records=3, problems=["line 2: edited"], path="/a.jsonl"),

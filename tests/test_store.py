@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bastion.protocol import ErrorCode, HomeLayout, StopReason
-from bastion.protocol.sessions import ChatRole, SessionMessage
+from bastion.protocol.sessions import ChatRole, RunStatus, SessionMessage
 from bastion.supervisor.errors import (
     InvalidSessionNameError,
     SessionExistsError,
@@ -24,7 +24,7 @@ from bastion.supervisor.errors import (
     UnknownSessionError,
 )
 from bastion.supervisor.store.migrations import MIGRATIONS, migrate
-from bastion.supervisor.store.sessions import MessageKind, RunStatus, SessionStore, database_path
+from bastion.supervisor.store.sessions import MessageKind, SessionStore, database_path
 
 USER, ASSISTANT, TOOL = ChatRole.USER, ChatRole.ASSISTANT, ChatRole.TOOL
 

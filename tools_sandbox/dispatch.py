@@ -41,12 +41,14 @@ def execute(
             content=f"[bastion sandbox] REFUSED: this call needs {request.required_level.value} confinement and "
             f"this machine offers {report.level.value}; see `bastion doctor`",
         )
-    arguments = request.arguments
-    if isinstance(arguments, ShellArgs):
-        return run_shell(arguments, request.workspace, request.limits, report, on_chunk, cancelled,
-                         writable=request.writable)
-    job = FileToolJob(arguments=arguments, workspace=request.workspace, limits=request.limits,
-                      writable=request.writable)
+    match request.arguments:
+        case ShellArgs() as arguments:
+            return run_shell(arguments, request.workspace, request.limits, report, on_chunk, cancelled,
+                             writable=request.writable)
+        case arguments:
+            # Every other tool is a file tool (tool_catalog: ToolKind.FILE).
+            job = FileToolJob(arguments=arguments, workspace=request.workspace, limits=request.limits,
+                              writable=request.writable)
     confined = python_job(_FILE_TOOLS_ENTRY, stdin_bytes=msgspec.msgpack.encode(job), workspace=request.workspace,
                           limits=request.limits, writable=request.writable)
     return run_confined(confined, report=report, on_chunk=None, cancelled=cancelled)

@@ -1,11 +1,19 @@
-"""Serving a `Run`: pick the conversation and model, then drive the agent loop.
+"""Serving a `run`: pick the conversation, tools and model, then drive the agent loop.
+
+    run {prompt, model, session, tools, trust flags, sampling, ...}
+        → load_progress* → run_start → (turn and tool events, tokens)* → run_end
+        (an `error` precedes a run_end whose reason is `error`)
 
 `RunService.serve` is the whole life of one run after the core accepted it:
-resolve the session (created on first use, one active run at a time), load
-the model (progress events while it loads), append the new user message,
-and hand over to `AgentLoop`. It ends the run exactly once: with the loop's
-stop reason, or with the typed error that stopped it. Stored sessions get a
-run record, closed with the stop reason and token figures.
+resolve the session (created on first use, one active run at a time), pick
+the tools its flags allow (file and shell tools need a workspace and a sandbox
+strong enough for them), load the model (progress events while it loads), append
+the new user message, and hand over to the agent loop. It ends the run exactly
+once: with the loop's stop reason, or with the typed error that stopped it.
+Stored sessions get a run record, closed with the stop reason and token figures.
+
+`next_prompt` renders what a session's next generation would receive
+(`sessions show --prompt`) without generating anything.
 """
 
 from __future__ import annotations
@@ -15,20 +23,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from bastion.protocol import ErrorCode, SamplingParams, StopReason
+from bastion.protocol import ErrorCode, StopReason
 from bastion.protocol.agent_events import PromptRendered
-from bastion.protocol.control import LoadStage, Run, RunStarted
-from bastion.protocol.sandbox_wire import level_reaches, strictest_level
+from bastion.protocol.control import Run, RunStarted
 from bastion.protocol.sessions import ChatRole
-from bastion.supervisor.errors import (
-    SessionBusyError,
-    SupervisorError,
-    TrustFlagError,
-    UnknownSessionError,
-    UnknownToolError,
-)
+from bastion.supervisor.control.models import load_progress
+from bastion.supervisor.errors import SessionBusyError, SupervisorError, TrustFlagError, UnknownSessionError
 from bastion.supervisor.harness.conversation import Conversation, EphemeralConversation, StoredConversation
-from bastion.supervisor.harness.loop import AgentLoop, LoopSettings, Workbench
+from bastion.supervisor.harness.loop import AgentLoop, LoopSettings, build_loop
+from bastion.supervisor.harness.prompt_builder import PromptBuilder, latest_system
+from bastion.supervisor.harness.tool_execution import ToolExecution, Workbench
 from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
 from bastion.supervisor.models.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.models.sources import ScriptedReplies
@@ -36,13 +40,10 @@ from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounter, 
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.store.sessions import SessionStore
 from bastion.supervisor.templates.formatter import ChatMessage, PromptFormatter
-from bastion.supervisor.tools.registry import ToolRegistry, ToolSpec
-from bastion.supervisor.tools.sandboxed import REQUIRED_LEVEL, SANDBOXED, expand_selection, is_sandboxed
+from bastion.supervisor.tools.registry import SandboxTool, Tool, ToolRegistry
 from bastion.supervisor.trust.gate import Trust
 
 log = logging.getLogger(__name__)
-
-ProgressFactory = Callable[[bytes, str, str], Callable[[LoadStage, int, int], None]]
 
 
 class RunService:
@@ -54,17 +55,15 @@ class RunService:
         store: SessionStore,
         tools: ToolRegistry,
         counters: TokenCounters,
-        progress: ProgressFactory,
-        new_id: Callable[[], str],
         trust: Trust,
+        new_id: Callable[[], str],
     ) -> None:
-        self._trust = trust
         self._registry = registry
         self._models = models
         self._store = store
         self._tools = tools
         self._counters = counters
-        self._progress = progress
+        self._trust = trust
         self._new_id = new_id
         self._busy_sessions: dict[str, ActiveRun] = {}
 
@@ -78,47 +77,64 @@ class RunService:
             log.exception("run %s failed", run.request_id)
             run.fail(ErrorCode.INTERNAL, f"internal error: {exc}")
 
+    def busy_sessions(self) -> set[str]:
+        return set(self._busy_sessions)
+
     async def _serve(self, run: ActiveRun, request: Run) -> None:
-        session = request.session
-        if session is not None:
-            if session in self._busy_sessions:
-                raise SessionBusyError(f"session {session!r} is answering another request; try again when it ends")
-            self._busy_sessions[session] = run
-            run.finished.add_done_callback(lambda _f: self._busy_sessions.pop(session, None))
-        spec_name = request.model
-        if session is not None and spec_name is None:
-            existing = self._store.get_session(session)
-            spec_name = existing.model if existing else None
-        spec = self._registry.current().lookup(spec_name)
+        self._claim_session(run, request.session)
+        spec = self._registry.current().lookup(self._model_name(request))
         run.model = spec.name
-        tool_specs, workbench = await self._select_tools(request)
+        tools, workbench = await self._select_tools(request)
         loaded = await self._load_unless_cancelled(run, spec, request.keep_alive_s)
         if loaded is None:
             run.finish(StopReason.CANCELLED)
             return
-        model = with_template(loaded, request.template)
+        formatter = with_template(loaded, request.template)
         # A session remembers what to look up again (a name, a path, scripted:FILE).
         conversation = self._conversation(request, request.model or spec.name)
         counter = await self._counter(loaded)
         gate = self._trust.gate(run, conversation.name, workbench.workspace, request.approval_timeout_s)
-        loop = AgentLoop(
-            run=run, model=model, conversation=conversation, counter=counter, sampling=request.sampling,
+        execution = ToolExecution(run=run, gate=gate, registry=self._tools, sandbox=self._trust.sandboxes,
+                                  workbench=workbench)
+        loop = build_loop(
+            run=run, conversation=conversation, model=loaded, formatter=formatter, n_ctx=loaded.handle.n_ctx,
+            counter=counter, sampling=request.sampling, new_id=self._new_id, tools=tools, execution=execution,
             settings=LoopSettings(max_iterations=request.max_iterations, strategy=request.context_strategy),
-            tools=self._tools, tool_specs=tool_specs, gate=gate, new_id=self._new_id,
-            sandbox=self._trust.sandboxes, workbench=workbench,
         )  # fmt: skip
-        if request.system and _latest_system(conversation) != request.system:
+        if request.system and latest_system(conversation) != request.system:
             conversation.append(ChatMessage(role=ChatRole.SYSTEM, content=request.system), pinned=True)
         conversation.append(ChatMessage(role=ChatRole.USER, content=request.prompt))
         run.send(RunStarted(request_id=run.request_id, model=spec.name, worker_pid=loaded.handle.pid,
-                            template=model.formatter.source))
+                            template=formatter.source))
         if request.show_prompt:
-            prompt = await loop.prepare_prompt()
-            tokens = await asyncio.to_thread(counter.count, prompt)
-            run.send(PromptRendered(request_id=run.request_id, model=spec.name, template=model.formatter.source,
-                                    prompt=prompt, tokens=tokens))
-            run.finish(StopReason.STOP)
+            await self._show_prompt(run, spec, loop, counter, formatter)
             return
+        await self._run_recorded(run, request.session, spec, loop)
+
+    def _claim_session(self, run: ActiveRun, session: str | None) -> None:
+        if session is None:
+            return
+        if session in self._busy_sessions:
+            raise SessionBusyError(f"session {session!r} is answering another request; try again when it ends")
+        self._busy_sessions[session] = run
+        run.finished.add_done_callback(lambda _f: self._busy_sessions.pop(session, None))
+
+    def _model_name(self, request: Run) -> str | None:
+        """The model asked for; for a session that names none, the one it last used."""
+        if request.model is None and request.session is not None:
+            existing = self._store.get_session(request.session)
+            return existing.model if existing else None
+        return request.model
+
+    async def _show_prompt(self, run: ActiveRun, spec: ModelSpec, loop: AgentLoop, counter: TokenCounter,
+                           formatter: PromptFormatter) -> None:
+        prompt = await loop.prompts.next_prompt()
+        tokens = await asyncio.to_thread(counter.count, prompt)
+        run.send(PromptRendered(request_id=run.request_id, model=spec.name, template=formatter.source,
+                                prompt=prompt, tokens=tokens))
+        run.finish(StopReason.STOP)
+
+    async def _run_recorded(self, run: ActiveRun, session: str | None, spec: ModelSpec, loop: AgentLoop) -> None:
         run_id = self._store.start_run(session, run.request_id, spec.name) if session else None
         reason = StopReason.ERROR
         try:
@@ -131,35 +147,21 @@ class RunService:
                     prompt_tokens=stats.prompt_tokens if stats else 0,
                     cached_tokens=stats.cached_tokens if stats else 0,
                     completion_tokens=stats.completion_tokens if stats else 0,
-                )
+                )  # fmt: skip
         run.finish(reason)
 
-    def busy_sessions(self) -> set[str]:
-        return set(self._busy_sessions)
-
-    async def _select_tools(self, request: Run) -> tuple[list[ToolSpec], Workbench]:
+    async def _select_tools(self, request: Run) -> tuple[list[Tool], Workbench]:
         """The tools this run offers the model, after the trust flags; sandboxed
         ones need a workspace and a sandbox strong enough for them."""
-        names = expand_selection(request.tools, allow_shell=request.allow_shell, allow_write=request.allow_write)
-        unknown = [name for name in names if not is_sandboxed(name) and name not in self._tools.names()]
-        if unknown:
-            available = sorted({*self._tools.names(), *SANDBOXED, "files"})
-            raise UnknownToolError(f"unknown tool(s): {', '.join(unknown)}; available: {', '.join(available)}")
-        specs = [SANDBOXED[name] if is_sandboxed(name) else self._tools.get(name) for name in names]
-        sandboxed = [name for name in names if is_sandboxed(name)]
+        tools = self._tools.for_run(request.tools, allow_shell=request.allow_shell, allow_write=request.allow_write)
+        sandboxed = [tool.record for tool in tools if isinstance(tool, SandboxTool)]
         if not sandboxed:
-            return specs, Workbench()
+            return tools, Workbench()
         workspace = Path(request.workspace or "")
         if not request.workspace or not workspace.is_absolute() or not workspace.is_dir():
             raise TrustFlagError(f"file and shell tools need an existing workspace directory, not {workspace!s}")
-        report = await self._trust.sandboxes.diagnose()
-        required = strictest_level(REQUIRED_LEVEL[name] for name in sandboxed)
-        if not level_reaches(report.level, required):
-            raise TrustFlagError(
-                f"{', '.join(sandboxed)} need {required.value} confinement; this machine offers "
-                f"{report.level.value} (see bastion doctor)"
-            )
-        return specs, Workbench(workspace=str(workspace), allow_write=request.allow_write, required_level=required)
+        await self._trust.require_confinement(sandboxed)
+        return tools, Workbench(workspace=str(workspace), allow_write=request.allow_write)
 
     async def _load_unless_cancelled(
         self, run: ActiveRun, spec: ModelSpec, keep_alive_s: float | None
@@ -169,7 +171,7 @@ class RunService:
         The load itself goes on, for the next request. The run uses the model
         until it ends: it is not unloaded under it."""
         load = asyncio.ensure_future(
-            self._models.ensure_loaded(spec, self._progress(run.client, run.request_id, spec.name),
+            self._models.ensure_loaded(spec, load_progress(run.send, run.request_id, spec.name),
                                        keep_alive_s=keep_alive_s, until=run.finished)
         )
         cancelled = asyncio.ensure_future(run.cancelled.wait())
@@ -214,27 +216,19 @@ class RunService:
         spec = self._registry.current().lookup(summary.model)
         loaded, _ = await self._models.ensure_loaded(spec, lambda *_: None)
         counter = await self._counter(loaded)
-        run = ActiveRun(request_id="preview", client=b"", emit=lambda _event: None)
-        loop = AgentLoop(
-            run=run, model=loaded, conversation=StoredConversation(self._store, name), counter=counter,
-            sampling=SamplingParams(), settings=LoopSettings(), tools=self._tools, tool_specs=[],
-            gate=self._trust.gate(run, name, None, 0.0), new_id=self._new_id,
-        )  # fmt: skip
-        return await loop.prepare_prompt()
+        preview = ActiveRun(request_id="preview", client=b"", sink=_nowhere)
+        builder = PromptBuilder(run=preview, conversation=StoredConversation(self._store, name),
+                                formatter=loaded.formatter, n_ctx=loaded.handle.n_ctx, counter=counter)
+        return await builder.next_prompt()
 
 
-def with_template(model: LoadedModel, template: str | None) -> LoadedModel:
-    """The model as this run sees it: with `--template` its formatter is the named built-in."""
+def _nowhere(_client: bytes, _event: object) -> None:
+    """Events of a prompt preview: nobody is listening."""
+
+
+def with_template(model: LoadedModel, template: str | None) -> PromptFormatter:
+    """The model's formatter as this run sees it: with `--template` the named built-in."""
     if template is None or model.handle.description is None:
-        return model
-    formatter = PromptFormatter.for_model(model.handle.description, template)
-    return model.with_formatter(formatter)
-
-
-def _latest_system(conversation: Conversation) -> str | None:
-    return next(
-        (m.message.content for m in reversed(conversation.context_messages()) if m.message.role is ChatRole.SYSTEM),
-        None,
-    )
-
+        return model.formatter
+    return PromptFormatter.for_model(model.handle.description, template)
 

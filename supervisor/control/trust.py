@@ -1,8 +1,17 @@
-"""Answers to the trust requests: tools list/run, policy show/check, approvals,
-audit verification and the confinement diagnosis (`bastion doctor`).
+"""Answers to the trust requests.
 
-`bastion tools run` goes through exactly the gate and sandbox a model's call
-would use: the same policy, approvals, audit records and confinement.
+    list_tools                                   → tools {tools}
+    invoke_tool   {arguments, workspace, flags}  → approval_required? → tool_invoked {decision, reason, envelope}
+    show_policy                                  → policy {source, hash, text}
+    check_policy  {cases_path, workspace}        → policy_checked {results}
+    list_approvals                               → approvals {approvals}
+    resolve_approval {approval_id, approve, ttl_s, uses} → approval_resolved {approved}
+    verify_audit                                 → audit_verified {ok, records, problems, path}
+    diagnose                                     → diagnosis {confinement, notes}
+
+`bastion tools run` (invoke_tool) goes through exactly the path a model's call
+takes (harness/tool_execution.py): the same trust flags, policy, approvals,
+audit records and sandbox.
 """
 
 from __future__ import annotations
@@ -11,9 +20,8 @@ import asyncio
 import itertools
 from pathlib import Path
 
-from bastion.protocol.agent_events import ToolDecisionKind
-from bastion.protocol.control import ControlEvent
-from bastion.protocol.sandbox_wire import WRITE_TOOLS, level_reaches
+from bastion.protocol.sandbox_wire import level_reaches, tool_name
+from bastion.protocol.tool_catalog import SANDBOXED_TOOLS
 from bastion.protocol.trust import (
     ApprovalInfo,
     ApprovalList,
@@ -35,15 +43,20 @@ from bastion.protocol.trust import (
     ToolList,
     VerifyAudit,
 )
-from bastion.supervisor.errors import SupervisorError, TrustFlagError
-from bastion.supervisor.runs import ActiveRun
-from bastion.supervisor.tools.registry import ToolRegistry
-from bastion.supervisor.tools.sandboxed import REQUIRED_LEVEL, SANDBOXED, check_trust_flags, writable_for
+from bastion.supervisor.errors import TrustFlagError
+from bastion.supervisor.harness.tool_execution import PreparedCall, ToolExecution, Workbench
+from bastion.supervisor.runs import ActiveRun, ClientSink
+from bastion.supervisor.tools.registry import SandboxTool, Tool, ToolRegistry, check_trust_flags
 from bastion.supervisor.trust.audit_verify import verify
 from bastion.supervisor.trust.gate import Trust
 from bastion.supervisor.trust.policy.cases import run_cases
 
 TrustRequest = ListTools | InvokeTool | ShowPolicy | CheckPolicy | ListApprovals | ResolveApproval | VerifyAudit | Diagnose
+TrustAnswer = (ToolList | ToolInvoked | PolicyShown | PolicyChecked | ApprovalList | ApprovalResolved | AuditVerified
+               | Diagnosis)
+
+# How long `bastion tools run` waits for an approval before the ask counts as a deny.
+INVOKE_APPROVAL_TIMEOUT_S = 300.0
 
 
 class TrustRequests:
@@ -53,22 +66,22 @@ class TrustRequests:
         self._audit_path = audit_path
         self._calls = itertools.count(1)
 
-    async def answer(self, request: TrustRequest, client: bytes, send) -> ControlEvent:
+    async def answer(self, request: TrustRequest, client: bytes, sink: ClientSink) -> TrustAnswer:
         match request:
             case ListTools(request_id=request_id):
-                return ToolList(request_id=request_id, tools=self._tool_infos())
+                return ToolList(request_id=request_id, tools=[tool_info(tool) for tool in self._tools.tools()])
             case InvokeTool():
-                return await self._invoke(request, client, send)
+                return await self._invoke(request, client, sink)
             case ShowPolicy(request_id=request_id):
                 policy = self._trust.policies.current()
-                source = str(policy.spec.source) if hasattr(policy.spec, "source") else ""
-                return PolicyShown(request_id=request_id, source=source, hash=policy.hash, text=policy.describe())
+                return PolicyShown(request_id=request_id, source=str(policy.source), hash=policy.hash,
+                                   text=policy.describe())
             case CheckPolicy(request_id=request_id, cases_path=cases_path, workspace=workspace):
                 policy = self._trust.policies.current()
                 results = await asyncio.to_thread(run_cases, policy, Path(cases_path),
                                                   workspace=Path(workspace) if workspace else None)
                 return PolicyChecked(request_id=request_id, results=[
-                    PolicyCaseResult(name=r.name, expected=r.expected.value, actual=r.actual.value, passed=r.passed,
+                    PolicyCaseResult(name=r.name, expected=r.expected, actual=r.actual, passed=r.passed,
                                      reason=r.reason)
                     for r in results
                 ])  # fmt: skip
@@ -89,44 +102,37 @@ class TrustRequests:
                                      problems=[p.describe() for p in report.problems], path=str(self._audit_path))
             case Diagnose(request_id=request_id):
                 report = await self._trust.sandboxes.diagnose()
-                notes = [f"{name} needs {level.value} confinement" +
-                         ("" if level_reaches(report.level, level) else " — NOT AVAILABLE")
-                         for name, level in REQUIRED_LEVEL.items()]  # fmt: skip
+                notes = [f"{record.name} needs {record.required_level.value} confinement" +
+                         ("" if level_reaches(report.level, record.required_level) else " — NOT AVAILABLE")
+                         for record in SANDBOXED_TOOLS]  # fmt: skip
                 return Diagnosis(request_id=request_id, confinement=report, notes=notes)
-        raise SupervisorError(f"unhandled request {type(request).__name__}")
 
-    def _tool_infos(self) -> list[ToolInfo]:
-        infos = [ToolInfo(name=name, description=self._tools.get(name).description,
-                          parameters=self._tools.get(name).parameters, sandboxed=False, writes=False)
-                 for name in self._tools.names()]  # fmt: skip
-        for name, spec in SANDBOXED.items():
-            flag = "--allow-shell" if name == "shell" else "--allow-write" if name in WRITE_TOOLS else ""
-            infos.append(ToolInfo(name=name, description=spec.description, parameters=spec.parameters,
-                                  sandboxed=True, writes=name in WRITE_TOOLS or name == "shell", needs_flag=flag))
-        return infos
-
-    async def _invoke(self, request: InvokeTool, client: bytes, send) -> ToolInvoked:
-        tool = type(request.arguments).__struct_config__.tag
-        assert isinstance(tool, str)
-        check_trust_flags(tool, allow_shell=request.allow_shell, allow_write=request.allow_write)
+    async def _invoke(self, request: InvokeTool, client: bytes, sink: ClientSink) -> ToolInvoked:
+        tool = self._tools.tool(tool_name(request.arguments))
+        assert isinstance(tool, SandboxTool)  # InvokeTool carries sandboxed arguments only
+        check_trust_flags(tool.record, allow_shell=request.allow_shell, allow_write=request.allow_write)
         workspace = Path(request.workspace)
         if not workspace.is_absolute() or not workspace.is_dir():
             raise TrustFlagError(f"the workspace must be an existing directory, not {workspace}")
-        run = ActiveRun(request_id=request.request_id, client=client, emit=lambda event: send(client, event))
-        call_id = f"cli_{next(self._calls)}"
-        gate = self._trust.gate(run, "(tools run)", str(workspace), 300.0)
-        verdict = await gate.decide(call_id, tool, request.arguments)
-        if verdict.decision is not ToolDecisionKind.ALLOW:
-            return ToolInvoked(request_id=request.request_id, decision=verdict.decision.value, reason=verdict.reason)
-        report = await self._trust.sandboxes.diagnose()
-        required = REQUIRED_LEVEL[tool]
-        if not level_reaches(report.level, required):
-            raise TrustFlagError(f"{tool} needs {required.value} confinement; this machine offers {report.level.value}")
-        envelope = await self._trust.sandboxes.run_tool(
-            f"{request.request_id}:{call_id}", request.arguments, workspace=str(workspace), required_level=required,
-            writable=writable_for(tool, allow_write=request.allow_write), cancelled=run.cancelled,
-        )  # fmt: skip
-        gate.executed(call_id, tool, request.arguments, envelope)
-        return ToolInvoked(request_id=request.request_id, decision=verdict.decision.value, reason=verdict.reason,
-                           envelope=envelope)
+        await self._trust.require_confinement([tool.record])
+        run = ActiveRun(request_id=request.request_id, client=client, sink=sink)
+        gate = self._trust.gate(run, "(tools run)", str(workspace), INVOKE_APPROVAL_TIMEOUT_S)
+        # The answer is one tool_invoked: no per-call events (an ask still says approval_required).
+        execution = ToolExecution(run=run, gate=gate, registry=self._tools, sandbox=self._trust.sandboxes,
+                                  workbench=Workbench(workspace=str(workspace), allow_write=request.allow_write),
+                                  announce=False)
+        executed = await execution.execute(f"cli_{next(self._calls)}",
+                                           PreparedCall(tool=tool, policy=request.arguments))
+        return ToolInvoked(request_id=request.request_id, decision=executed.verdict.decision,
+                           reason=executed.verdict.reason, envelope=executed.envelope)
 
+
+def tool_info(tool: Tool) -> ToolInfo:
+    spec = tool.spec
+    match tool:
+        case SandboxTool(record=record):
+            return ToolInfo(name=spec.name, description=spec.description, parameters=spec.parameters,
+                            sandboxed=True, writes=record.writes, needs_flag=record.enabled_by)
+        case _:
+            return ToolInfo(name=spec.name, description=spec.description, parameters=spec.parameters,
+                            sandboxed=False, writes=False)

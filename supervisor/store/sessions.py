@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 
 from bastion.protocol import HomeLayout, StopReason
-from bastion.protocol.sessions import ChatRole, SessionMessage, SessionSummary
+from bastion.protocol.sessions import ChatRole, RunStatus, SessionMessage, SessionSummary
 from bastion.supervisor.errors import (
     InvalidSessionNameError,
     SessionExistsError,
@@ -52,12 +52,6 @@ class MessageKind(enum.Enum):
     NORMAL = "normal"
     NOTE = "note"  # text the user pinned; not a turn of the conversation
     SUMMARY = "summary"  # stands in for turns folded out of the context window
-
-
-class RunStatus(enum.Enum):
-    RUNNING = "running"
-    FINISHED = "finished"
-    INTERRUPTED = "interrupted"  # still open when a supervisor died
 
 
 class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
@@ -375,7 +369,7 @@ def _summary(row: tuple) -> SessionSummary:
     name, model, created_at, updated_at, messages, runs, last_run = row
     return SessionSummary(
         name=name, model=model, created_at=created_at, updated_at=updated_at, messages=messages, runs=runs,
-        last_run=last_run or "",
+        last_run=RunStatus(last_run) if last_run else None,
     )
 
 

@@ -42,19 +42,10 @@ from typing import Any
 
 import msgspec
 
+from bastion.protocol.agent_events import CallFormat
 from bastion.supervisor.tools.near_json import decode_values, extract_value, past_json
 from bastion.supervisor.tools.registry import ToolSpec
 from bastion.supervisor.tools.schema import validate
-
-
-class CallFormat(enum.Enum):
-    FENCED = "fenced"  # ```tool_call or ```tool
-    FENCED_JSON = "fenced_json"  # ```json or an unlabelled fence
-    PYTHONIC = "pythonic"  # a fence holding only `known_tool("a", b=1)`, as small models write it
-    BARE_JSON = "bare_json"  # a JSON object or array in the prose
-    TAGGED = "tagged"  # <tool_call>...</tool_call>
-    PYTHON_TAG = "python_tag"  # <|python_tag|>
-    MISTRAL = "mistral"  # [TOOL_CALLS]
 
 
 class ProblemKind(enum.Enum):

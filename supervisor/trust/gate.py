@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,9 +34,10 @@ import msgspec
 
 from bastion.protocol import HomeLayout
 from bastion.protocol.agent_events import ToolDecisionKind
-from bastion.protocol.sandbox_wire import ConfinementLevel, ToolEnvelope
+from bastion.protocol.sandbox_wire import ConfinementLevel, ToolEnvelope, level_reaches, strictest_level
+from bastion.protocol.tool_catalog import SandboxedTool
 from bastion.protocol.trust import ApprovalRequired
-from bastion.supervisor.errors import AuditError, SupervisorError
+from bastion.supervisor.errors import AuditError, SupervisorError, TrustFlagError
 from bastion.supervisor.processes.sandboxes import SandboxPool
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.trust.approvals import ApprovalStatus, ApprovalStore, Resolution, canonical_arguments
@@ -220,3 +221,16 @@ class Trust:
             sandbox_level=lambda: self.sandboxes.report.level if self.sandboxes.report else None,
             approval_timeout_s=approval_timeout_s,
         )  # fmt: skip
+
+    async def require_confinement(self, tools: Iterable[SandboxedTool]) -> None:
+        """Refuse tools that need more confinement than this machine's sandbox
+        offers (TrustFlagError, before anything runs); the sandbox refuses
+        such a call too, as the last wall."""
+        records = list(tools)
+        report = await self.sandboxes.diagnose()
+        required = strictest_level(record.required_level for record in records)
+        if not level_reaches(report.level, required):
+            names = ", ".join(record.name for record in records)
+            verb = "needs" if len(records) == 1 else "need"
+            raise TrustFlagError(f"{names} {verb} {required.value} confinement; this machine offers "
+                                 f"{report.level.value} (see bastion doctor)")

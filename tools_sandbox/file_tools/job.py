@@ -14,6 +14,7 @@ import enum
 
 import msgspec
 
+from bastion.protocol import tool_catalog
 from bastion.protocol.sandbox_wire import (
     EditFileArgs,
     GlobArgs,
@@ -27,7 +28,8 @@ from bastion.protocol.sandbox_wire import (
 # The tools this package runs: every `SandboxedArgs` member except the shell.
 FileToolArgs = ReadFileArgs | WriteFileArgs | EditFileArgs | ListDirArgs | GlobArgs | GrepArgs
 
-FILE_TOOLS = frozenset({"read_file", "write_file", "edit_file", "list_dir", "glob", "grep"})
+# The names of those tools, as the tool catalog records them.
+FILE_TOOLS = tool_catalog.FILE_TOOLS
 
 
 class ResolveMode(enum.Enum):

@@ -14,7 +14,6 @@ import time
 import msgspec
 
 from bastion.protocol.sandbox_wire import (
-    WRITE_TOOLS,
     EditFileArgs,
     GlobArgs,
     GrepArgs,
@@ -22,7 +21,9 @@ from bastion.protocol.sandbox_wire import (
     ReadFileArgs,
     ToolEnvelope,
     WriteFileArgs,
+    tool_name,
 )
+from bastion.protocol.tool_catalog import WRITE_TOOLS
 from bastion.tools_sandbox.file_tools.edit_file import edit_file
 from bastion.tools_sandbox.file_tools.errors import FileToolError
 from bastion.tools_sandbox.file_tools.glob import glob
@@ -34,14 +35,10 @@ from bastion.tools_sandbox.file_tools.read_file import read_file
 from bastion.tools_sandbox.file_tools.write_file import WRITES_OFF, write_file
 
 
-def tool_name(job: FileToolJob) -> str:
-    return str(job.arguments.__struct_config__.tag)
-
-
 def run_file_tool(job: FileToolJob) -> ToolEnvelope:
     """Run the job's tool beneath its workspace; never raises for a tool failure."""
     started = time.monotonic()
-    name = tool_name(job)
+    name = tool_name(job.arguments)
     try:
         envelope = _dispatch(job, name)
     except FileToolError as error:

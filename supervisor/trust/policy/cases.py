@@ -16,7 +16,6 @@ sandbox (`clock`) needs no arguments: policy decides it by name.
 from __future__ import annotations
 
 import tempfile
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,15 +24,13 @@ import msgspec
 
 from bastion.protocol.agent_events import ToolDecisionKind
 from bastion.protocol.sandbox_wire import SandboxedArgs
+from bastion.protocol.tool_catalog import sandboxed_tool
 from bastion.supervisor.errors import PolicyError
 from bastion.supervisor.trust.policy.engine import Policy
 from bastion.supervisor.trust.policy.loader import convert
 from bastion.supervisor.trust.policy.locate import read_document
 from bastion.supervisor.trust.policy.model import NamedToolCall, PolicyCall, Source
 
-SANDBOXED_TOOLS = frozenset(
-    str(kind.__struct_config__.tag) for kind in typing.get_args(SandboxedArgs)
-)
 # Fields policy never reads, so a case need not spell them out.
 _UNREAD = {"write_file": {"content": ""}, "edit_file": {"old": "", "new": ""}}
 
@@ -75,7 +72,7 @@ def load_cases(path: Path) -> list[PolicyCase]:
     raw = convert(data, _RawCases, lines)
     cases = []
     for index, case in enumerate(raw.cases):
-        if case.tool in SANDBOXED_TOOLS:
+        if sandboxed_tool(case.tool) is not None:
             fields = {**_UNREAD.get(case.tool, {}), **case.arguments, "tool": case.tool}
             call: PolicyCall = convert(fields, SandboxedArgs, lines,  # type: ignore[arg-type]
                                        prefix=("cases", index, "arguments"))
@@ -99,7 +96,7 @@ def run_cases(policy: Policy, cases_path: Path, *, workspace: Path | None = None
 def policy_call(tool: str, arguments: Mapping[str, Any]) -> PolicyCall:
     """The call policy decides for a tool name and its JSON arguments (msgspec.ValidationError
     when a sandboxed tool's arguments do not fit its Struct)."""
-    if tool not in SANDBOXED_TOOLS:
+    if sandboxed_tool(tool) is None:
         return NamedToolCall(name=tool)
     return msgspec.convert({**arguments, "tool": tool}, type=SandboxedArgs)  # type: ignore[arg-type]
 

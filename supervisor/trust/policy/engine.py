@@ -39,6 +39,7 @@ from bastion.protocol.sandbox_wire import (
     ReadFileArgs,
     ShellArgs,
     WriteFileArgs,
+    tool_name,
 )
 from bastion.supervisor.trust.policy.describe import describe_policy
 from bastion.supervisor.trust.policy.loader import bundled_path, load_policy
@@ -92,6 +93,11 @@ class Policy:
         path = layout.policy_file if layout.policy_file.exists() else None
         return cls.load(path, protected_files=(layout.config_file, layout.policy_file))
 
+    @property
+    def source(self) -> Path:
+        """The file this policy was loaded from (the files it includes follow it in `spec.files`)."""
+        return Path(self.spec.files[0])
+
     @functools.cached_property
     def hash(self) -> str:
         """A digest (computed once: a Policy never changes) of what decides: rules, default, protected paths (not lines, notes or comments)."""
@@ -119,7 +125,7 @@ class Policy:
             case ReadFileArgs(path=path) | WriteFileArgs(path=path) | EditFileArgs(path=path) | ListDirArgs(
                 path=path
             ) | GrepArgs(path=path):
-                tool = str(type(call).__struct_config__.tag)
+                tool = tool_name(call)
                 return _single(self._path(tool, path, workspace, subject=f"{tool} {path}"))
         raise TypeError(f"no policy for a {type(call).__name__}")
 

@@ -30,10 +30,11 @@ from typing import Any, TypeVar
 import msgspec
 
 from bastion.protocol.agent_events import ToolDecisionKind
+from bastion.protocol.tool_catalog import FILE_TOOLS
 from bastion.supervisor.errors import PolicyError
 from bastion.supervisor.trust.policy.locate import KeyPath, Lines, read_document
 from bastion.supervisor.trust.policy.model import PolicySpec, ProtectedPath, Rule, Source
-from bastion.supervisor.trust.policy.patterns import FILE_TOOLS, CommandPattern, PathPattern, tool_matches
+from bastion.supervisor.trust.policy.patterns import CommandPattern, PathPattern, tool_matches
 
 BUNDLED_PREFIX = "bundled:"
 DEFAULT_POLICY = "default_policy.toml"

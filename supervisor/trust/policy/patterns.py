@@ -23,7 +23,6 @@ from fnmatch import fnmatchcase
 import msgspec
 
 _MAGIC = frozenset("*?[")
-FILE_TOOLS = frozenset({"read_file", "write_file", "edit_file", "list_dir", "glob", "grep"})
 
 
 def is_magic(segment: str) -> bool:

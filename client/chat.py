@@ -44,7 +44,7 @@ from bastion.client.run_options import (
 )
 from bastion.client.run_stream import stream_run
 from bastion.protocol import RequestFailed
-from bastion.protocol.control import ContextStrategy
+from bastion.protocol.agent_events import ContextStrategy
 from bastion.protocol.sessions import ClearSession, PinMessage, SessionChanged
 from bastion.protocol.trust import ApprovalRequired
 

@@ -60,8 +60,8 @@ from bastion.client.run_stream import stream_run
 from bastion.client.sessions_cli import sessions_app
 from bastion.client.trust_cli import approvals, approve, audit_app, deny, doctor, policy_app, tools_app
 from bastion.protocol import ErrorCode, HomeLayout, RequestFailed, Shutdown
+from bastion.protocol.agent_events import ContextStrategy
 from bastion.protocol.control import (
-    ContextStrategy,
     GetStatus,
     ListModels,
     LoadModel,

@@ -96,17 +96,24 @@ def connect_running(layout: HomeLayout) -> ControlConnection | None:
 
 def wait_until_stopped(layout: HomeLayout, timeout_s: float, pid: int = 0) -> bool:
     """Wait for the supervisor to release its lock and, given its pid, to exit
-    (it releases the lock before the interpreter has finished tearing down)."""
+    (it releases the lock before the interpreter has finished tearing down).
+    A supervisor started in the background belongs to init once its starter
+    exits; an exited one can linger as a zombie until init reaps it (seconds,
+    on some machines), and counts as stopped."""
     deadline = time.monotonic() + timeout_s
     while supervisor_running(layout):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
-    if pid:
-        try:
-            psutil.Process(pid).wait(max(0.1, deadline - time.monotonic()))
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
+    while pid and _alive(pid):
+        if time.monotonic() > deadline:
             return False
+        time.sleep(0.02)
     return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -10,7 +10,8 @@ import typer
 
 from bastion.client.command_io import model_argument, new_id
 from bastion.protocol import SamplingParams
-from bastion.protocol.control import ContextStrategy, Run
+from bastion.protocol.agent_events import ContextStrategy
+from bastion.protocol.control import Run
 from bastion.protocol.quantities import parse_duration
 
 ModelOption = Annotated[

@@ -56,13 +56,13 @@ class WarningCode(enum.Enum):
     GENERATION_RETRIED = "generation_retried"  # its worker died before any of it was streamed; asked again
 
 
-class TurnStarted(Message, tag="turn_start"):
+class TurnStarted(Message, frozen=True, tag="turn_start"):
     request_id: str
     session: str
     iteration: int
 
 
-class ContextBudget(Message, tag="context_budget"):
+class ContextBudget(Message, frozen=True, tag="context_budget"):
     request_id: str
     used_tokens: int  # the prompt about to be sent
     max_tokens: int  # what the prompt may use: context size minus room for the reply
@@ -72,7 +72,7 @@ class ContextBudget(Message, tag="context_budget"):
     strategy: ContextStrategy
 
 
-class ToolCallParsed(Message, tag="tool_call"):
+class ToolCallParsed(Message, frozen=True, tag="tool_call"):
     request_id: str
     call_id: str
     name: str
@@ -80,26 +80,26 @@ class ToolCallParsed(Message, tag="tool_call"):
     format: CallFormat
 
 
-class ToolDecision(Message, tag="tool_decision"):
+class ToolDecision(Message, frozen=True, tag="tool_decision"):
     request_id: str
     call_id: str
     decision: ToolDecisionKind
     reason: str
 
 
-class ToolStarted(Message, tag="tool_start"):
+class ToolStarted(Message, frozen=True, tag="tool_start"):
     request_id: str
     call_id: str
     name: str
 
 
-class ToolOutput(Message, tag="tool_output"):
+class ToolOutput(Message, frozen=True, tag="tool_output"):
     request_id: str
     call_id: str
     text: str
 
 
-class ToolEnded(Message, tag="tool_end"):
+class ToolEnded(Message, frozen=True, tag="tool_end"):
     request_id: str
     call_id: str
     name: str
@@ -108,20 +108,20 @@ class ToolEnded(Message, tag="tool_end"):
     duration_ms: float = 0.0
 
 
-class RunWarning(Message, tag="warning"):
+class RunWarning(Message, frozen=True, tag="warning"):
     request_id: str
     code: WarningCode
     message: str
 
 
-class TurnFinished(Message, tag="turn_end"):
+class TurnFinished(Message, frozen=True, tag="turn_end"):
     request_id: str
     iteration: int
     stop_reason: StopReason
     tool_calls: int = 0
 
 
-class PromptRendered(Message, tag="prompt"):
+class PromptRendered(Message, frozen=True, tag="prompt"):
     request_id: str
     model: str
     template: str

@@ -54,7 +54,7 @@ class CacheSource(enum.Enum):
     NONE = "none"  # nothing reused: the whole prompt was evaluated
 
 
-class Hello(Message, tag="hello"):
+class Hello(Message, frozen=True, tag="hello"):
     """First message of every connection, from the side that connects."""
 
     protocol_version: int
@@ -63,12 +63,12 @@ class Hello(Message, tag="hello"):
     pid: int = 0
 
 
-class HelloAccepted(Message, tag="hello_accepted"):
+class HelloAccepted(Message, frozen=True, tag="hello_accepted"):
     protocol_version: int
     supervisor_pid: int
 
 
-class Heartbeat(Message, tag="heartbeat"):
+class Heartbeat(Message, frozen=True, tag="heartbeat"):
     """Sent both ways on the worker link. `progress` only ever grows while the
     worker does useful work (tokens evaluated), so a stuck counter during a
     generation means a hang even when heartbeats still arrive."""
@@ -84,7 +84,7 @@ class Heartbeat(Message, tag="heartbeat"):
     snapshot_disk_bytes: int = 0
 
 
-class RequestFailed(Message, tag="error"):
+class RequestFailed(Message, frozen=True, tag="error"):
     """An error as data. `request_id` is empty when the failure is not tied to
     a request (a malformed frame, a refused hello)."""
 
@@ -95,11 +95,11 @@ class RequestFailed(Message, tag="error"):
     retry_after_ms: int | None = None
 
 
-class Cancel(Message, tag="cancel"):
+class Cancel(Message, frozen=True, tag="cancel"):
     request_id: str
 
 
-class Shutdown(Message, tag="shutdown"):
+class Shutdown(Message, frozen=True, tag="shutdown"):
     request_id: str = ""
 
 
@@ -117,7 +117,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     stop: tuple[str, ...] = ()
 
 
-class TokenDelta(Message, tag="token"):
+class TokenDelta(Message, frozen=True, tag="token"):
     """New text of a generation. `n` is the running count of generated tokens;
     `text` may be empty while a multi-byte character is incomplete."""
 
@@ -127,7 +127,7 @@ class TokenDelta(Message, tag="token"):
     tokens_per_s: float
 
 
-class GenerationStats(Message, tag="generation_stats"):
+class GenerationStats(Message, frozen=True, tag="generation_stats"):
     """Exactly one per generation that produced any result, before its end."""
 
     request_id: str

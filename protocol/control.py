@@ -77,7 +77,7 @@ from bastion.protocol.trust import (
 )
 
 
-class Run(Message, tag="run"):
+class Run(Message, frozen=True, tag="run"):
     """Answer `prompt` with `model` (a registry name, a GGUF path, `scripted:FILE`;
     None: the session's model, else the default model).
 
@@ -110,15 +110,15 @@ class Run(Message, tag="run"):
     keep_alive_s: float | None = None
 
 
-class GetStatus(Message, tag="get_status"):
+class GetStatus(Message, frozen=True, tag="get_status"):
     request_id: str
 
 
-class ListModels(Message, tag="list_models"):
+class ListModels(Message, frozen=True, tag="list_models"):
     request_id: str
 
 
-class LoadModel(Message, tag="load_model"):
+class LoadModel(Message, frozen=True, tag="load_model"):
     """Load `model` (also clears a `failed` mark). `keep_alive_s`: unload after
     this long idle; -1 never, 0 as soon as it is idle, None the model's default."""
 
@@ -127,7 +127,7 @@ class LoadModel(Message, tag="load_model"):
     keep_alive_s: float | None = None
 
 
-class UnloadModel(Message, tag="unload_model"):
+class UnloadModel(Message, frozen=True, tag="unload_model"):
     request_id: str
     model: str
 
@@ -140,7 +140,7 @@ class LoadStage(enum.Enum):
     READY = "ready"
 
 
-class LoadProgress(Message, tag="load_progress"):
+class LoadProgress(Message, frozen=True, tag="load_progress"):
     request_id: str
     model: str
     stage: LoadStage
@@ -179,24 +179,24 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_disk_bytes: int = 0
 
 
-class RunStarted(Message, tag="run_start"):
+class RunStarted(Message, frozen=True, tag="run_start"):
     request_id: str
     model: str
     worker_pid: int
     template: str
 
 
-class RunFinished(Message, tag="run_end"):
+class RunFinished(Message, frozen=True, tag="run_end"):
     request_id: str
     stop_reason: StopReason
 
 
-class ModelList(Message, tag="models"):
+class ModelList(Message, frozen=True, tag="models"):
     request_id: str
     models: list[ModelStatus]
 
 
-class ModelLoaded(Message, tag="model_loaded"):
+class ModelLoaded(Message, frozen=True, tag="model_loaded"):
     request_id: str
     model: ModelStatus
     already_loaded: bool = False
@@ -205,7 +205,7 @@ class ModelLoaded(Message, tag="model_loaded"):
     reload_reason: str = ""
 
 
-class ModelUnloaded(Message, tag="model_unloaded"):
+class ModelUnloaded(Message, frozen=True, tag="model_unloaded"):
     request_id: str
     name: str
 
@@ -216,7 +216,7 @@ class MemoryBudgetSource(enum.Enum):
     FLAG = "flag"  # the supervisor's --memory-budget
 
 
-class StatusReport(Message, tag="status"):
+class StatusReport(Message, frozen=True, tag="status"):
     request_id: str
     pid: int
     version: str
@@ -236,7 +236,7 @@ class StatusReport(Message, tag="status"):
     memory_held_by: dict[str, int] = {}
 
 
-class ShutdownStarted(Message, tag="shutdown_started"):
+class ShutdownStarted(Message, frozen=True, tag="shutdown_started"):
     request_id: str
 
 

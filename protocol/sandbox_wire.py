@@ -39,38 +39,38 @@ class ToolArguments(msgspec.Struct, frozen=True, kw_only=True, tag_field="tool")
 WorkspacePath = Annotated[str, msgspec.Meta(description="a path relative to the workspace")]
 
 
-class ShellArgs(ToolArguments, tag="shell"):
+class ShellArgs(ToolArguments, frozen=True, tag="shell"):
     command: str  # run by /bin/sh -c inside the sandbox; policy matches its parsed argv
     timeout_s: Annotated[float, msgspec.Meta(ge=1)] | None = None
 
 
-class ReadFileArgs(ToolArguments, tag="read_file"):
+class ReadFileArgs(ToolArguments, frozen=True, tag="read_file"):
     path: WorkspacePath
     offset: Annotated[int, msgspec.Meta(ge=0)] = 0  # first line, 0-based
     limit: Annotated[int, msgspec.Meta(ge=1)] | None = None  # lines
 
 
-class WriteFileArgs(ToolArguments, tag="write_file"):
+class WriteFileArgs(ToolArguments, frozen=True, tag="write_file"):
     path: WorkspacePath
     content: str
 
 
-class EditFileArgs(ToolArguments, tag="edit_file"):
+class EditFileArgs(ToolArguments, frozen=True, tag="edit_file"):
     # Replace exactly one occurrence of `old` with `new` (fails when missing or ambiguous).
     path: WorkspacePath
     old: str
     new: str
 
 
-class ListDirArgs(ToolArguments, tag="list_dir"):
+class ListDirArgs(ToolArguments, frozen=True, tag="list_dir"):
     path: WorkspacePath = "."
 
 
-class GlobArgs(ToolArguments, tag="glob"):
+class GlobArgs(ToolArguments, frozen=True, tag="glob"):
     pattern: str
 
 
-class GrepArgs(ToolArguments, tag="grep"):
+class GrepArgs(ToolArguments, frozen=True, tag="grep"):
     pattern: str  # a Python regular expression
     path: WorkspacePath = "."
     glob: str | None = None  # only files whose workspace-relative path matches
@@ -141,11 +141,11 @@ class ToolEnvelope(msgspec.Struct, frozen=True, kw_only=True):
     duration_ms: float = 0.0
 
 
-class SandboxReady(Message, tag="sandbox_ready"):
+class SandboxReady(Message, frozen=True, tag="sandbox_ready"):
     report: ConfinementReport
 
 
-class RunTool(Message, tag="run_tool"):
+class RunTool(Message, frozen=True, tag="run_tool"):
     request_id: str
     arguments: SandboxedArgs
     workspace: str  # absolute; every path the tool touches resolves beneath it
@@ -161,13 +161,13 @@ class ToolStream(enum.Enum):
     STDERR = "stderr"
 
 
-class ToolChunk(Message, tag="tool_chunk"):
+class ToolChunk(Message, frozen=True, tag="tool_chunk"):
     request_id: str
     stream: ToolStream
     text: str
 
 
-class ToolFinished(Message, tag="tool_finished"):
+class ToolFinished(Message, frozen=True, tag="tool_finished"):
     request_id: str
     envelope: ToolEnvelope
 

@@ -61,36 +61,36 @@ class SessionMessage(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
 
 
-class ListSessions(Message, tag="list_sessions"):
+class ListSessions(Message, frozen=True, tag="list_sessions"):
     request_id: str
 
 
-class ShowSession(Message, tag="show_session"):
+class ShowSession(Message, frozen=True, tag="show_session"):
     request_id: str
     name: str
     # Also render the exact prompt the model would receive next.
     with_prompt: bool = False
 
 
-class DeleteSession(Message, tag="delete_session"):
+class DeleteSession(Message, frozen=True, tag="delete_session"):
     request_id: str
     name: str
 
 
-class ForkSession(Message, tag="fork_session"):
+class ForkSession(Message, frozen=True, tag="fork_session"):
     request_id: str
     name: str
     new_name: str
 
 
-class ClearSession(Message, tag="clear_session"):
+class ClearSession(Message, frozen=True, tag="clear_session"):
     """Forget the conversation but keep the session (and its pins)."""
 
     request_id: str
     name: str
 
 
-class PinMessage(Message, tag="pin_message"):
+class PinMessage(Message, frozen=True, tag="pin_message"):
     """Pin `text` as a note that survives pruning, or, with no text, the last user message."""
 
     request_id: str
@@ -98,19 +98,19 @@ class PinMessage(Message, tag="pin_message"):
     text: str | None = None
 
 
-class SessionList(Message, tag="sessions"):
+class SessionList(Message, frozen=True, tag="sessions"):
     request_id: str
     sessions: list[SessionSummary]
 
 
-class SessionDetail(Message, tag="session"):
+class SessionDetail(Message, frozen=True, tag="session"):
     request_id: str
     session: SessionSummary
     messages: list[SessionMessage]
     prompt: str = ""  # with_prompt: the exact next prompt
 
 
-class SessionChanged(Message, tag="session_changed"):
+class SessionChanged(Message, frozen=True, tag="session_changed"):
     """The answer to delete, fork, clear and pin."""
 
     request_id: str

@@ -34,6 +34,7 @@ from bastion.protocol.sandbox_wire import (
     GrepArgs,
     ListDirArgs,
     ReadFileArgs,
+    SandboxedArgs,
     ShellArgs,
     ToolArguments,
     WriteFileArgs,
@@ -58,7 +59,7 @@ class ToolGroup(enum.Enum):
 
 @dataclass(frozen=True)
 class SandboxedTool:
-    arguments: type[ToolArguments]
+    arguments: type[SandboxedArgs]
     description: str
     kind: ToolKind
     writes: bool
@@ -115,7 +116,7 @@ SANDBOXED_TOOLS: tuple[SandboxedTool, ...] = (
 )  # fmt: skip
 
 _BY_NAME = {tool.name: tool for tool in SANDBOXED_TOOLS}
-_BY_TYPE = {tool.arguments: tool for tool in SANDBOXED_TOOLS}
+_BY_TYPE: dict[type[ToolArguments], SandboxedTool] = {tool.arguments: tool for tool in SANDBOXED_TOOLS}
 
 FILE_TOOLS = frozenset(tool.name for tool in SANDBOXED_TOOLS if tool.kind is ToolKind.FILE)
 # File tools that change the workspace: they refuse to run unless the call is writable.

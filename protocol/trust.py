@@ -8,6 +8,8 @@ with the call allowed or denied (a wait that times out is a deny).
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from bastion.protocol.agent_events import ToolDecisionKind
@@ -16,7 +18,7 @@ from bastion.protocol.sandbox_wire import ConfinementReport, SandboxedArgs, Tool
 from bastion.protocol.tool_catalog import TrustFlag
 
 
-class ApprovalRequired(Message, tag="approval_required"):
+class ApprovalRequired(Message, frozen=True, tag="approval_required"):
     request_id: str
     approval_id: str
     call_id: str
@@ -37,16 +39,16 @@ class ApprovalInfo(msgspec.Struct, frozen=True, kw_only=True):
     expires_at: float
 
 
-class ListApprovals(Message, tag="list_approvals"):
+class ListApprovals(Message, frozen=True, tag="list_approvals"):
     request_id: str
 
 
-class ApprovalList(Message, tag="approvals"):
+class ApprovalList(Message, frozen=True, tag="approvals"):
     request_id: str
     approvals: list[ApprovalInfo]
 
 
-class ResolveApproval(Message, tag="resolve_approval"):
+class ResolveApproval(Message, frozen=True, tag="resolve_approval"):
     request_id: str
     approval_id: str
     approve: bool
@@ -54,7 +56,7 @@ class ResolveApproval(Message, tag="resolve_approval"):
     uses: int | None = None  # how many identical calls it covers (None: unlimited; default 1 via the CLI)
 
 
-class ApprovalResolved(Message, tag="approval_resolved"):
+class ApprovalResolved(Message, frozen=True, tag="approval_resolved"):
     request_id: str
     approval_id: str
     approved: bool
@@ -63,22 +65,22 @@ class ApprovalResolved(Message, tag="approval_resolved"):
 class ToolInfo(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     description: str
-    parameters: dict
+    parameters: dict[Any, Any]
     sandboxed: bool
     writes: bool
     needs_flag: TrustFlag | None = None  # the flag that turns it on, when it is off by default
 
 
-class ListTools(Message, tag="list_tools"):
+class ListTools(Message, frozen=True, tag="list_tools"):
     request_id: str
 
 
-class ToolList(Message, tag="tools"):
+class ToolList(Message, frozen=True, tag="tools"):
     request_id: str
     tools: list[ToolInfo]
 
 
-class InvokeTool(Message, tag="invoke_tool"):
+class InvokeTool(Message, frozen=True, tag="invoke_tool"):
     """`bastion tools run`: one call through exactly the gate and sandbox a model's call would use."""
 
     request_id: str
@@ -88,25 +90,25 @@ class InvokeTool(Message, tag="invoke_tool"):
     allow_write: bool = False
 
 
-class ToolInvoked(Message, tag="tool_invoked"):
+class ToolInvoked(Message, frozen=True, tag="tool_invoked"):
     request_id: str
     decision: ToolDecisionKind  # after approvals: allow or deny
     reason: str
     envelope: ToolEnvelope | None = None  # None when the call was not run
 
 
-class ShowPolicy(Message, tag="show_policy"):
+class ShowPolicy(Message, frozen=True, tag="show_policy"):
     request_id: str
 
 
-class PolicyShown(Message, tag="policy"):
+class PolicyShown(Message, frozen=True, tag="policy"):
     request_id: str
     source: str  # the file it was loaded from
     hash: str
     text: str  # the effective rules, each with where it came from
 
 
-class CheckPolicy(Message, tag="check_policy"):
+class CheckPolicy(Message, frozen=True, tag="check_policy"):
     request_id: str
     cases_path: str
     workspace: str
@@ -120,16 +122,16 @@ class PolicyCaseResult(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
-class PolicyChecked(Message, tag="policy_checked"):
+class PolicyChecked(Message, frozen=True, tag="policy_checked"):
     request_id: str
     results: list[PolicyCaseResult]
 
 
-class VerifyAudit(Message, tag="verify_audit"):
+class VerifyAudit(Message, frozen=True, tag="verify_audit"):
     request_id: str
 
 
-class AuditVerified(Message, tag="audit_verified"):
+class AuditVerified(Message, frozen=True, tag="audit_verified"):
     request_id: str
     ok: bool
     records: int
@@ -137,11 +139,11 @@ class AuditVerified(Message, tag="audit_verified"):
     path: str
 
 
-class Diagnose(Message, tag="diagnose"):
+class Diagnose(Message, frozen=True, tag="diagnose"):
     request_id: str
 
 
-class Diagnosis(Message, tag="diagnosis"):
+class Diagnosis(Message, frozen=True, tag="diagnosis"):
     request_id: str
     confinement: ConfinementReport
     notes: list[str]

@@ -30,7 +30,7 @@ from bastion.protocol.common import (
 from bastion.protocol.errors import ErrorCode
 
 
-class Generate(Message, tag="generate"):
+class Generate(Message, frozen=True, tag="generate"):
     """Generate a completion of `prompt` (already rendered by the supervisor).
 
     `session_id` names whose KV state this is; the worker reuses the longest
@@ -67,23 +67,23 @@ class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
     gguf_name: str = ""  # general.name, '' when the GGUF has none
 
 
-class WorkerReady(Message, tag="worker_ready"):
+class WorkerReady(Message, frozen=True, tag="worker_ready"):
     model: ModelDescription
 
 
-class WorkerLoadFailed(Message, tag="load_failed"):
+class WorkerLoadFailed(Message, frozen=True, tag="load_failed"):
     code: ErrorCode
     message: str
 
 
-class GenerationFinished(Message, tag="generation_finished"):
+class GenerationFinished(Message, frozen=True, tag="generation_finished"):
     request_id: str
     stop_reason: StopReason
     completion_tokens: int
     kv_tokens: int
 
 
-class SetThreads(Message, tag="set_threads"):
+class SetThreads(Message, frozen=True, tag="set_threads"):
     """Use `threads` threads from the next decode step on, also mid-generation:
     the supervisor shares the cores among the workers that are busy."""
 

@@ -193,7 +193,7 @@ class Supervisor:
         try:
             yield
         except SupervisorError as exc:
-            self._reply_error(client, request_id, exc.code, exc.message)
+            self._reply_error(client, request_id, exc.code, exc.message, retryable=exc.retryable)
         except asyncio.CancelledError:
             self._reply_error(client, request_id, ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down",
                               retryable=True)

@@ -20,8 +20,9 @@ import fcntl
 import logging
 import os
 import signal
+import types
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Any, cast
 
 import zmq
 import zmq.asyncio
@@ -267,7 +268,9 @@ class SupervisorDaemon:
             return
         error = task.exception()
         if error is not None:
-            log.critical("%s stopped: %r; shutting down", task.get_coro().__name__, error, exc_info=error)
+            # Each loop is a coroutine object (see serve), which has a __name__.
+            loop = cast("types.CoroutineType[Any, Any, None]", task.get_coro())
+            log.critical("%s stopped: %r; shutting down", loop.__name__, error, exc_info=error)
             self._stop.set()
 
     def _close(self) -> None:

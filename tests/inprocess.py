@@ -19,7 +19,6 @@ processes (tests marked `e2e`).
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -60,18 +59,10 @@ from bastion.supervisor.trust.audit import AuditLog
 from bastion.worker.__main__ import engine_factory
 from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.core import WorkerCore
+from tests.scripted import script, tool_call
 
-
-def script(folder: Path, *replies: str, name: str = "script") -> str:
-    """A scripted model (a file of canned replies) as a `model` value."""
-    path = folder / f"{name}.json"
-    path.write_text(json.dumps(list(replies)))
-    return f"scripted:{path}"
-
-
-def tool_call(name: str, **arguments: object) -> str:
-    """A reply holding one fenced tool call, as the advertised format asks."""
-    return f"```tool_call\n{json.dumps({'name': name, 'arguments': arguments})}\n```"
+__all__ = ["FakeSandbox", "InProcessSupervisor", "InProcessWorkers", "failure_of", "script", "tool_call",
+           "types_of"]
 
 
 class _InProcessWorker:

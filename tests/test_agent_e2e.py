@@ -1,38 +1,26 @@
-"""The agent harness end to end: real supervisor, real worker processes.
+"""The agent harness end to end: the real CLI, supervisor and worker processes.
 
-Scripted models (`--model scripted:FILE`) replay canned replies through the
-same worker process and protocol as a GGUF, so the loop's behaviour — tool
-calls, repairs, ceilings, sessions — is tested deterministically; the real
-SmolLM2 model then shows the same path works with a model that decides for
-itself.
+The loop's rules (stop reasons, repairs, ceilings, event order, retries) are
+tested in-process in test_harness.py; here one scripted run shows the same
+loop through the real processes and protocol, and the real SmolLM2 model
+shows it works with a model that decides for itself: prompts, templates,
+sessions across a restart, chat, cancel, the context budget over twenty turns.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-from itertools import count
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Bastion, smollm2_gguf
-from tests.test_cli_e2e import events_of, start_streaming
+from tests.e2e_support import Bastion, events_of, start_streaming, write_config
+from tests.real_models import smollm2_gguf
+from tests.scripted import script
+from tests.scripted import tool_call as call
 
-pytestmark = pytest.mark.model
-
-_files = count(1)
-
-
-def script(tmp_path: Path, *replies: str) -> str:
-    """A scripted model of its own (one worker per file name), as a --model value."""
-    path = tmp_path / f"script{next(_files)}.json"
-    path.write_text(json.dumps(list(replies)))
-    return f"scripted:{path}"
-
-
-def call(name: str, **arguments: object) -> str:
-    return f"```tool_call\n{json.dumps({'name': name, 'arguments': arguments})}\n```"
+pytestmark = pytest.mark.e2e
 
 
 def test_a_tool_call_runs_and_its_result_reaches_the_model(bastion: Bastion, tmp_path: Path) -> None:
@@ -57,104 +45,32 @@ def test_a_tool_call_runs_and_its_result_reaches_the_model(bastion: Bastion, tmp
     # The second generation saw the tool result and reused the first one's prefix.
     second = events_of(lines, "generation_stats")[1]
     assert second["cached_tokens"] > 0.8 * events_of(lines, "generation_stats")[0]["prompt_tokens"]
+    # A tool nobody has is a usage error, named with the ones there are.
+    unknown = bastion("run", "hi", "--model", model, "--tools", "calculator,teleport")
+    assert unknown.returncode == 2 and "teleport" in unknown.stderr and "calculator" in unknown.stderr
 
 
-def test_several_calls_in_one_reply_run_in_order(bastion: Bastion, tmp_path: Path) -> None:
-    reply = call("clock", timezone="UTC") + "\nand\n" + call("calculator", expression="2**10")
-    model = script(tmp_path, reply, "Done.")
-    code, lines = bastion.json("run", "Time and 2^10?", "--model", model, "--tools", "clock,calculator")
-    assert code == 0
-    assert [e["name"] for e in events_of(lines, "tool_call")] == ["clock", "calculator"]
-    assert len(events_of(lines, "tool_decision")) == 2
-    ends = events_of(lines, "tool_end")
-    assert [e["name"] for e in ends] == ["clock", "calculator"] and ends[1]["content"] == "1024"
-    assert "UTC" in ends[0]["content"] or "+00:00" in ends[0]["content"]
-
-
-def test_without_tools_a_reply_is_never_parsed(bastion: Bastion, tmp_path: Path) -> None:
-    reply = call("calculator", expression="1+1")
-    code, lines = bastion.json("run", "hi", "--model", script(tmp_path, reply))
-    assert code == 0
-    assert not events_of(lines, "tool_call")
-    assert "".join(e["text"] for e in events_of(lines, "token")) == reply
-
-
-def test_an_unknown_tool_is_fed_back_and_the_model_can_recover(bastion: Bastion, tmp_path: Path) -> None:
-    model = script(tmp_path, call("weather", city="Oslo"), call("calculator", expression="3+4"), "Seven.")
-    code, lines = bastion.json("run", "hi", "--model", model, "--tools", "calculator")
-    assert code == 0 and lines[-1]["stop_reason"] == "stop"
-    warning = events_of(lines, "warning")[0]
-    assert warning["code"] == "tool_call_invalid" and "weather" in warning["message"]
-    assert [e["name"] for e in events_of(lines, "tool_end")] == ["calculator"]
-    # The repair hint went back to the model as a result: the session shows it.
-
-
-def test_unusable_calls_end_the_run_after_a_bounded_number_of_repairs(bastion: Bastion, tmp_path: Path) -> None:
-    broken = "```tool_call\n{\"name\": \"calculator\", \"arguments\": {\"expression\": \n```"
-    model = script(tmp_path, *[broken] * 6)
-    code, lines = bastion.json("run", "hi", "--model", model, "--tools", "calculator", "--max-iterations", "8")
-    assert code == 1
-    assert lines[-1]["stop_reason"] == "repair_limit"
-    assert len(events_of(lines, "turn_start")) == 3  # the first try and two repairs
-    assert any("giving up" in w["message"] for w in events_of(lines, "warning"))
-
-
-def test_the_iteration_ceiling_ends_the_run_with_a_warning(bastion: Bastion, tmp_path: Path) -> None:
-    model = script(tmp_path, *[call("calculator", expression=f"{i}+1") for i in range(5)])
-    code, lines = bastion.json("run", "loop", "--model", model, "--tools", "calculator", "--max-iterations", "3")
-    assert code == 1
-    assert lines[-1]["stop_reason"] == "max_iterations"
-    assert len(events_of(lines, "turn_start")) == 3 and len(events_of(lines, "tool_end")) == 3
-    assert events_of(lines, "warning")[-1]["code"] == "max_iterations"
-
-
-def test_an_unknown_tool_name_on_the_command_line_is_a_usage_error(bastion: Bastion, tmp_path: Path) -> None:
-    done = bastion("run", "hi", "--model", script(tmp_path, "x"), "--tools", "calculator,teleport")
-    assert done.returncode == 2
-    assert "teleport" in done.stderr and "calculator" in done.stderr
-
-
-def test_show_prompt_prints_the_exact_prompt_and_generates_nothing(bastion: Bastion) -> None:
-    done = bastion("run", "What is 2+2?", "--system", "Be brief.", "--show-prompt")
+@pytest.mark.real_model
+def test_show_prompt_prints_the_exact_prompt_and_generates_nothing(shared_bastion: Bastion) -> None:
+    done = shared_bastion("run", "What is 2+2?", "--system", "Be brief.", "--show-prompt")
     assert done.returncode == 0
     assert done.stdout.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2+2?")
     assert done.stdout.endswith("<|im_start|>assistant\n")
-    code, lines = bastion.json("run", "What is 2+2?", "--show-prompt")
+    code, lines = shared_bastion.json("run", "What is 2+2?", "--show-prompt")
     assert code == 0 and not events_of(lines, "token") and not events_of(lines, "generation_stats")
     prompt = events_of(lines, "prompt")[0]
     assert prompt["tokens"] > 5 and prompt["template"] == "gguf (chatml family)"
 
 
-def test_template_override_per_run(bastion: Bastion) -> None:
-    code, lines = bastion.json("run", "Hi", "--template", "llama3", "--show-prompt")
+@pytest.mark.real_model
+def test_template_override_per_run(shared_bastion: Bastion) -> None:
+    code, lines = shared_bastion.json("run", "Hi", "--template", "llama3", "--show-prompt")
     assert code == 0
     prompt = events_of(lines, "prompt")[0]
     assert prompt["template"].startswith("override:llama3")
     assert "<|start_header_id|>user<|end_header_id|>" in prompt["prompt"]
-    bad = bastion("run", "Hi", "--template", "klingon", "--show-prompt")
+    bad = shared_bastion("run", "Hi", "--template", "klingon", "--show-prompt")
     assert bad.returncode == 2 and "chatml" in bad.stderr
-
-
-def test_a_session_keeps_its_prefix_byte_stable_turn_after_turn(bastion: Bastion, tmp_path: Path) -> None:
-    replies = ["First answer.", "Second answer.", "Third answer."]
-    model = script(tmp_path, *replies)
-    prompts, stats = [], []
-    for question in ("one?", "two?", "three?"):
-        shown = bastion("run", question, "--session", "stable", "--model", model, "--show-prompt")
-        assert shown.returncode == 0
-        prompts.append(shown.stdout)
-        code, lines = bastion.json("run", question, "--session", "stable", "--model", model)
-        assert code == 0
-        stats.append(events_of(lines, "generation_stats")[0])
-    # Turn N's prompt is turn N-1's prompt, its reply, and the new message: nothing re-rendered.
-    for earlier, reply, later in zip(prompts, replies, prompts[1:], strict=False):
-        assert later.startswith(earlier + reply)
-    # So the worker reuses all of it (the scripted engine counts one token per byte).
-    for previous, current in zip(stats, stats[1:], strict=False):
-        assert current["cached_tokens"] >= previous["prompt_tokens"] + previous["completion_tokens"] - 2
-    # `sessions show --prompt` is the same text, up to the generation prompt, as the next turn will see.
-    pending = bastion("sessions", "show", "stable", "--prompt").stdout
-    assert pending.startswith(prompts[-1] + replies[-1])
 
 
 def test_sessions_persist_across_a_supervisor_restart_and_can_be_forked(bastion: Bastion, tmp_path: Path) -> None:
@@ -184,7 +100,7 @@ def test_sessions_persist_across_a_supervisor_restart_and_can_be_forked(bastion:
 def test_chat_with_slash_commands_from_stdin(bastion: Bastion, tmp_path: Path) -> None:
     import subprocess
 
-    from tests.conftest import BASTION
+    from tests.e2e_support import BASTION
 
     first, second = script(tmp_path, "Hello there.", "Still here."), script(tmp_path, "Other model.")
     lines = ["hello", "/pin the code is 1234", "/model " + second.split(":", 1)[1], "/help", "again",
@@ -201,23 +117,25 @@ def test_chat_with_slash_commands_from_stdin(bastion: Bastion, tmp_path: Path) -
     assert [(m["content"], m["pinned"]) for m in detail["messages"]] == [("the code is 1234", True)]
 
 
-def test_cancel_keeps_the_partial_reply_marked_interrupted(bastion: Bastion) -> None:
+@pytest.mark.real_model
+def test_cancel_keeps_the_partial_reply_marked_interrupted(shared_bastion: Bastion) -> None:
     process, events, first_token, reader = start_streaming(
-        bastion, "Write a long story about a cat.", "--session", "cut", "--max-tokens", "2000", "--ignore-eos")
+        shared_bastion, "Write a long story about a cat.", "--session", "cut", "--max-tokens", "2000", "--ignore-eos")
     assert first_token.wait(120)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=60) == 130
     reader.join(10)
-    _, (detail,) = bastion.json("sessions", "show", "cut")
+    _, (detail,) = shared_bastion.json("sessions", "show", "cut")
     reply = detail["messages"][-1]
     assert reply["role"] == "assistant" and reply["interrupted"] is True and reply["content"]
     # The next turn continues the session normally.
-    code, lines = bastion.json("run", "Shorter, please.", "--session", "cut", "--max-tokens", "8")
+    code, lines = shared_bastion.json("run", "Shorter, please.", "--session", "cut", "--max-tokens", "8")
     assert code == 0 and lines[-1]["stop_reason"] in ("stop", "length")
 
 
-def test_the_real_model_is_offered_the_calculator_and_the_loop_terminates(bastion: Bastion) -> None:
-    code, lines = bastion.json(
+@pytest.mark.real_model
+def test_the_real_model_is_offered_the_calculator_and_the_loop_terminates(shared_bastion: Bastion) -> None:
+    code, lines = shared_bastion.json(
         "run", "What is 12 times 7? Use the calculator tool.", "--tools", "calculator", "--max-iterations", "4",
         "--max-tokens", "96", "--temperature", "0",
     )  # fmt: skip
@@ -231,21 +149,21 @@ def test_the_real_model_is_offered_the_calculator_and_the_loop_terminates(bastio
     assert len(events_of(lines, "tool_call")) == len(events_of(lines, "tool_end"))
 
 
-def small_context_model(bastion: Bastion, n_ctx: int) -> str:
-    bastion.home.mkdir(parents=True, exist_ok=True)
-    (bastion.home / "config.toml").write_text(
-        f'[models.small-ctx]\npath = "{smollm2_gguf()}"\nn_ctx = {n_ctx}\n'
-    )
-    return "small-ctx"
+def small_context_models(bastion: Bastion) -> None:
+    """SmolLM2 registered with small contexts (`small-ctx-1024`, `small-ctx-256`)."""
+    write_config(bastion, "".join(f'[models.small-ctx-{n}]\npath = "{smollm2_gguf()}"\nn_ctx = {n}\n\n'
+                                  for n in (1024, 256)))
 
 
-def test_a_twenty_turn_chat_stays_in_budget_and_keeps_the_cache_warm(bastion: Bastion) -> None:
-    model = small_context_model(bastion, 1024)
+@pytest.mark.real_model
+def test_a_twenty_turn_chat_stays_in_budget_and_keeps_the_cache_warm(shared_bastion: Bastion) -> None:
+    small_context_models(shared_bastion)
+    model = "small-ctx-1024"
     topics = ["rivers", "mountains", "bread", "owls", "trains", "tea", "maps", "bees", "clocks", "boats"]
     rows = []
     for turn in range(20):
         question = f"Tell me one short fact about {topics[turn % len(topics)]}."
-        code, lines = bastion.json("run", question, "--session", "long", "--model", model, "--max-tokens", "48",
+        code, lines = shared_bastion.json("run", question, "--session", "long", "--model", model, "--max-tokens", "48",
                                    "--temperature", "0")
         assert code == 0, lines[-2:]
         budget = events_of(lines, "context_budget")[0]
@@ -267,32 +185,11 @@ def test_a_twenty_turn_chat_stays_in_budget_and_keeps_the_cache_warm(bastion: Ba
         print(f"{i:4d} {used:4d}/{limit} {prompt_tokens:6d} {cached:6d} {'yes' if pruned else ''}")
 
 
-def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(bastion: Bastion, tmp_path: Path) -> None:
-    long_reply = "word " * 40  # 200 tokens for the byte-counting scripted engine
-    # Four turns fill the 900-token budget; before the fifth the loop asks for
-    # a summary (the fifth reply), then answers with the sixth.
-    replies = [long_reply] * 4 + ["SUMMARY: the user asked three things.", "ok"]
-    path = tmp_path / "sum.json"
-    path.write_text(json.dumps(replies))
-    bastion.home.mkdir(parents=True, exist_ok=True)
-    (bastion.home / "config.toml").write_text(
-        f'[models.tiny]\nsource = {{ kind = "scripted", path = "{path}" }}\nn_ctx = 1100\n'
-    )
-    for question in ("first?", "second?", "third?", "fourth?", "fifth?"):
-        code, lines = bastion.json("run", question, "--session", "fold", "--model", "tiny", "--context", "summarize",
-                                   "--max-tokens", "200")
-        assert code == 0, lines[-2:]
-    assert "".join(e["text"] for e in events_of(lines, "token")) == "ok"  # the summary call was hidden
-    _, (detail,) = bastion.json("sessions", "show", "fold")
-    summaries = [m for m in detail["messages"] if m["content"].startswith("SUMMARY")]
-    assert len(summaries) == 1 and summaries[0]["pinned"]
-    shown = bastion("sessions", "show", "fold", "--prompt").stdout
-    assert "SUMMARY: the user asked three things." in shown and "first?" not in shown
-
-
-def test_a_prompt_that_cannot_fit_is_a_clear_error(bastion: Bastion) -> None:
-    model = small_context_model(bastion, 256)
-    code, lines = bastion.json("run", "tell me " * 400, "--model", model, "--max-tokens", "16")
+@pytest.mark.real_model
+def test_a_prompt_that_cannot_fit_is_a_clear_error(shared_bastion: Bastion) -> None:
+    small_context_models(shared_bastion)
+    model = "small-ctx-256"
+    code, lines = shared_bastion.json("run", "tell me " * 400, "--model", model, "--max-tokens", "16")
     assert code == 1
     error = events_of(lines, "error")[0]
     assert error["code"] == "context_overflow" and "n_ctx" in error["message"]

@@ -232,3 +232,15 @@ def test_lives_beside_the_session_store(db_path: Path, clock: Clock) -> None:
         applied = [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
     assert applied == [migration.__name__ for migration in MIGRATIONS]
     assert applied[-1] == "m004_approvals"
+
+
+def test_expiring_one_ask_leaves_the_others_pending(tmp_path: Path) -> None:
+    store = ApprovalStore.open(tmp_path / "a.db", clock=lambda: 1000.0)
+    first = store.create_ask(session="s", request_id="r1", call_id="c", tool="write_file", arguments="{}",
+                             workspace="/w", policy_hash="h", wait_s=300)
+    second = store.create_ask(session="t", request_id="r2", call_id="c", tool="write_file", arguments="{}",
+                              workspace="/w", policy_hash="h", wait_s=300)
+    assert store.expire(first.id, 1001.0)
+    assert not store.expire(first.id, 1002.0)  # no longer pending
+    assert [ask.id for ask in store.pending()] == [second.id]
+    assert store.get(first.id).status is ApprovalStatus.EXPIRED  # type: ignore[union-attr]

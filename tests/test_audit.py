@@ -347,6 +347,7 @@ def test_a_failed_write_records_nothing_and_says_so(path: Path, monkeypatch: pyt
     assert verify(path).ok
 
 
+@pytest.mark.e2e
 def test_a_real_file_size_limit_records_nothing_and_leaves_a_valid_log(path: Path) -> None:
     """RLIMIT_FSIZE makes the kernel cut a write short and then refuse, as a full disk does."""
     write_log(path, 2)

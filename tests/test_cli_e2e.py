@@ -1,28 +1,28 @@
 """End to end through the real CLI, supervisor, worker processes and SmolLM2.
 
-Each test here starts from the user's side: the `bastion` command with a fresh
-`BASTION_HOME`. The supervisor is started by the first command, as it is for a
-user, and stopped by the fixture (which also checks nothing is left behind).
+Each test here starts from the user's side: the `bastion` command with a
+`BASTION_HOME` of its own, or — for tests that neither stop nor break the
+supervisor — one the module shares. The supervisor is started by the first
+command, as it is for a user, and stopped by the fixture (which also checks
+nothing is left behind).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.conftest import Bastion
+from bastion.protocol import WorkerState
+from tests.e2e_support import Bastion, events_of, start_streaming, wait_for_supervisor
+from tests.real_models import smollm2_gguf
+from tests.waiting import wait_gone
 
-pytestmark = pytest.mark.model
-
-
-def events_of(lines: list[dict], kind: str) -> list[dict]:
-    return [line for line in lines if line["type"] == kind]
+pytestmark = pytest.mark.real_model
 
 
 def test_first_run_starts_the_supervisor_and_streams_an_answer(bastion: Bastion) -> None:
@@ -40,8 +40,8 @@ def test_first_run_starts_the_supervisor_and_streams_an_answer(bastion: Bastion)
     assert (bastion.home / "run").stat().st_mode & 0o777 == 0o700
 
 
-def test_json_stream_has_typed_events_in_order(bastion: Bastion) -> None:
-    code, lines = bastion.json("run", "Name three colours.", "--max-tokens", "16", "--temperature", "0")
+def test_json_stream_has_typed_events_in_order(shared_bastion: Bastion) -> None:
+    code, lines = shared_bastion.json("run", "Name three colours.", "--max-tokens", "16", "--temperature", "0")
     assert code == 0
     types = [line["type"] for line in lines if line["type"] != "load_progress"]
     assert types[:3] == ["run_start", "turn_start", "context_budget"]
@@ -60,13 +60,13 @@ def test_json_stream_has_typed_events_in_order(bastion: Bastion) -> None:
     assert lines[-1]["stop_reason"] in ("stop", "length")
 
 
-def test_same_seed_same_answer_and_greedy_is_repeatable(bastion: Bastion) -> None:
+def test_same_seed_same_answer_and_greedy_is_repeatable(shared_bastion: Bastion) -> None:
     args = ("run", "Tell me a fact about owls.", "--max-tokens", "20")
-    first = bastion(*args, "--seed", "7", "--temperature", "0.9")
-    second = bastion(*args, "--seed", "7", "--temperature", "0.9")
+    first = shared_bastion(*args, "--seed", "7", "--temperature", "0.9")
+    second = shared_bastion(*args, "--seed", "7", "--temperature", "0.9")
     assert first.returncode == second.returncode == 0
     assert first.stdout == second.stdout
-    greedy = [bastion(*args, "--temperature", "0") for _ in range(2)]
+    greedy = [shared_bastion(*args, "--temperature", "0") for _ in range(2)]
     assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout
 
 
@@ -80,37 +80,37 @@ def test_same_seed_same_answer_and_greedy_is_repeatable(bastion: Bastion) -> Non
     ],
     ids=["unknown_model", "missing_file", "bad_value", "bad_flag"],
 )
-def test_usage_errors_exit_2_with_a_clear_message(bastion: Bastion, args: tuple[str, ...], needle: str) -> None:
-    done = bastion("run", "hello", *args)
+def test_usage_errors_exit_2_with_a_clear_message(shared_bastion: Bastion, args: tuple[str, ...], needle: str) -> None:
+    done = shared_bastion("run", "hello", *args)
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert needle in done.stderr
 
 
-def test_not_a_gguf_is_a_usage_error_in_json_too(bastion: Bastion, tmp_path: Path) -> None:
+def test_not_a_gguf_is_a_usage_error_in_json_too(shared_bastion: Bastion, tmp_path: Path) -> None:
     fake = tmp_path / "notes.gguf"
     fake.write_text("just text")
-    code, lines = bastion.json("run", "hello", "--model", str(fake))
+    code, lines = shared_bastion.json("run", "hello", "--model", str(fake))
     assert code == 2
     error = events_of(lines, "error")[0]
     assert error["code"] == "invalid_model_file" and str(fake) in error["message"]
     assert lines[-1] == {"type": "run_end", "request_id": error["request_id"], "stop_reason": "error"}
 
 
-def test_a_gguf_that_crashes_the_loader_is_a_model_error(bastion: Bastion, tmp_path: Path) -> None:
+def test_a_gguf_that_crashes_the_loader_is_a_model_error(shared_bastion: Bastion, tmp_path: Path) -> None:
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(4096))
-    code, lines = bastion.json("run", "hello", "--model", str(broken))
+    code, lines = shared_bastion.json("run", "hello", "--model", str(broken))
     assert code == 1
     error = events_of(lines, "error")[0]
     assert error["code"] == "model_load_failed" and "broken" in error["message"]
     # The supervisor survived it.
-    assert bastion("status").returncode == 0
+    assert shared_bastion("status").returncode == 0
 
 
-def test_extending_a_prompt_reuses_the_kv_cache(bastion: Bastion) -> None:
+def test_extending_a_prompt_reuses_the_kv_cache(shared_bastion: Bastion) -> None:
     history = " ".join(f"Fact {i}: the number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(60))
-    _, first = bastion.json("run", history, "--max-tokens", "4", "--temperature", "0")
-    _, second = bastion.json("run", history + " Fact 60: sixty is even. Which fact is last?",
+    _, first = shared_bastion.json("run", history, "--max-tokens", "4", "--temperature", "0")
+    _, second = shared_bastion.json("run", history + " Fact 60: sixty is even. Which fact is last?",
                              "--max-tokens", "4", "--temperature", "0")
     cold = events_of(first, "generation_stats")[0]
     warm = events_of(second, "generation_stats")[0]
@@ -139,27 +139,6 @@ def test_ps_load_and_unload(bastion: Bastion) -> None:
     assert missing.returncode == 2 and "not loaded" in missing.stderr
 
 
-def _read_json_lines(process, sink: list[tuple[float, dict]], first_token: threading.Event) -> None:
-    import msgspec
-
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.strip():
-            event = msgspec.json.decode(line)
-            sink.append((time.monotonic(), event))
-            if event["type"] == "token":
-                first_token.set()
-
-
-def start_streaming(bastion: Bastion, *args: str):
-    process = bastion.popen("run", *args, "--json")
-    events: list[tuple[float, dict]] = []
-    first_token = threading.Event()
-    reader = threading.Thread(target=_read_json_lines, args=(process, events, first_token), daemon=True)
-    reader.start()
-    return process, events, first_token, reader
-
-
 def test_killing_a_worker_mid_generation_reports_an_error_promptly(bastion: Bastion) -> None:
     process, events, first_token, reader = start_streaming(
         bastion, "Write a very long story about a lighthouse keeper.", "--max-tokens", "2000")
@@ -177,9 +156,9 @@ def test_killing_a_worker_mid_generation_reports_an_error_promptly(bastion: Bast
     assert bastion("run", "Hi", "--max-tokens", "3").returncode == 0
 
 
-def test_ctrl_c_cancels_the_generation_in_the_worker(bastion: Bastion) -> None:
+def test_ctrl_c_cancels_the_generation_in_the_worker(shared_bastion: Bastion) -> None:
     process, events, first_token, reader = start_streaming(
-        bastion, "Write a very long essay about the history of bread.", "--max-tokens", "3000",
+        shared_bastion, "Write a very long essay about the history of bread.", "--max-tokens", "3000",
         "--temperature", "0.7", "--seed", "1")
     assert first_token.wait(120)
     process.send_signal(signal.SIGINT)
@@ -190,9 +169,8 @@ def test_ctrl_c_cancels_the_generation_in_the_worker(bastion: Bastion) -> None:
     stats = next(e for _, e in events if e["type"] == "generation_stats")
     assert stats["completion_tokens"] < 3000
     # The worker is idle again at once, and serves the next request.
-    code, lines = bastion.json("ps")
-    assert lines[0]["models"][0]["state"] == "idle"
-    assert bastion("run", "Hi", "--max-tokens", "3").returncode == 0
+    assert shared_bastion.models()["smollm2-135m"].state is WorkerState.IDLE
+    assert shared_bastion("run", "Hi", "--max-tokens", "3").returncode == 0
 
 
 def test_down_stops_everything_and_removes_the_sockets(bastion: Bastion) -> None:
@@ -214,8 +192,7 @@ def test_sigterm_to_the_supervisor_stops_its_workers(bastion: Bastion) -> None:
     workers = supervisor.children()
     assert len(workers) == 1
     supervisor.send_signal(signal.SIGTERM)
-    gone, alive = psutil.wait_procs([supervisor, *workers], timeout=30)
-    assert not alive
+    assert not wait_gone([supervisor, *workers])
     assert not list((bastion.home / "run").glob("*.sock"))
 
 
@@ -225,19 +202,18 @@ def test_workers_exit_when_the_supervisor_is_killed(bastion: Bastion) -> None:
     supervisor = psutil.Process(status["pid"])
     workers = supervisor.children()
     supervisor.send_signal(signal.SIGKILL)
-    _, alive = psutil.wait_procs(workers, timeout=30)
-    assert not alive, "a worker outlived its supervisor"
+    assert not wait_gone(workers), "a worker outlived its supervisor"
     # The next command starts a fresh supervisor over the stale sockets.
     assert bastion("run", "Hi", "--max-tokens", "2").returncode == 0
 
 
-def test_two_models_generate_concurrently_in_their_own_workers(bastion: Bastion) -> None:
-    loaded = bastion("load", "gemma3-270m", timeout=600)
+def test_two_models_generate_concurrently_in_their_own_workers(shared_bastion: Bastion) -> None:
+    loaded = shared_bastion("load", "gemma3-270m", timeout=600)
     assert loaded.returncode == 0, loaded.stderr
-    assert bastion("load", "smollm2-135m").returncode == 0
+    assert shared_bastion("load", "smollm2-135m").returncode == 0
     prompt = "Write a long story about a dragon who learns to bake bread."
     runs = {
-        name: start_streaming(bastion, prompt, "--model", name, "--max-tokens", "200", "--ignore-eos",
+        name: start_streaming(shared_bastion, prompt, "--model", name, "--max-tokens", "200", "--ignore-eos",
                               "--temperature", "0.8", "--seed", "3")
         for name in ("smollm2-135m", "gemma3-270m")
     }
@@ -252,26 +228,17 @@ def test_two_models_generate_concurrently_in_their_own_workers(bastion: Bastion)
     small, gemma = token_times["smollm2-135m"], token_times["gemma3-270m"]
     # Overlapping token streams: each model produced tokens while the other was producing.
     assert small[0] < gemma[-1] and gemma[0] < small[-1]
-    _, lines = bastion.json("ps")
+    _, lines = shared_bastion.json("ps")
     listed = {model["name"]: model for model in lines[0]["models"]}
     assert listed["gemma3-270m"]["architecture"] == "gemma3"
     assert listed["gemma3-270m"]["chat_template"].startswith("builtin:gemma")
-    assert {listed[name]["pid"] for name in listed} == set(pids.values())
+    assert {listed[name]["pid"] for name in pids} == set(pids.values())
     # While both generated, each decoded with its share of the cores, not all of them.
     cores = len(os.sched_getaffinity(0))
     if cores % 2 == 0:  # an even split: each gets half
         for name in runs:
-            log = (bastion.home / "logs" / f"worker-{name}.log").read_text()
+            log = (shared_bastion.home / "logs" / f"worker-{name}.log").read_text()
             assert f"decoding with {cores // 2} thread(s)" in log, log[-2000:]
-
-
-def wait_for_supervisor(bastion: Bastion, pid: int, timeout: float = 60) -> None:
-    """Until the supervisor started by the test (not one the CLI would start) serves this home."""
-    pid_file = bastion.home / "run" / "supervisor.pid"
-    deadline = time.monotonic() + timeout
-    while not (pid_file.exists() and pid_file.read_text().strip() == str(pid)):
-        assert time.monotonic() < deadline, "the test's supervisor did not start"
-        time.sleep(0.05)
 
 
 def test_a_full_queue_answers_busy_with_a_retry_hint(bastion: Bastion) -> None:
@@ -289,14 +256,8 @@ def test_a_full_queue_answers_busy_with_a_retry_hint(bastion: Bastion) -> None:
         first, events, first_token, reader = start_streaming(bastion, *long)
         assert first_token.wait(120)
         queued, queued_events, _, queued_reader = start_streaming(bastion, *long)
-        code, lines = 0, []
         # The queue holds one; a third request is refused at once instead of waiting.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            _, lines = bastion.json("ps")
-            if lines[0]["models"][0]["queued"] == 1:
-                break
-        assert lines[0]["models"][0]["queued"] == 1
+        bastion.wait_for_model("smollm2-135m", lambda model: model.queued == 1)
         code, lines = bastion.json("run", *long)
         assert code == 1
         error = events_of(lines, "error")[0]
@@ -357,8 +318,6 @@ def test_a_broken_config_is_a_usage_error_naming_the_line_and_fixing_it_needs_no
     assert broken.returncode == 2
     assert "config.toml:3" in broken.stderr and "n_ctx" in broken.stderr
     # Fix it while the supervisor runs: the next request sees the new registry.
-    from tests.conftest import smollm2_gguf
-
     config.write_text(f'default = "mine"\n[models.mine]\npath = "{smollm2_gguf()}"\nn_ctx = 1024\n')
     fixed = bastion.json("run", "Hi", "--max-tokens", "2")
     assert fixed[0] == 0
@@ -366,16 +325,16 @@ def test_a_broken_config_is_a_usage_error_naming_the_line_and_fixing_it_needs_no
     assert bastion.json("ps")[1][0]["models"][0]["n_ctx"] == 1024
 
 
-def test_a_relative_model_path_is_resolved_against_the_callers_directory(bastion: Bastion, tmp_path: Path) -> None:
+def test_a_relative_model_path_is_resolved_against_the_callers_directory(shared_bastion: Bastion, tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    from tests.conftest import BASTION, smollm2_gguf
+    from tests.e2e_support import BASTION
 
-    assert bastion("up").returncode == 0  # started from another directory
+    assert shared_bastion("up").returncode == 0  # started from another directory
     workdir = tmp_path / "work"
     workdir.mkdir()
     shutil.copy(smollm2_gguf(), workdir / "local.gguf")
     done = subprocess.run([BASTION, "run", "Hi", "--model", "./local.gguf", "--max-tokens", "2"],
-                          cwd=workdir, env=bastion.env, capture_output=True, text=True, timeout=120)
+                          cwd=workdir, env=shared_bastion.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -40,6 +40,7 @@ def test_cpu_sets_are_disjoint_when_they_fit_and_shared_when_not() -> None:
     assert cpu_sets({"a": 1, "b": 1, "c": 1}, [0, 1]) == {"a": [0, 1], "b": [0, 1], "c": [0, 1]}
 
 
+@pytest.mark.e2e
 def test_pin_process_pins_every_thread_of_a_live_process_and_refuses_a_dead_one() -> None:
     cpus = available_cpus()
     child = subprocess.Popen(

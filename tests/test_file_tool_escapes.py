@@ -417,6 +417,7 @@ def run_child(job: FileToolJob | bytes) -> tuple[int, ToolEnvelope]:
     return done.returncode, msgspec.msgpack.decode(done.stdout, type=ToolEnvelope)
 
 
+@pytest.mark.e2e
 def test_the_child_process_runs_a_job_from_stdin(layout: Layout) -> None:
     (layout.ws / "hello.txt").write_text("hi\n")
     code, envelope = run_child(
@@ -425,6 +426,7 @@ def test_the_child_process_runs_a_job_from_stdin(layout: Layout) -> None:
     assert code == 0 and envelope.ok and envelope.content == "hi\n"
 
 
+@pytest.mark.e2e
 def test_the_child_process_refuses_an_escape_with_an_envelope(layout: Layout) -> None:
     (layout.ws / "link").symlink_to(layout.outside / "secret.txt")
     for path in ("link", "../outside/secret.txt", str(layout.evil / "secret.txt")):
@@ -435,6 +437,7 @@ def test_the_child_process_refuses_an_escape_with_an_envelope(layout: Layout) ->
     assert code == 0 and not envelope.ok and not (layout.outside / "x").exists()
 
 
+@pytest.mark.e2e
 def test_the_child_process_answers_a_malformed_job_with_exit_2(layout: Layout) -> None:
     code, envelope = run_child(b"\x93not a job")
     assert code == 2 and not envelope.ok and "malformed file-tool job" in envelope.content

@@ -4,8 +4,10 @@ crashes, every reply is a typed error, and a normal request works afterwards."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +27,11 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.control import ListModels, ModelList
-from tests.conftest import Bastion
-from tests.test_protocol import SAMPLES as ALL_SAMPLES
-from tests.test_worker_proc import FakeSupervisor
+from tests.e2e_support import Bastion
+from tests.fake_supervisor import FakeSupervisor
+from tests.protocol_samples import SAMPLES as ALL_SAMPLES
+
+pytestmark = pytest.mark.e2e
 
 # Real messages of every kind, except the ones that would legitimately end the
 # process under test (shutdown) or start minutes of work (loading a model).
@@ -72,12 +76,22 @@ def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Bastion,
     bastion.cleanup()
 
 
-def _drain(socket: zmq.Socket) -> list[object]:
-    """Every reply that arrives within a short quiet period, decoded (they must all decode)."""
-    replies = []
-    while socket.poll(300):
-        replies.append(client_codec().decode(socket.recv()))
-    return replies
+_sentinels = itertools.count(1)
+
+
+def _replies_until_answered(socket: zmq.Socket, request_id: str, timeout_s: float = 30.0) -> list[object]:
+    """Every reply up to the answer to `request_id`, decoded (they must all decode). The
+    supervisor answers frames in the order they arrive, so the answer to a request sent
+    last comes after the replies to the frames before it; replies to valid requests that
+    run as tasks may come later, and are read (and checked) with the next example's."""
+    replies: list[object] = []
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert socket.poll(max(0, int((deadline - time.monotonic()) * 1000))), f"no answer to {request_id}: {replies}"
+        reply = client_codec().decode(socket.recv())
+        replies.append(reply)
+        if isinstance(reply, ModelList) and reply.request_id == request_id:
+            return replies
 
 
 @given(frames=st.lists(FRAMES, min_size=1, max_size=5))
@@ -86,18 +100,20 @@ def test_the_control_socket_answers_bad_frames_with_typed_errors(control, frames
     _bastion, socket = control
     for frame in frames:
         socket.send(frame)
-    for reply in _drain(socket):
-        # A valid request in the mix gets its real answer; everything else is a typed error.
+    sentinel = f"still-serving-{next(_sentinels)}"
+    socket.send(client_codec().encode(ListModels(request_id=sentinel)))
+    # A valid request in the mix gets its real answer; everything else is a typed error.
+    for reply in _replies_until_answered(socket, sentinel):
         assert isinstance(reply, msgspec.Struct)
-    socket.send(client_codec().encode(ListModels(request_id="still-serving")))
-    answers = _drain(socket)
-    assert any(isinstance(a, ModelList) and a.request_id == "still-serving" for a in answers), answers
 
 
+@pytest.mark.real_model
 def test_after_the_fuzzing_the_supervisor_still_runs_a_model(control) -> None:
     bastion, _socket = control
-    done = bastion("run", "Hi", "--max-tokens", "3")
-    assert done.returncode == 0, done.stderr
+    code, lines = bastion.json("run", "Hi", "--max-tokens", "3")
+    assert code == 0, lines
+    assert "".join(line["text"] for line in lines if line["type"] == "token").strip()
+    assert lines[-1]["type"] == "run_end" and lines[-1]["stop_reason"] in ("stop", "length")
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +132,10 @@ def worker() -> Iterator[FakeSupervisor]:
 def test_a_worker_answers_bad_frames_with_typed_errors_and_keeps_serving(worker, frames: list[bytes]) -> None:
     for frame in frames:
         worker.send_raw(frame)
-    while worker.router.poll(300):
-        worker.recv_raw()  # decodes, or the test fails: replies are always well-formed
+    # Replies to the frames come before the answer to a request sent after them; every
+    # one decodes (recv fails the test otherwise).
+    request_id = f"after-fuzz-{next(_sentinels)}"
+    worker.generate(request_id, max_tokens=4)
+    finished = worker.until_finished(request_id)
     assert worker.processes[0].poll() is None, worker.stderr()
-    worker.generate("after-fuzz", max_tokens=4)
-    finished = worker.until_finished("after-fuzz")
-    assert not any(isinstance(m, RequestFailed) and m.request_id == "after-fuzz" for m in finished), finished
+    assert not any(isinstance(m, RequestFailed) and m.request_id == request_id for m in finished), finished

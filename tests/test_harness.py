@@ -18,6 +18,7 @@ import pytest
 from bastion.protocol import Cancel, ErrorCode, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.agent_events import (
     CallFormat,
+    ContextStrategy,
     RunWarning,
     ToolCallParsed,
     ToolDecision,
@@ -337,5 +338,31 @@ def test_run_start_names_the_model_and_its_worker(supervised, tmp_path: Path) ->
         [start] = of_type(events, RunStarted)
         assert start.model.startswith("scripted-") and start.template.startswith("builtin")
         assert events[-1].stop_reason is StopReason.LENGTH
+
+    supervised(test)
+
+
+def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(supervised, tmp_path: Path) -> None:
+    long_reply = "word " * 40  # 200 tokens for the byte-counting scripted engine
+    # Four turns fill the 900-token budget; before the fifth the loop asks for
+    # a summary (the fifth reply), then answers with the sixth.
+    replies = [long_reply] * 4 + ["SUMMARY: the user asked three things.", "ok"]
+    path = tmp_path / "sum.json"
+    path.write_text(json.dumps(replies))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[models.tiny]\nsource = {{ kind = "scripted", path = "{path}" }}\nn_ctx = 1100\n')
+
+    async def test(sup: InProcessSupervisor) -> None:
+        for question in ("first?", "second?", "third?", "fourth?", "fifth?"):
+            events = await sup.run(run_request("tiny", question, session="fold", context_strategy=ContextStrategy.SUMMARIZE,
+                                               sampling=SamplingParams(max_tokens=200)))
+            assert events[-1].stop_reason in (StopReason.STOP, StopReason.LENGTH), failure_of(events)
+        assert text_of(events) == "ok"  # the summary call was hidden from the client
+        summaries = [m for m in sup.store.messages("fold") if m.content.startswith("SUMMARY")]
+        assert len(summaries) == 1 and summaries[0].pinned
+        detail = await sup.ask(ShowSession(request_id="show", name="fold", with_prompt=True))
+        shown = detail.prompt  # type: ignore[union-attr]
+        assert "SUMMARY: the user asked three things." in shown and "first?" not in shown
 
     supervised(test)

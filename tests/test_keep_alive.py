@@ -14,9 +14,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from bastion.protocol import HomeLayout
@@ -26,9 +26,10 @@ from bastion.supervisor.models.loaded import LoadedModels, status_of
 from bastion.supervisor.models.memory import SCRIPTED_BYTES, BudgetSetting
 from bastion.supervisor.models.registry import DEFAULT_KEEP_ALIVE_S, MemorySettings, ModelRegistry, ModelSpec
 from bastion.supervisor.models.sources import ScriptedReplies
-from tests.conftest import Bastion
+from tests.e2e_support import Bastion, events_of, start_streaming
+from tests.manual_clock import ManualClock
 from tests.standin_pool import StandInPool
-from tests.test_cli_e2e import events_of, start_streaming
+from tests.waiting import until, wait_until
 
 MiB = 1 << 20
 
@@ -54,19 +55,13 @@ class Budget:
         return MemorySettings(budget=BudgetSetting(bytes=self.mib * MiB))
 
 
-def models_with(tmp_path: Path, *, budget: Budget | None = None) -> tuple[LoadedModels, InstantPool]:
+def models_with(tmp_path: Path, *, budget: Budget | None = None,
+                clock: ManualClock | None = None) -> tuple[LoadedModels, InstantPool]:
     config = SupervisorConfig(memory_available_bytes=64 << 30)
     pool = InstantPool(config)
     models = LoadedModels(config=config, layout=HomeLayout(tmp_path / "home"), pool=pool,  # type: ignore[arg-type]
-                          memory_settings=(budget or Budget(10_000)).settings)
+                          memory_settings=(budget or Budget(10_000)).settings, clock=clock)
     return models, pool
-
-
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
 
 
 def nothing(*_: object) -> None:
@@ -139,7 +134,7 @@ def test_a_model_in_use_or_generating_is_never_unloaded_for_another(tmp_path: Pa
             await models.ensure_loaded(spec(tmp_path, "b"), nothing)
         assert pool.alive_names() == {"a"}
         run_ends.set_result(None)
-        await asyncio.sleep(0)
+        await until(lambda: models.get("a").usage.users == 0)  # type: ignore[union-attr]
         # No request holds it now, but its worker is still generating (e.g. a cancelled run's reply).
         handle = models.get("a").handle  # type: ignore[union-attr]
         handle.current = object()  # type: ignore[assignment]
@@ -167,15 +162,17 @@ def test_a_model_bigger_than_the_budget_fails_without_unloading_anything(tmp_pat
 
 def test_keep_alive_zero_unloads_once_the_request_ends_and_not_before(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models, pool = models_with(tmp_path)
+        clock = ManualClock()
+        models, pool = models_with(tmp_path, clock=clock)
         run_ends: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=0, until=run_ends)
-        await asyncio.sleep(0.05)
-        assert pool.alive_names() == {"a"}
+        assert clock.pending() == []  # in use: no countdown at all
         (status,) = models.statuses()
-        assert status.keep_alive_s == 0 and status.expires_in_s is None  # in use: no countdown
+        assert status.keep_alive_s == 0 and status.expires_in_s is None
         run_ends.set_result(None)
-        await until(lambda: not pool.alive_names())
+        await until(lambda: clock.pending() == [0.0], what="the expiry armed when the run ended")
+        clock.advance(0)
+        await until(lambda: not pool.alive_names(), what="the model unloaded")
         assert models.names() == []
 
     asyncio.run(scenario())
@@ -183,18 +180,22 @@ def test_keep_alive_zero_unloads_once_the_request_ends_and_not_before(tmp_path: 
 
 def test_keep_alive_counts_from_the_last_request_and_minus_one_means_never(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models, pool = models_with(tmp_path)
-        await models.ensure_loaded(spec(tmp_path, "short"), nothing, keep_alive_s=0.3)
+        clock = ManualClock()
+        models, pool = models_with(tmp_path, clock=clock)
+        await models.ensure_loaded(spec(tmp_path, "short"), nothing, keep_alive_s=30)
         await models.ensure_loaded(spec(tmp_path, "never"), nothing, keep_alive_s=-1)
-        await asyncio.sleep(0.2)
-        started = time.monotonic()
+        clock.advance(20)
         await models.ensure_loaded(spec(tmp_path, "short"), nothing)  # no keep_alive: the spec's...
         assert models.get("short").usage.keep_alive_s == DEFAULT_KEEP_ALIVE_S  # type: ignore[union-attr]
-        await models.ensure_loaded(spec(tmp_path, "short"), nothing, keep_alive_s=0.3)  # ...or the request's
-        await until(lambda: "short" not in pool.alive_names())
-        assert time.monotonic() - started >= 0.25  # the timer restarted at the last request
+        await models.ensure_loaded(spec(tmp_path, "short"), nothing, keep_alive_s=30)  # ...or the request's
+        clock.advance(29.9)  # 49.9 s after the first request, 29.9 s after the last: still loaded
+        assert pool.alive_names() == {"short", "never"}
+        assert clock.pending() == [pytest.approx(0.1)]  # one countdown (short's), due in 0.1 s
+        clock.advance(0.2)  # the timer restarted at the last request
+        await until(lambda: "short" not in pool.alive_names(), what="short unloaded")
         statuses = {s.name: s for s in models.statuses()}
         assert statuses["never"].keep_alive_s == -1 and statuses["never"].expires_in_s is None
+        assert clock.pending() == []  # nothing will ever unload "never"
         assert pool.alive_names() == {"never"}
 
     asyncio.run(scenario())
@@ -202,13 +203,16 @@ def test_keep_alive_counts_from_the_last_request_and_minus_one_means_never(tmp_p
 
 def test_keep_alive_waits_while_the_worker_is_still_generating(tmp_path: Path) -> None:
     async def scenario() -> None:
-        models, pool = models_with(tmp_path)
-        model, _ = await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=0.05)
+        clock = ManualClock()
+        models, pool = models_with(tmp_path, clock=clock)
+        model, _ = await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=5)
         model.handle.current = object()  # type: ignore[assignment]
-        await asyncio.sleep(0.3)
+        clock.advance(60)  # long past keep_alive, but a generation is in flight
         assert pool.alive_names() == {"a"}
+        assert clock.pending() == [pytest.approx(0.25)]  # it looks again shortly
         model.handle.current = None
-        await until(lambda: not pool.alive_names())
+        clock.advance(5)  # idle since the last check: keep_alive counts from there
+        await until(lambda: not pool.alive_names(), what="the model unloaded")
 
     asyncio.run(scenario())
 
@@ -282,21 +286,11 @@ def configure(bastion: Bastion, text: str) -> None:
 
 
 def loaded(bastion: Bastion) -> dict[str, dict]:
-    code, (listing,) = bastion.json("ps")
-    assert code == 0
-    return {model["name"]: model for model in listing["models"]}
+    """What `bastion ps --json` lists, by name (asked over the test's own control connection)."""
+    return {name: msgspec.to_builtins(status) for name, status in bastion.models().items()}
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> float:
-    """Seconds until `condition()` held, polling; fails at the deadline."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "condition not met in time"
-        time.sleep(0.1)
-    return time.monotonic() - started
-
-
-@pytest.mark.model
+@pytest.mark.e2e
 def test_a_budget_for_one_model_unloads_the_idle_one_to_load_another(bastion: Bastion, tmp_path: Path) -> None:
     configure(bastion, f'[memory]\nbudget = "{SCRIPTED_BYTES // MiB + 16}MiB"\n')
     assert bastion("load", scripted(tmp_path, "first")).returncode == 0
@@ -312,7 +306,7 @@ def test_a_budget_for_one_model_unloads_the_idle_one_to_load_another(bastion: Ba
     assert "memory:" in text and "scripted-second: 32 MiB" in text and "[memory] budget" in text
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_a_budget_too_small_fails_with_insufficient_memory_and_says_what_to_do(bastion: Bastion,
                                                                                tmp_path: Path) -> None:
     configure(bastion, '[memory]\nbudget = "16MiB"\n')
@@ -327,7 +321,7 @@ def test_a_budget_too_small_fails_with_insufficient_memory_and_says_what_to_do(b
     assert loaded(bastion) == {}
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_a_model_busy_generating_is_never_unloaded_to_make_room(bastion: Bastion, tmp_path: Path) -> None:
     assert bastion("load", "smollm2-135m").returncode == 0
     smollm2 = loaded(bastion)["smollm2-135m"]
@@ -349,28 +343,28 @@ def test_a_model_busy_generating_is_never_unloaded_to_make_room(bastion: Bastion
     assert list(loaded(bastion)) == ["scripted-newcomer"]
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_keep_alive_zero_unloads_the_model_after_the_run(bastion: Bastion, tmp_path: Path) -> None:
     done = bastion("run", "hi", "--model", scripted(tmp_path, "once"), "--keep-alive", "0")
     assert done.returncode == 0 and done.stdout.strip() == "reply 0 from once"
-    wait_for(lambda: loaded(bastion) == {})
+    wait_until(lambda: loaded(bastion) == {}, what="the model unloaded")
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_a_short_keep_alive_unloads_after_idling_for_it(bastion: Bastion, tmp_path: Path) -> None:
     model = scripted(tmp_path, "brief")
     started = time.monotonic()
     code, lines = bastion.json("load", model, "--keep-alive", "2s")
     (done,) = events_of(lines, "model_loaded")
     assert code == 0 and done["model"]["keep_alive_s"] == 2 and 0 < done["model"]["expires_in_s"] <= 2
-    wait_for(lambda: "scripted-brief" not in loaded(bastion))
+    wait_until(lambda: "scripted-brief" not in loaded(bastion), what="the model unloaded")
     assert time.monotonic() - started >= 2  # not before its keep_alive ran out
     # A run without --keep-alive gets the model's configured keep_alive.
     assert bastion("run", "hi", "--model", model).returncode == 0
     assert loaded(bastion)["scripted-brief"]["keep_alive_s"] == DEFAULT_KEEP_ALIVE_S
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_loading_with_the_same_settings_keeps_the_worker_and_a_new_n_ctx_replaces_it(bastion: Bastion,
                                                                                      tmp_path: Path) -> None:
     path = tmp_path / "tiny.json"
@@ -389,13 +383,13 @@ def test_loading_with_the_same_settings_keeps_the_worker_and_a_new_n_ctx_replace
     assert done["model"]["pid"] != pid and done["model"]["n_ctx"] == 1024
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_bad_keep_alive_flags_are_usage_errors(bastion: Bastion, tmp_path: Path) -> None:
     done = bastion("run", "hi", "--model", scripted(tmp_path, "x"), "--keep-alive", "soon")
     assert done.returncode == 2 and "--keep-alive" in done.stderr
 
 
-@pytest.mark.model
+@pytest.mark.e2e
 def test_the_memory_budget_flag_wins_over_config_toml(bastion: Bastion, tmp_path: Path) -> None:
     configure(bastion, '[memory]\nbudget = "8GiB"\n')
     bad = subprocess.run([sys.executable, "-m", "bastion.supervisor", "--memory-budget", "plenty"], env=bastion.env,
@@ -405,7 +399,7 @@ def test_the_memory_budget_flag_wins_over_config_toml(bastion: Bastion, tmp_path
         process = subprocess.Popen([sys.executable, "-m", "bastion.supervisor", "--memory-budget", "40MiB"],
                                    env=bastion.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        wait_for(lambda: bastion("status").returncode == 0)
+        wait_until(lambda: bastion("status").returncode == 0, what="the supervisor to start")
         code, (status,) = bastion.json("status")
         assert status["memory_budget_bytes"] == 40 * MiB and status["memory_budget_source"] == "flag"
         # Room for one scripted worker (32 MiB), as the flag says, not the 8 GiB config.toml asks for.

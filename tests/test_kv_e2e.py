@@ -7,17 +7,17 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import llama_cpp
 import pytest
 
 from bastion.worker.core import token_digest
-from tests.conftest import Bastion, smollm2_gguf
-from tests.test_cli_e2e import events_of
+from tests.e2e_support import Bastion, events_of
+from tests.real_models import smollm2_gguf
+from tests.waiting import wait_until
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.real_model
 
 GREEDY = ("--temperature", "0", "--max-tokens", "24")
 
@@ -30,19 +30,13 @@ def turn(bastion: Bastion, session: str, prompt: str, *extra: str) -> dict:
 
 
 def wait_for_snapshot_files(home: Path, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(list((home / "kv").rglob("*.kv"))) >= count:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"fewer than {count} KV snapshots were written under {home / 'kv'}")
+    wait_until(lambda: len(list((home / "kv").rglob("*.kv"))) >= count, timeout=timeout,
+               what=f"{count} KV snapshots under {home / 'kv'}")
 
 
 def worker_pid(bastion: Bastion) -> int:
-    code, lines = bastion.json("ps")
-    assert code == 0
-    (model,) = [m for line in lines for m in line.get("models", [])]
-    return model["pid"]
+    (model,) = bastion.models().values()
+    return model.pid
 
 
 def test_switch_restores_from_ram_and_a_killed_worker_resumes_from_disk(bastion: Bastion) -> None:
@@ -52,14 +46,8 @@ def test_switch_restores_from_ram_and_a_killed_worker_resumes_from_disk(bastion:
     assert back["cache_source"] == "ram" and back["cached_tokens"] > back["prompt_tokens"] // 2
     wait_for_snapshot_files(bastion.home, 2)
     # `ps` reports what the worker's last heartbeat (one a second) said.
-    deadline = time.monotonic() + 30
-    while True:
-        code, listing = bastion.json("ps")
-        (model,) = [m for line in listing for m in line.get("models", [])]
-        if model["snapshots_ram"] == 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert model["snapshots_ram"] == 2 and model["snapshot_ram_bytes"] > 1_000_000
+    model = bastion.wait_for_model("smollm2-135m", lambda m: m.snapshots_ram == 2, timeout=30)
+    assert model.snapshot_ram_bytes > 1_000_000
 
     os.kill(worker_pid(bastion), signal.SIGKILL)
     resumed = turn(bastion, "alpha", "And which one is the least liked?")

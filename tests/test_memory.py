@@ -32,7 +32,8 @@ from bastion.supervisor.models.memory import (
 )
 from bastion.supervisor.models.registry import ModelRegistry
 from bastion.supervisor.models.sources import resolve_gguf
-from tests.conftest import Bastion, smollm2_gguf
+from tests.e2e_support import Bastion
+from tests.real_models import smollm2_gguf
 
 MiB = 1 << 20
 
@@ -106,6 +107,7 @@ def test_reads_every_value_type_in_every_version(tmp_path: Path, version: int) -
     assert metadata.data_offset % 32 == 0 and metadata.tensor_data_bytes == 64
 
 
+@pytest.mark.real_model
 def test_reads_the_real_smollm2_file_without_its_tensor_data() -> None:
     path = smollm2_gguf()
     metadata = read_gguf_metadata(path)
@@ -182,6 +184,7 @@ def gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return resolve_gguf(ModelRegistry.load(layout).lookup("gemma3-270m"), layout)
 
 
+@pytest.mark.real_model
 def test_smollm2_shape_is_read_from_its_metadata() -> None:
     shape = shape_of(read_gguf_metadata(smollm2_gguf()))
     # 30 layers × 3 KV heads × (64 + 64): head size is n_embd / n_head when key_length is absent.
@@ -230,6 +233,7 @@ MEASURED = {
 }
 
 
+@pytest.mark.real_model
 @pytest.mark.parametrize(("model", "n_ctx"), sorted(MEASURED))
 def test_estimate_lands_within_a_quarter_of_measured_rss(model: str, n_ctx: int, gemma_gguf: Path) -> None:
     path = smollm2_gguf() if model == "smollm2" else gemma_gguf
@@ -239,6 +243,7 @@ def test_estimate_lands_within_a_quarter_of_measured_rss(model: str, n_ctx: int,
     assert total >= 0.95 * measured.get("short", 0)  # never well under what a light load already holds
 
 
+@pytest.mark.real_model
 def test_estimate_grows_with_the_context() -> None:
     shape = shape_of(read_gguf_metadata(smollm2_gguf()))
     small, large = estimate(shape, 512), estimate(shape, 8192)
@@ -331,7 +336,7 @@ def test_durations_read_like_ollamas_and_any_negative_means_never() -> None:
                                                                            "1h30m"]
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_a_real_worker_holds_about_what_was_estimated(bastion: Bastion) -> None:
     """The calibration still holds for the worker as it is today: SmolLM2 at
     n_ctx 1024, its context nearly filled by one prompt."""

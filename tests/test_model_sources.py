@@ -270,7 +270,7 @@ def gemma(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HomeLayout
     shutil.rmtree(layout.root, ignore_errors=True)
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_real_gemma_chunks_assemble_to_a_valid_gguf(gemma: tuple[HomeLayout, Path, float]) -> None:
     layout, path, seconds = gemma
     print(f"gemma3-270m assembled in {seconds:.2f} s")
@@ -284,7 +284,7 @@ def test_real_gemma_chunks_assemble_to_a_valid_gguf(gemma: tuple[HomeLayout, Pat
     ).read_text()
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_real_gemma_is_reused_quickly(gemma: tuple[HomeLayout, Path, float]) -> None:
     layout, path, _ = gemma
     before = path.stat()

@@ -40,9 +40,9 @@ from bastion.supervisor.models.restarts import (
 )
 from bastion.supervisor.models.sources import ScriptedReplies
 from bastion.supervisor.processes.liveness import failure_line, hang_reason
-from tests.conftest import Bastion
+from tests.e2e_support import Bastion, events_of, start_streaming, wait_for_supervisor
 from tests.standin_pool import StandInPool
-from tests.test_cli_e2e import events_of, start_streaming, wait_for_supervisor
+from tests.waiting import quiescent, until, wait_until
 
 # --- the rules ---------------------------------------------------------------
 
@@ -125,15 +125,20 @@ def recovering(tmp_path: Path, config: SupervisorConfig = FAST) -> tuple[LoadedM
     return LoadedModels(config=config, layout=HomeLayout(tmp_path / "home"), pool=pool), pool  # type: ignore[arg-type]
 
 
+async def restarting(models: LoadedModels, name: str) -> None:
+    """Until the supervisor has handled the worker's exit: the model is restarting."""
+    await until(lambda: {s.name: s.state for s in models.statuses()}.get(name) is WorkerState.RESTARTING,
+                what=f"{name} restarting")
+
+
 async def settle(models: LoadedModels, name: str, timeout: float = 5.0) -> WorkerState:
     """The model's state once it is no longer restarting."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        states = {status.name: status.state for status in models.statuses()}
-        if states.get(name) is not WorkerState.RESTARTING:
-            return states.get(name, WorkerState.DEAD)
-        await asyncio.sleep(0.005)
-    raise AssertionError(f"{name} still restarting")
+
+    def state() -> WorkerState:
+        return {status.name: status.state for status in models.statuses()}.get(name, WorkerState.DEAD)
+
+    await until(lambda: state() is not WorkerState.RESTARTING, timeout=timeout, what=f"{name} done restarting")
+    return state()
 
 
 def test_a_crashed_worker_is_restarted_with_the_same_launch(tmp_path: Path, scripted_spec: ModelSpec) -> None:
@@ -142,7 +147,7 @@ def test_a_crashed_worker_is_restarted_with_the_same_launch(tmp_path: Path, scri
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         first = model.handle
         pool.crash(first)
-        await asyncio.sleep(0)  # the exit callback runs
+        await restarting(models, "m")
         (status,) = models.statuses()
         assert status.state is WorkerState.RESTARTING and "SIGSEGV" in status.failure
         assert "Segmentation fault" in status.failure
@@ -162,14 +167,16 @@ def test_crashing_again_and_again_marks_the_model_failed_until_loaded(tmp_path: 
     async def scenario() -> None:
         models, pool = recovering(tmp_path)
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
-        waiter = asyncio.ensure_future(asyncio.sleep(0))
+        waiter: asyncio.Future[object] | None = None
         for _ in range(3):
             await settle(models, "m")
             if model.handle.exited.done():
                 break
             waiter = asyncio.ensure_future(model.serving())
             pool.crash(model.handle)
-            await asyncio.sleep(0)
+            await until(lambda: models.statuses()[0].state in (WorkerState.RESTARTING, WorkerState.FAILED),
+                        what="the crash handled")
+        assert waiter is not None
         assert await settle(models, "m") is WorkerState.FAILED
         (status,) = models.statuses()
         assert status.restarts == 2 and status.pid == 0
@@ -196,7 +203,8 @@ def test_a_worker_that_fails_every_restart_ends_failed_not_looping(tmp_path: Pat
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.loads_fail = True
         pool.crash(model.handle)
-        await asyncio.sleep(0)
+        await until(lambda: models.statuses()[0].state in (WorkerState.RESTARTING, WorkerState.FAILED),
+                        what="the crash handled")
         assert await settle(models, "m") is WorkerState.FAILED
         assert len(pool.started) == 3  # the first worker and two restarts, then no more
         (status,) = models.statuses()
@@ -213,9 +221,8 @@ def test_unloading_a_restarting_model_cancels_the_restart(tmp_path: Path, script
         models, pool = recovering(tmp_path, slow)
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
-        await asyncio.sleep(0)
+        await restarting(models, "m")
         waiter = asyncio.ensure_future(model.serving())
-        await asyncio.sleep(0)
         assert await models.unload("m")
         with pytest.raises(ModelUnloadedError):
             await waiter
@@ -233,7 +240,7 @@ def test_a_load_during_a_restart_waits_for_it(tmp_path: Path, scripted_spec: Mod
                                                                  restart_backoff_max_s=0.2))
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
-        await asyncio.sleep(0)
+        await restarting(models, "m")
         started = time.monotonic()
         again, already = await models.ensure_loaded(scripted_spec, lambda *_: None)
         assert time.monotonic() - started >= 0.15
@@ -247,8 +254,9 @@ def test_a_requested_stop_is_not_a_crash(tmp_path: Path, scripted_spec: ModelSpe
         models, pool = recovering(tmp_path)
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         await pool.stop(model.handle)  # e.g. idle unloading, or a memory budget making room
-        await asyncio.sleep(0.1)
-        assert models.statuses() == [] and len(pool.started) == 1
+        await until(lambda: models.statuses() == [], what="the model forgotten")
+        await quiescent()  # had a restart been scheduled, it would have run by now
+        assert len(pool.started) == 1
         with pytest.raises(ModelUnloadedError):
             await model.serving()
 
@@ -260,9 +268,9 @@ def test_shutdown_does_not_restart_anything(tmp_path: Path, scripted_spec: Model
         models, pool = recovering(tmp_path, msgspec.structs.replace(FAST, restart_first_backoff_s=0.05, restart_backoff_s=0.05))
         model, _ = await models.ensure_loaded(scripted_spec, lambda *_: None)
         pool.crash(model.handle)
-        await asyncio.sleep(0)
+        await restarting(models, "m")
         await models.unload_all()
-        await asyncio.sleep(0.2)
+        await quiescent()  # a restart that survived the shutdown would have run by now
         assert len(pool.started) == 1 and not pool.alive()
 
     asyncio.run(scenario())
@@ -307,7 +315,6 @@ def test_ps_shows_restarts_failures_and_kv_snapshots() -> None:
 # Scripted models run a real worker process whose replies are canned: its
 # crashes, restarts and hangs are the process's, its timing is deterministic.
 
-model_marker = pytest.mark.model
 
 
 def scripted_models(bastion: Bastion, tmp_path: Path, *names: str) -> dict[str, Path]:
@@ -346,20 +353,14 @@ def supervisor(bastion: Bastion, tmp_path: Path) -> Iterator[Callable[..., subpr
 
 
 def models_of(bastion: Bastion) -> dict[str, dict]:
-    code, lines = bastion.json("ps")
-    assert code == 0, lines
-    return {model["name"]: model for model in lines[0]["models"]}
+    """What `bastion ps --json` lists, by name (asked over the test's own control connection)."""
+    return {name: msgspec.to_builtins(status) for name, status in bastion.models().items()}
 
 
-def wait_until(bastion: Bastion, name: str, ready, timeout: float = 60.0) -> dict:
+def wait_for_entry(bastion: Bastion, name: str, ready, timeout: float = 60.0) -> dict:
     """The model's `ps` entry once `ready(entry)` holds (entry is None while it is not listed)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = models_of(bastion).get(name)
-        if ready(entry):
-            return entry
-        assert time.monotonic() < deadline, f"{name}: {entry}"
-        time.sleep(0.2)
+    return wait_until(lambda: (entry := models_of(bastion).get(name)) is not None and ready(entry) and entry,
+                      timeout=timeout, interval=0.05, what=f"{name} to be ready")
 
 
 def serving(entry: dict | None) -> bool:
@@ -370,13 +371,13 @@ def workers_of(bastion: Bastion) -> list[psutil.Process]:
     return [p for p in bastion.processes() if "bastion.worker" in " ".join(p.info["cmdline"] or [])]
 
 
-@model_marker
+@pytest.mark.e2e
 def test_a_killed_worker_is_restarted_and_its_model_keeps_serving(bastion: Bastion, tmp_path: Path) -> None:
     scripted_models(bastion, tmp_path, "echo")
     assert bastion("load", "echo").returncode == 0
     before = models_of(bastion)["echo"]
     os.kill(before["pid"], signal.SIGKILL)
-    after = wait_until(bastion, "echo", lambda e: serving(e) and e["pid"] != before["pid"], timeout=30)
+    after = wait_for_entry(bastion, "echo", lambda e: serving(e) and e["pid"] != before["pid"], timeout=30)
     assert after["restarts"] == 1 and "SIGKILL" in after["failure"]
     assert "idle (1 restart)" in bastion("ps").stdout
     done = bastion("run", "hi", "--model", "echo")
@@ -384,18 +385,18 @@ def test_a_killed_worker_is_restarted_and_its_model_keeps_serving(bastion: Basti
     assert len(workers_of(bastion)) == 1
 
 
-@model_marker
+@pytest.mark.e2e
 def test_a_model_that_keeps_crashing_fails_while_another_keeps_answering(bastion: Bastion, tmp_path: Path) -> None:
     scripted_models(bastion, tmp_path, "flaky", "steady")
     assert bastion("load", "flaky").returncode == 0
     assert bastion("load", "steady").returncode == 0
     steady_pid = models_of(bastion)["steady"]["pid"]
     for crash in range(3):
-        entry = wait_until(bastion, "flaky", serving, timeout=30)
+        entry = wait_for_entry(bastion, "flaky", serving, timeout=30)
         os.kill(entry["pid"], signal.SIGKILL)
         answer = bastion("run", "still there?", "--model", "steady")
         assert answer.returncode == 0 and answer.stdout.strip() == f"reply {crash} from steady"
-    failed = wait_until(bastion, "flaky", lambda e: e["state"] == "failed", timeout=30)
+    failed = wait_for_entry(bastion, "flaky", lambda e: e["state"] == "failed", timeout=30)
     assert failed["pid"] == 0 and failed["restarts"] == 2
     assert failed["failure"].startswith("crashed 3 times within 60 s; last: worker for flaky")
     assert "SIGKILL" in failed["failure"]
@@ -415,14 +416,14 @@ def test_a_model_that_keeps_crashing_fails_while_another_keeps_answering(bastion
     assert bastion("run", "hello?", "--model", "flaky").stdout.strip() == "reply 0 from flaky"
 
 
-@model_marker
+@pytest.mark.e2e
 def test_a_model_whose_restarts_die_on_load_ends_failed(bastion: Bastion, tmp_path: Path) -> None:
     scripts = scripted_models(bastion, tmp_path, "doomed")
     assert bastion("load", "doomed").returncode == 0
     pid = models_of(bastion)["doomed"]["pid"]
     scripts["doomed"].write_text('"no longer a list"')  # every restart now fails to load
     os.kill(pid, signal.SIGKILL)
-    failed = wait_until(bastion, "doomed", lambda e: e["state"] == "failed", timeout=30)
+    failed = wait_for_entry(bastion, "doomed", lambda e: e["state"] == "failed", timeout=30)
     assert "must hold a non-empty list of reply strings" in failed["failure"]
     assert workers_of(bastion) == []
     # Fixing the cause and loading it brings it back.
@@ -431,14 +432,14 @@ def test_a_model_whose_restarts_die_on_load_ends_failed(bastion: Bastion, tmp_pa
     assert bastion("run", "hi", "--model", "doomed").stdout.strip() == "back"
 
 
-@model_marker
+@pytest.mark.e2e
 def test_load_and_unload_while_a_model_is_restarting(bastion: Bastion, tmp_path: Path, supervisor) -> None:
     scripted_models(bastion, tmp_path, "slow")
     supervisor("--restart-first-backoff", "4", "--restart-backoff", "4", "--restart-backoff-max", "4")
     assert bastion("load", "slow").returncode == 0
     first = models_of(bastion)["slow"]["pid"]
     os.kill(first, signal.SIGKILL)
-    wait_until(bastion, "slow", lambda e: e["state"] == "restarting")
+    wait_for_entry(bastion, "slow", lambda e: e["state"] == "restarting")
     # A load waits for the restart and reports the model loaded.
     started = time.monotonic()
     code, lines = bastion.json("load", "slow")
@@ -446,20 +447,22 @@ def test_load_and_unload_while_a_model_is_restarting(bastion: Bastion, tmp_path:
     assert lines[-1]["model"]["pid"] not in (0, first) and time.monotonic() - started > 0.5
     # An unload cancels a pending restart: nothing comes back.
     os.kill(lines[-1]["model"]["pid"], signal.SIGKILL)
-    wait_until(bastion, "slow", lambda e: e["state"] == "restarting")
+    wait_for_entry(bastion, "slow", lambda e: e["state"] == "restarting")
     assert bastion("unload", "slow").returncode == 0
-    time.sleep(4.5)  # past the moment the restart would have happened
+    log = tmp_path / "supervisor.log"
+    wait_until(lambda: "slow: unloaded while restarting; its restart is cancelled" in log.read_text(),
+               what="the restart cancelled")
     assert models_of(bastion) == {} and workers_of(bastion) == []
 
 
-@model_marker
+@pytest.mark.e2e
 def test_a_silent_worker_is_killed_as_hung_and_restarted(bastion: Bastion, tmp_path: Path, supervisor) -> None:
     scripted_models(bastion, tmp_path, "frozen")
     supervisor("--worker-silence-limit", "3")
     assert bastion("load", "frozen").returncode == 0
     pid = models_of(bastion)["frozen"]["pid"]
     os.kill(pid, signal.SIGSTOP)  # alive but silent: only heartbeats can tell
-    after = wait_until(bastion, "frozen", lambda e: serving(e) and e["pid"] != pid, timeout=30)
+    after = wait_for_entry(bastion, "frozen", lambda e: serving(e) and e["pid"] != pid, timeout=30)
     assert after["restarts"] == 1 and "no heartbeat" in after["failure"]
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -468,23 +471,24 @@ def long_prompt(words: int = 100) -> str:
     return " ".join(f"item{i}" for i in range(words)) + "\nWhich item came first?"
 
 
-@model_marker
+@pytest.mark.real_model
 def test_a_generation_cut_before_its_first_token_is_retried(bastion: Bastion) -> None:
     process, events, first_token, reader = start_streaming(
         bastion, long_prompt(), "--session", "retry", "--max-tokens", "8", "--temperature", "0")
 
     def seen(kind: str) -> dict:
-        deadline = time.monotonic() + 120
-        while not any(e["type"] == kind for _, e in events):
-            assert time.monotonic() < deadline and process.poll() is None, events
-            time.sleep(0.01)
-        return next(e for _, e in events if e["type"] == kind)
+        event = wait_until(lambda: next((e for _, e in events if e["type"] == kind), None)
+                           or (process.poll() is not None and {"type": "exited early"}),
+                           timeout=120, interval=0.01, what=kind)
+        assert event["type"] == kind, events
+        return event
 
     pid = seen("run_start")["worker_pid"]
     os.kill(pid, signal.SIGSTOP)  # as early as the client can: the prompt's prefill takes far longer
     seen("context_budget")  # the generation is on its way to the stopped worker
     assert not first_token.is_set(), "the first token came before the worker could be stopped"
-    time.sleep(0.2)
+    # The generation was handed to the (stopped) worker: the model is busy with it.
+    bastion.wait_for_model("smollm2-135m", lambda model: model.state is WorkerState.BUSY)
     os.kill(pid, signal.SIGKILL)
     assert process.wait(timeout=180) == 0, process.stderr.read() if process.stderr else ""
     reader.join(10)
@@ -498,7 +502,7 @@ def test_a_generation_cut_before_its_first_token_is_retried(bastion: Bastion) ->
     assert [(m["role"], m["interrupted"]) for m in detail["messages"]] == [("user", False), ("assistant", False)]
 
 
-@model_marker
+@pytest.mark.real_model
 def test_a_worker_killed_mid_reply_interrupts_the_turn_and_the_session_goes_on(bastion: Bastion) -> None:
     process, events, first_token, reader = start_streaming(
         bastion, "Write a very long story about a lighthouse keeper.", "--session", "cut", "--max-tokens", "2000")
@@ -547,7 +551,7 @@ def freeze_engine_thread(pid: int) -> threading.Thread:
 PTRACE_SEIZE, PTRACE_INTERRUPT, WALL = 0x4206, 0x4207, 0x40000000
 
 
-@model_marker
+@pytest.mark.real_model
 def test_a_busy_worker_without_progress_is_killed_as_hung(bastion: Bastion, supervisor) -> None:
     supervisor("--worker-stall-limit", "3")
     assert bastion("load", "smollm2-135m").returncode == 0
@@ -563,6 +567,6 @@ def test_a_busy_worker_without_progress_is_killed_as_hung(bastion: Bastion, supe
     error = next((at, e) for at, e in events if e["type"] == "error")
     assert error[1]["code"] == "worker_unresponsive" and "busy with no progress" in error[1]["message"]
     assert 3 <= error[0] - frozen_at < 15  # heartbeats kept coming: only the progress counter told
-    after = wait_until(bastion, "smollm2-135m", serving, timeout=60)
+    after = wait_for_entry(bastion, "smollm2-135m", serving, timeout=60)
     assert after["pid"] != pid and after["restarts"] == 1
     assert "killed as hung (busy with no progress" in after["failure"]

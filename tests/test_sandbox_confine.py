@@ -48,6 +48,8 @@ from bastion.tools_sandbox.confine.probing import level_of
 from bastion.tools_sandbox.confine.spec import BWRAP_NOT_INSTALLED, EXIT_REFUSED, ChildSpec, Layer
 from bastion.tools_sandbox.shell_tool import run_shell
 
+pytestmark = pytest.mark.e2e
+
 UID = 61500  # this file's own sandbox uid, so its leftovers cannot be confused with another test's
 LIMITS = ToolLimits(timeout_s=10.0, max_output_bytes=64 * 1024, cpu_seconds=10, memory_bytes=512 << 20,
                     processes=64)  # fmt: skip

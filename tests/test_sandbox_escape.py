@@ -23,6 +23,8 @@ from bastion.protocol.sandbox_wire import ConfinementReport, ToolEnvelope, ToolL
 from bastion.tools_sandbox.confine import ConfinedJob, probe, run_confined
 from bastion.tools_sandbox.confine.probing import level_of
 
+pytestmark = pytest.mark.e2e
+
 UID = 61600  # this file's own sandbox uid
 LIMITS = ToolLimits(timeout_s=8.0, max_output_bytes=16 * 1024, cpu_seconds=8, memory_bytes=256 << 20,
                     file_size_bytes=1 << 20, processes=32)  # fmt: skip

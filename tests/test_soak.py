@@ -18,10 +18,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Bastion, smollm2_gguf
-from tests.test_cli_e2e import start_streaming
+from tests.e2e_support import Bastion, start_streaming
+from tests.real_models import smollm2_gguf
 
-pytestmark = [pytest.mark.model, pytest.mark.soak]
+pytestmark = [pytest.mark.real_model, pytest.mark.soak]
 
 ROUNDS = 12
 KILL_ROUND = 6  # the first round of the second half

@@ -351,6 +351,7 @@ KILLED_WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.e2e
 def test_committed_data_survives_a_killed_supervisor(db_path: Path) -> None:
     writer = subprocess.Popen(
         [sys.executable, "-c", KILLED_WRITER, str(db_path)], stdout=subprocess.PIPE, text=True

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import Bastion
-from tests.test_agent_e2e import call, script
-from tests.test_cli_e2e import start_streaming, wait_for_supervisor
-from tests.test_trust_e2e import approve_when_asked, run_json
+from tests.e2e_support import Bastion, approve_when_asked, run_json, start_streaming, wait_for_supervisor
+from tests.scripted import script
+from tests.scripted import tool_call as call
+from tests.waiting import wait_gone
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.real_model
 
 
 def table(home: Path, query: str) -> list[tuple]:
@@ -38,7 +38,7 @@ def test_kill_9_mid_turn_loses_nothing_committed_and_leaves_no_worker(bastion: B
         bastion, "run", "write it", "--model", model, "--tools", "files", "--allow-write", "--session", "tools",
         cwd=workspace))))  # fmt: skip
     runner.start()
-    approve_when_asked(bastion, [], uses=5)
+    approve_when_asked(bastion, uses=5)
     runner.join(120)
     assert result["code"] == 0
     for prompt in ("My name is Ada.", "What is my name?"):
@@ -62,7 +62,7 @@ def test_kill_9_mid_turn_loses_nothing_committed_and_leaves_no_worker(bastion: B
     assert process.wait(timeout=30) == 1
     reader.join(10)
     # No orphan: the workers see their supervisor go and exit by themselves.
-    _gone, alive = psutil.wait_procs(workers, timeout=30)
+    alive = wait_gone(workers)
     assert not alive, f"workers outlived their supervisor: {[p.pid for p in alive]}"
 
     # The next command starts a new supervisor, which finds everything committed.

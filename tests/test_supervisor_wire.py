@@ -21,7 +21,9 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.control import GetStatus, ListModels, ModelList, StatusReport
-from tests.conftest import Bastion
+from tests.e2e_support import Bastion
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from bastion.supervisor.models.sources import resolve_gguf
 from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounters, VocabTokenCounter
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
-from tests.conftest import smollm2_gguf
+from tests.real_models import smollm2_gguf
 
 TEXTS = [
     "",
@@ -53,7 +53,7 @@ def smollm2() -> Iterator[VocabTokenCounter]:
     counter.close()
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_smollm2_counts_equal_the_worker_engine(smollm2: VocabTokenCounter) -> None:
     engine = engine_for(smollm2_gguf())
     try:
@@ -66,7 +66,7 @@ def test_smollm2_counts_equal_the_worker_engine(smollm2: VocabTokenCounter) -> N
         engine.close()
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_gemma_counts_equal_the_worker_engine_bos_added_once(gemma_gguf: Path) -> None:
     counter = VocabTokenCounter(gemma_gguf)
     engine = engine_for(gemma_gguf)
@@ -111,7 +111,7 @@ def test_missing_or_non_gguf_file_is_a_clear_error(tmp_path: Path) -> None:
         VocabTokenCounter(junk)
 
 
-@pytest.mark.model
+@pytest.mark.real_model
 def test_counters_load_each_model_once_across_threads() -> None:
     path = smollm2_gguf()
     with TokenCounters() as counters:

@@ -18,9 +18,9 @@ from bastion.supervisor.models.sources import resolve_gguf
 from bastion.worker.core import WorkerCore, token_digest
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
-from tests.conftest import smollm2_gguf
+from tests.real_models import smollm2_gguf
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.real_model
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 

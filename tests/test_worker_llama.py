@@ -10,9 +10,9 @@ from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenD
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import WorkerCore
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
-from tests.conftest import smollm2_gguf
+from tests.real_models import smollm2_gguf
 
-pytestmark = pytest.mark.model
+pytestmark = pytest.mark.real_model
 
 PROMPT = "<|im_start|>user\nWrite one sentence about the sea.<|im_end|>\n<|im_start|>assistant\n"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

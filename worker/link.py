@@ -193,7 +193,7 @@ class SupervisorLink:
                 self._beat(now)
                 next_beat = now + self._config.heartbeat_interval
             wake = min(next_beat, self._stop_deadline or next_beat)
-            events = dict(poller.poll(max(0.0, wake - time.monotonic()) * 1000))
+            events = dict(poller.poll(int(max(0.0, wake - time.monotonic()) * 1000)))
             if self._outbox in events and not self._forward():
                 return
             if self._dealer in events:

@@ -140,7 +140,7 @@ class WorkerProc:
             if self._signalled is not None:
                 return self._signalled.code
             # Short polls so that a SIGTERM is noticed.
-            if not dealer.poll(min(remaining, 0.2) * 1000):
+            if not dealer.poll(int(min(remaining, 0.2) * 1000)):
                 continue
             try:
                 answer = self._codec.decode(dealer.recv_multipart()[0])

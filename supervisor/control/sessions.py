@@ -8,7 +8,8 @@
     pin_message    {name, text}        → session_changed {pinned}   (no text: pin your latest message)
 
 A session's state is `waiting_for_approval` while one of its tool calls waits
-for a person, `running` while a run serves it, else `idle`. An unknown name is
+for a person, `running` while a run serves it, else `idle`; a session that is
+not idle cannot be deleted or cleared (`busy`, retryable). An unknown name is
 `invalid_request` naming it.
 """
 
@@ -32,7 +33,7 @@ from bastion.protocol.sessions import (
     SessionSummary,
     ShowSession,
 )
-from bastion.supervisor.errors import UnknownSessionError
+from bastion.supervisor.errors import SessionBusyError, UnknownSessionError
 from bastion.supervisor.store.sessions import SessionStore
 from bastion.supervisor.trust.gate import ApprovalWaits
 
@@ -67,6 +68,7 @@ class SessionRequests:
                 return SessionDetail(request_id=request_id, session=self._with_state(summary), messages=messages,
                                      prompt=prompt)
             case DeleteSession(request_id=request_id, name=name):
+                self._refuse_if_busy(name, "deleted")
                 if not store.delete_session(name):
                     raise UnknownSessionError(f"no session named {name!r}")
                 return SessionChanged(request_id=request_id, name=name, action=SessionAction.DELETED)
@@ -74,6 +76,7 @@ class SessionRequests:
                 store.fork_session(name, new_name)
                 return SessionChanged(request_id=request_id, name=new_name, action=SessionAction.FORKED)
             case ClearSession(request_id=request_id, name=name):
+                self._refuse_if_busy(name, "cleared")
                 store.clear_session(name)
                 return SessionChanged(request_id=request_id, name=name, action=SessionAction.CLEARED)
             case PinMessage(request_id=request_id, name=name, text=text):
@@ -85,6 +88,12 @@ class SessionRequests:
                         raise UnknownSessionError(f"session {name!r} has no message of yours to pin")
                     store.pin_message(name, seq)
                 return SessionChanged(request_id=request_id, name=name, action=SessionAction.PINNED)
+
+    def _refuse_if_busy(self, name: str, change: str) -> None:
+        """A session a run is serving (or waiting on an approval for) is not changed under it."""
+        if name in self._busy_sessions() or name in self._waits.sessions_waiting:
+            raise SessionBusyError(f"session {name!r} is answering a request and cannot be {change} now; "
+                                   "cancel the run or try again when it ends")
 
     def _with_state(self, summary: SessionSummary) -> SessionSummary:
         if summary.name in self._waits.sessions_waiting:

@@ -101,11 +101,12 @@ class TrustRequests:
                 return AuditVerified(request_id=request_id, ok=report.ok, records=report.records,
                                      problems=[p.describe() for p in report.problems], path=str(self._audit_path))
             case Diagnose(request_id=request_id):
-                report = await self._trust.sandboxes.diagnose()
+                confinement = await self._trust.sandboxes.diagnose()
+                level = confinement.level
                 notes = [f"{record.name} needs {record.required_level.value} confinement" +
-                         ("" if level_reaches(report.level, record.required_level) else " — NOT AVAILABLE")
+                         ("" if level_reaches(level, record.required_level) else " — NOT AVAILABLE")
                          for record in SANDBOXED_TOOLS]  # fmt: skip
-                return Diagnosis(request_id=request_id, confinement=report, notes=notes)
+                return Diagnosis(request_id=request_id, confinement=confinement, notes=notes)
 
     async def _invoke(self, request: InvokeTool, client: bytes, sink: ClientSink) -> ToolInvoked:
         tool = self._tools.tool(tool_name(request.arguments))

@@ -150,6 +150,7 @@ def _evict(
     lands close. Returns the new first turn and the real count of its prompt."""
     estimates: dict[int, int] = {}
     scale = 1.0
+    predicted: float
     while True:
         predicted, jump_to, estimated = used, first, 0
         while jump_to < latest and predicted > target:

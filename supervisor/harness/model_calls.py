@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from bastion.protocol import RequestFailed, SamplingParams, StopReason
 from bastion.protocol.agent_events import RunWarning, WarningCode
@@ -87,12 +87,14 @@ class ModelCalls:
         cancelled = asyncio.ensure_future(self._run.cancelled.wait())
         serving = asyncio.ensure_future(self._model.serving())
         try:
-            await asyncio.wait({serving, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            racers: set[asyncio.Future[Any]] = {serving, cancelled}
+            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
             if not serving.done():
                 return GenerationOutcome(text="", stop_reason=StopReason.CANCELLED, tokens=0)
             server = serving.result()
             server.submit(generation)
-            await asyncio.wait({generation.outcome, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+            racers = {generation.outcome, cancelled}
+            await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
             if not generation.done:
                 server.cancel(generation)
             return await generation.outcome

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from bastion.protocol import SamplingParams, StopReason
-from bastion.protocol.agent_events import ContextBudget, RunWarning, WarningCode
-from bastion.protocol.control import ContextStrategy
+from bastion.protocol.agent_events import ContextBudget, ContextStrategy, RunWarning, WarningCode
 from bastion.protocol.sessions import ChatRole
 from bastion.supervisor.errors import SupervisorError
 from bastion.supervisor.harness.context import (
@@ -107,9 +106,11 @@ class PromptBuilder:
 
     def _candidates(self) -> list[ContextMessage]:
         system = self.system_text()
-        head = [ContextMessage(seq=0, message=ChatMessage(role=ChatRole.SYSTEM, content=system), pinned=True)]
         rest = [m for m in self._conversation.context_messages() if m.message.role is not ChatRole.SYSTEM]
-        return (head if system else []) + rest
+        if not system:
+            return rest
+        head = ContextMessage(seq=0, message=ChatMessage(role=ChatRole.SYSTEM, content=system), pinned=True)
+        return [head, *rest]
 
     def _render(self, messages: list[ChatMessage]) -> str:
         return self._formatter.render(messages, tools=self._functions)

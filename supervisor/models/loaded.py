@@ -7,7 +7,7 @@ share one load.
 
 Crash recovery: a worker that exits because it was asked to (unload,
 shutdown) takes its model with it. One that crashes, or is killed as hung,
-is restarted with the same settings after a backoff (recovery.py decides);
+is restarted with the same settings after a backoff (restarts.py decides);
 meanwhile the model is `restarting` and runs wait in `LoadedModel.serving()`.
 Too many crashes in a window mark it `failed`: it stays listed with the
 reason, requests for it are refused with `model_failed`, and a `load` clears
@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from bastion.protocol import ErrorCode, HomeLayout, WorkerState
+from bastion.protocol import ErrorCode, HomeLayout
 from bastion.protocol.control import LoadStage, ModelStatus
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import (
@@ -53,11 +53,11 @@ from bastion.supervisor.models.memory import (
     resolve_budget,
 )
 from bastion.supervisor.models.registry import MemorySettings, ModelSpec
-from bastion.supervisor.models.residency import Residency, expires_in_s, is_idle
+from bastion.supervisor.models.residency import Clock, Residency, expires_in_s, is_idle
 from bastion.supervisor.models.restarts import CrashHistory, GiveUp, Restart, RestartPolicy
 from bastion.supervisor.models.sources import ScriptedReplies, resolve_gguf
 from bastion.supervisor.models.usage import ModelUsage
-from bastion.supervisor.models.worker_slot import Availability, WorkerSlot, failed_message
+from bastion.supervisor.models.worker_slot import WorkerSlot, failed_message
 from bastion.supervisor.processes.workers import WorkerHandle, WorkerPool
 from bastion.supervisor.templates.formatter import PromptFormatter
 
@@ -102,6 +102,7 @@ class LoadedModels:
         layout: HomeLayout,
         pool: WorkerPool,
         memory_settings: Callable[[], MemorySettings] = MemorySettings,
+        clock: Clock | None = None,
     ) -> None:
         self._config = config
         self._layout = layout
@@ -110,7 +111,8 @@ class LoadedModels:
         self._loading: dict[str, tuple[ModelSpec, asyncio.Task[LoadedModel]]] = {}
         # Memory budget and keep_alive (see the module docstring).
         self._memory_settings = memory_settings
-        self._residency = Residency(budget=self.memory_budget, loaded=lambda: self._loaded, unload=self.unload)
+        self._residency = Residency(budget=self.memory_budget, loaded=lambda: self._loaded, unload=self.unload,
+                                    clock=clock)
         self._estimator = Estimator()
         # Crash recovery (see the module docstring).
         self._policy = RestartPolicy.from_config(config)
@@ -267,7 +269,7 @@ class LoadedModels:
             return
         if handle.stop_requested or self._closing:
             del self._loaded[name]
-            model.slot.set(Availability.UNLOADED)
+            model.slot.unloaded()
             return
         slot = model.slot
         if slot.history is None:
@@ -282,7 +284,7 @@ class LoadedModels:
             return
         log.warning("model %s: %s; restarting in %.1f s (crash %d)", name, reason, decision.delay_s,
                     decision.crashes)
-        model.slot.set(Availability.RESTARTING, failure=reason)
+        model.slot.restarting(reason)
         task = asyncio.create_task(self._restart(model, decision.delay_s))
         self._restarts[name] = task
         task.add_done_callback(lambda done: self._restarts.pop(name, None) if self._restarts.get(name) is done
@@ -315,7 +317,7 @@ class LoadedModels:
 
     def _install(self, model: LoadedModel, handle: WorkerHandle) -> None:
         name = model.spec.name
-        model.slot.set(Availability.SERVING, handle=handle)
+        model.slot.serve(handle)
         handle.exited.add_done_callback(lambda _f: self._forget(name, handle))
         log.info("model %s restarted (worker pid %d)", name, handle.pid)
 
@@ -341,7 +343,7 @@ class LoadedModels:
         reason = f"crashed {decision.crashes} times within {decision.window_s:.0f} s; last: {last}"
         if self._loaded.get(name) is model:
             del self._loaded[name]
-        model.slot.set(Availability.FAILED, failure=reason)
+        model.slot.failed(reason)
         self._failed[name] = model
         log.error("model %s failed: %s; restarts stopped until `bastion load %s`", name, reason, name)
 
@@ -367,11 +369,12 @@ class LoadedModels:
         model = self._loaded.pop(name, None)
         if model is None:
             return failed is not None
-        model.slot.set(Availability.UNLOADED)
+        model.slot.unloaded()
         restart = self._restarts.pop(name, None)
         if restart is not None:
             restart.cancel()
             await asyncio.gather(restart, return_exceptions=True)
+            log.info("model %s: unloaded while restarting; its restart is cancelled", name)
         await self._pool.stop(model.handle, ErrorCode.MODEL_UNLOADED, f"model {name} was unloaded; retry to load it again")
         return True
 
@@ -380,12 +383,12 @@ class LoadedModels:
         self._residency.close()
         for task in list(self._restarts.values()):
             task.cancel()
-        for _spec, task in list(self._loading.values()):
-            task.cancel()
+        for _spec, loading in list(self._loading.values()):
+            loading.cancel()
         # Workers still loading are stopped too, so nothing outlives the supervisor.
         await self._pool.stop_all()
         for model in self._loaded.values():
-            model.slot.set(Availability.UNLOADED)
+            model.slot.unloaded()
         self._loaded.clear()
 
     def statuses(self) -> list[ModelStatus]:
@@ -396,9 +399,7 @@ class LoadedModels:
 def status_of(model: LoadedModel) -> ModelStatus:
     handle, slot = model.handle, model.slot
     description = handle.description
-    state = handle.state
-    if slot.availability in (Availability.RESTARTING, Availability.FAILED):
-        state = WorkerState(slot.availability.value)
+    state = slot.state
     pid = 0 if handle.exited.done() else handle.pid
     # What a dead worker last reported died with it (disk snapshots come back with its successor).
     gauges = handle if pid else None

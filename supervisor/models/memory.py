@@ -6,7 +6,7 @@ before the worker exists (`shape_of`, `estimate`, `Estimator`), the memory budge
 to unload so a new one fits (`plan_admission`), and the size and duration
 values the config and flags accept (`parse_size`, `parse_duration`).
 
-It decides nothing about processes: LoadedModels (models.py) asks it and acts.
+It decides nothing about processes: LoadedModels (loaded.py) asks it and acts.
 It reads metadata only through gguf_metadata.py and never imports llama_cpp.
 """
 
@@ -17,6 +17,7 @@ import logging
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import msgspec
 
@@ -105,8 +106,8 @@ def shape_of(metadata: GgufMetadata) -> ModelShape:
     n_layer = _int(metadata, f"{arch}.block_count", 0)
     n_embd = _int(metadata, f"{arch}.embedding_length", 0)
     heads = _per_layer(metadata.get(f"{arch}.attention.head_count"), n_layer, 0)
-    heads_kv = _per_layer(metadata.get(f"{arch}.attention.head_count_kv"), n_layer, None)
-    heads_kv = [h if kv is None else kv for h, kv in zip(heads, heads_kv, strict=True)]
+    declared_kv = _per_layer(metadata.get(f"{arch}.attention.head_count_kv"), n_layer, None)
+    heads_kv = [h if kv is None else kv for h, kv in zip(heads, declared_kv, strict=True)]
     n_head = max(heads, default=0)
     # As llama.cpp does: head sizes default to n_embd / n_head (of the widest layer).
     default_head_dim = n_embd // n_head if n_head else 0
@@ -200,7 +201,10 @@ def _int(metadata: GgufMetadata, key: str, default: int) -> int:
     return value
 
 
-def _per_layer(value: object, n_layer: int, default: int | None) -> list[int | None]:
+_Default = TypeVar("_Default", int, None)
+
+
+def _per_layer(value: object, n_layer: int, default: _Default) -> list[int | _Default]:
     """A per-layer hyperparameter: one number for all layers, or an array of them."""
     if isinstance(value, list):
         numbers = [v if isinstance(v, int) and not isinstance(v, bool) else default for v in value]

@@ -15,7 +15,7 @@ never). Both are read again whenever the file changes, like the models.
 
 Every problem in either file is a RegistryError naming the file, the line when
 it is known, and the key path (`models.foo.n_ctx`). Locating and assembling the
-GGUF a spec points at is model_sources.py's job; lookup only checks that a
+GGUF a spec points at is sources.py's job; lookup only checks that a
 path given on the command line is a GGUF.
 """
 

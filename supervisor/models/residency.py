@@ -1,6 +1,6 @@
 """Which loaded models stay in memory: the budget at load time and keep_alive after use.
 
-`Residency` is LoadedModels' (models.py) partner for two decisions:
+`Residency` is LoadedModels' (loaded.py) partner for two decisions:
 - admission: before a worker is spawned, the new model's estimate plus what
   loaded and loading models hold must fit the memory budget; if not, idle
   models are unloaded least recently used first (memory.py plans it), and if
@@ -13,6 +13,9 @@ A model is in use from the moment a request asks for it until that request
 ends (`use(..., until=...)`); its last-used time is set at both ends, so
 keep_alive counts from the end of the last request. Residency never spawns
 workers; it unloads through the callable LoadedModels gives it.
+
+Time comes from a `Clock` (the event loop's by default), so tests run
+keep_alive on a clock they advance instead of waiting it out.
 """
 
 from __future__ import annotations
@@ -24,12 +27,12 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from bastion.protocol import WorkerState
 from bastion.protocol.quantities import format_bytes
 from bastion.supervisor.models.memory import Holder, MemoryBudget, plan_admission
-from bastion.supervisor.models.usage import normalize_keep_alive
-from bastion.supervisor.models.worker_slot import Availability
+from bastion.supervisor.models.usage import Cancellable, normalize_keep_alive
 
 if TYPE_CHECKING:
     from bastion.supervisor.models.loaded import LoadedModel
@@ -41,6 +44,24 @@ log = logging.getLogger(__name__)
 _BUSY_RECHECK_S = 0.25
 
 
+class Clock(Protocol):
+    """Monotonic seconds, and callbacks after a delay."""
+
+    def now(self) -> float: ...
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable: ...
+
+
+class LoopClock:
+    """The event loop's clock: `time.monotonic` and `loop.call_later`."""
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Cancellable:
+        return asyncio.get_running_loop().call_later(delay, callback)
+
+
 def is_idle(model: LoadedModel) -> bool:
     """No request uses it and its worker has no generation in flight or queued."""
     handle = model.handle
@@ -50,7 +71,7 @@ def is_idle(model: LoadedModel) -> bool:
 def expires_in_s(model: LoadedModel) -> float | None:
     """For `bastion ps`: seconds before keep_alive unloads it; None while in use, when
     never, or for a failed model (nothing of it is loaded)."""
-    if model.slot.availability is Availability.FAILED or not is_idle(model):
+    if model.slot.state is WorkerState.FAILED or not is_idle(model):
         return None
     return model.usage.expires_in_s()
 
@@ -62,7 +83,9 @@ class Residency:
         budget: Callable[[], MemoryBudget],
         loaded: Callable[[], Mapping[str, LoadedModel]],
         unload: Callable[[str], Awaitable[bool]],
+        clock: Clock | None = None,
     ) -> None:
+        self._clock = clock or LoopClock()
         self._budget = budget
         self._loaded = loaded
         self._unload = unload
@@ -134,7 +157,7 @@ class Residency:
         uses the model until that future is done."""
         usage = model.usage
         usage.keep_alive_s = normalize_keep_alive(keep_alive_s)
-        usage.touch()
+        usage.touch(self._clock.now())
         if until is not None and not until.done():
             usage.users += 1
             until.add_done_callback(lambda _f: self._release(model))
@@ -142,7 +165,7 @@ class Residency:
 
     def _release(self, model: LoadedModel) -> None:
         model.usage.users -= 1
-        model.usage.touch()
+        model.usage.touch(self._clock.now())
         self._schedule(model)
 
     def _schedule(self, model: LoadedModel) -> None:
@@ -150,8 +173,8 @@ class Residency:
         usage.cancel_timer()
         if self._closed or usage.keep_alive_s < 0 or not self._current(model) or usage.users:
             return
-        delay = max(0.0, usage.last_used + usage.keep_alive_s - time.monotonic())
-        usage.timer = asyncio.get_running_loop().call_later(delay, self._expire, model)
+        delay = max(0.0, usage.last_used + usage.keep_alive_s - self._clock.now())
+        usage.timer = self._clock.call_later(delay, lambda: self._expire(model))
 
     def _expire(self, model: LoadedModel) -> None:
         usage = model.usage
@@ -162,12 +185,12 @@ class Residency:
         if usage.users or self._wanted[name]:
             return  # whoever uses it reschedules when done
         if not is_idle(model):
-            usage.touch()
-            usage.timer = asyncio.get_running_loop().call_later(_BUSY_RECHECK_S, self._expire, model)
+            usage.touch(self._clock.now())
+            usage.timer = self._clock.call_later(_BUSY_RECHECK_S, lambda: self._expire(model))
             return
-        remaining = usage.last_used + usage.keep_alive_s - time.monotonic()
+        remaining = usage.last_used + usage.keep_alive_s - self._clock.now()
         if remaining > 0:
-            usage.timer = asyncio.get_running_loop().call_later(remaining, self._expire, model)
+            usage.timer = self._clock.call_later(remaining, lambda: self._expire(model))
             return
         log.info("unloading %s: idle for its keep_alive of %g s", name, usage.keep_alive_s)
         task = asyncio.create_task(self._unload_quietly(name))

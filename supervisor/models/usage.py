@@ -6,15 +6,15 @@ moment it asks for it until it ends (a run: every generation, tool call and
 approval wait in it), so an agent run between two generations still counts
 as using its model and is never unloaded under it.
 
-It holds no timers' logic beyond the handle models.py gives it, and never
+It holds no timers' logic beyond the handle residency.py gives it, and never
 stops a worker: LoadedModels does that.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
+from typing import Protocol
 
 from bastion.supervisor.models.memory import MemoryEstimate
 
@@ -29,16 +29,20 @@ def normalize_keep_alive(seconds: float) -> float:
     return float(seconds)
 
 
+class Cancellable(Protocol):
+    def cancel(self) -> None: ...
+
+
 class ModelUsage:
     def __init__(self, *, estimate: MemoryEstimate, keep_alive_s: float) -> None:
         self.estimate = estimate
         self.keep_alive_s = normalize_keep_alive(keep_alive_s)
         self.last_used = time.monotonic()
         self.users = 0  # requests using the model now
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Cancellable | None = None
 
-    def touch(self) -> None:
-        self.last_used = time.monotonic()
+    def touch(self, now: float) -> None:
+        self.last_used = now
 
     def expires_in_s(self, now: float | None = None) -> float | None:
         """Seconds left before an idle model is unloaded; None when it never is."""

@@ -18,6 +18,7 @@ import os
 import sys
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from bastion.protocol import (
     PROTOCOL_VERSION,
@@ -103,7 +104,8 @@ class SandboxPool:
         waiter = asyncio.ensure_future(cancelled.wait()) if cancelled else None
         try:
             if waiter is not None:
-                await asyncio.wait({call.result, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                racers: set[asyncio.Future[Any]] = {call.result, waiter}
+                await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
                 if not call.result.done():
                     self._send(sandbox.identity, Cancel(request_id=request_id))
             return await call.result

@@ -4,8 +4,8 @@
 and watches each one's exit directly (an asyncio task awaits the process), so
 a crash is noticed the moment it happens rather than when heartbeats stop.
 Each heartbeat tick it also kills workers that count as hung (silent, or busy
-without progress; see recovery.py); `respawn` starts a fresh worker exactly
-like a dead one, for crash recovery (models.py decides when).
+without progress; see liveness.py); `respawn` starts a fresh worker exactly
+like a dead one, for crash recovery (models/loaded.py decides when).
 `WorkerHandle` is one such child: its state, what it reported when ready, the
 tail of its stderr, the generation it is serving and a bounded queue of generations waiting
 for it. A worker serves one generation at a time; it keeps that session's KV
@@ -399,8 +399,8 @@ class WorkerPool:
             if pin_process(handle.pid, sets[handle.worker_id]):
                 self._pinned.add(handle.identity)
         for identity in self._pinned - {h.identity for h in busy}:
-            handle = self._by_identity.get(identity)
-            if handle is None or pin_process(handle.pid, self._cpus):  # idle again: the whole machine
+            idle = self._by_identity.get(identity)
+            if idle is None or pin_process(idle.pid, self._cpus):  # idle again: the whole machine
                 self._pinned.discard(identity)
 
     def heartbeat(self, seq: int) -> None:
@@ -417,7 +417,7 @@ class WorkerPool:
                 stall_limit_s=self._config.worker_stall_limit_s,
             )  # fmt: skip
             if reason is not None:
-                # Killed, it exits like a crash: its generations fail and models.py restarts it.
+                # Killed, it exits like a crash: its generations fail and models/loaded.py restarts it.
                 log.error("worker %s (%s): %s; killing it as hung", handle.worker_id, handle.name, reason)
                 handle.hang_reason = reason
                 handle.killed_as_hung = True

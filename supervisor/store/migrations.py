@@ -9,7 +9,8 @@ is missing.
 Changing the schema is appending a function to `MIGRATIONS`. Never edit, reorder
 or remove one that has shipped: databases in the wild have recorded its name.
 
-This module must not read or write rows of the store's tables; `store.py` does.
+This module must not read or write rows of the store's tables; `sessions.py` and
+`trust/approvals.py` do.
 It is handed a connection in autocommit mode (`isolation_level=None`) and
 manages transactions itself.
 """

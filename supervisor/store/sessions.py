@@ -27,6 +27,7 @@ import enum
 import re
 import sqlite3
 from pathlib import Path
+from typing import cast
 
 import msgspec
 
@@ -283,10 +284,11 @@ class SessionStore(SqliteStore):
     def start_run(self, name: str, request_id: str, model: str) -> int:
         with self._write() as db:
             session = self._touch(db, name)
-            return db.execute(
+            cursor = db.execute(
                 "INSERT INTO runs (session_id, request_id, model, status, started_at) VALUES (?, ?, ?, ?, ?)",
                 (session.id, request_id, model, RunStatus.RUNNING.value, self._clock()),
-            ).lastrowid
+            )
+            return cast(int, cursor.lastrowid)  # set by every INSERT
 
     def finish_run(
         self, run_id: int, stop_reason: StopReason, *, prompt_tokens: int = 0, cached_tokens: int = 0,

@@ -4,9 +4,9 @@ Owns `BuiltinTemplate`, the Jinja source of each built-in, and the evidence
 that points at one: marker strings in a GGUF's own template (its *family*) and
 a model's `general.architecture` and `general.name` when the GGUF has none.
 It must not render, parse or choose between a GGUF's template and a built-in:
-that is `prompt.py`'s job.
+that is `formatter.py`'s job.
 
-Every source renders under `prompt.py`'s Hugging Face-compatible sandbox
+Every source renders under `formatter.py`'s Hugging Face-compatible sandbox
 (trim_blocks, lstrip_blocks) with `messages` (dicts of `role`, `content` and,
 for a tool result, `name`), `bos_token`, `eos_token`, `add_generation_prompt`
 and `tools` (OpenAI-style function specs, or none).

@@ -1,7 +1,7 @@
 """Turning a conversation into the prompt text a model expects.
 
 Owns the chat message type the harness builds conversations from, the choice
-between a model's own template and a built-in (`builtin_templates.py` holds
+between a model's own template and a built-in (`builtin.py` holds
 those and the evidence for each), rendering, and the fallback when a model's
 own template refuses a conversation. Every template, built-in or read from a
 GGUF, is Jinja source run in a sandbox: a GGUF's `tokenizer.chat_template` is

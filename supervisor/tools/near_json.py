@@ -49,9 +49,9 @@ def extract_value(text: str, start: int, limit: int | None = None) -> tuple[Any,
     except (ValueError, RecursionError):
         pass
     text = text if limit is None else text[:limit]
-    end = _matching_close(text, start)
+    close = _matching_close(text, start)
     # Unclosed: the model stopped early, or prose follows a value missing its last brace.
-    ends = [end] if end is not None else [len(text), *_closers_before(text, start)]
+    ends = [close] if close is not None else [len(text), *_closers_before(text, start)]
     for candidate in ends:
         value = _parse_repaired(text[start:candidate])
         if value is not _FAILED:

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from bastion.protocol.sandbox_wire import ToolArguments
+from bastion.protocol.sandbox_wire import SandboxedArgs
 from bastion.protocol.tool_catalog import SandboxedTool, argument_schema
 from bastion.supervisor.tools.registry import SandboxTool, ToolSpec
 
@@ -24,7 +24,7 @@ def sandbox_tool(record: SandboxedTool) -> SandboxTool:
     return SandboxTool(spec=spec, record=record)
 
 
-def to_arguments(record: SandboxedTool, arguments: Mapping[str, Any]) -> ToolArguments:
+def to_arguments(record: SandboxedTool, arguments: Mapping[str, Any]) -> SandboxedArgs:
     """The typed arguments of a call the model made (already schema-checked)."""
     return msgspec.convert(dict(arguments), record.arguments)
 

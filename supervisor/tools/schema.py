@@ -14,7 +14,7 @@ pattern, anyOf/oneOf; annotations (title, description, default, examples,
 $schema) are accepted and ignored. Not supported, and so refused: $ref,
 allOf, not, if/then/else, patternProperties, format, dependencies and the rest.
 
-It knows nothing of tools or models; `tools.py` and `tool_calls.py` use it.
+It knows nothing of tools or models; `registry.py` and `calls.py` use it.
 """
 
 from __future__ import annotations

@@ -31,12 +31,13 @@ from __future__ import annotations
 import enum
 import secrets
 import sqlite3
+from typing import cast
 
 import msgspec
 
 from bastion.supervisor.errors import ApprovalError
 
-# Private to store.py, reused rather than copied so both stores open the file
+# Private to store/sessions.py, reused rather than copied so both stores open the file
 # alike and say the same things about a full disk or a locked database.
 from bastion.supervisor.store.database import SqliteStore
 
@@ -187,6 +188,15 @@ class ApprovalStore(SqliteStore):
                 grant = _insert_grant(db, key, ask, now, ttl_s, uses)
         return Resolution(approval=ask, grant=grant)
 
+    def expire(self, approval_id: str, now: float) -> bool:
+        """Mark one pending ask expired (its wait ended unanswered); False if it was no longer pending."""
+        with self._write() as db:
+            cursor = db.execute(
+                "UPDATE approvals SET status = ?, resolved_at = ? WHERE code = ? AND status = ?",
+                (ApprovalStatus.EXPIRED.value, now, approval_id, ApprovalStatus.PENDING.value),
+            )
+        return cursor.rowcount == 1
+
     def expire_waits(self, now: float) -> list[PendingApproval]:
         """Mark every pending ask whose deadline has passed as expired; return them (now expired)."""
         with self._write() as db:
@@ -254,11 +264,12 @@ def _insert_grant(
     db: sqlite3.Connection, key: int, ask: PendingApproval, now: float, ttl_s: float | None, uses: int | None
 ) -> Grant:
     expires_at = None if ttl_s is None else now + ttl_s
-    grant_id = db.execute(
+    cursor = db.execute(
         "INSERT INTO grants (approval_id, tool, arguments, workspace, policy_hash, uses_left, expires_at,"
         " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (key, ask.tool, ask.arguments, ask.workspace, ask.policy_hash, uses, expires_at, now),
-    ).lastrowid
+    )
+    grant_id = cast(int, cursor.lastrowid)  # set by every INSERT
     return Grant(
         id=grant_id, approval_id=ask.id, tool=ask.tool, arguments=ask.arguments, workspace=ask.workspace,
         policy_hash=ask.policy_hash, uses_left=uses, expires_at=expires_at, created_at=now,

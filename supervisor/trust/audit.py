@@ -40,7 +40,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypedDict, TypeVar, cast
 
 import msgspec
 
@@ -81,12 +81,12 @@ class AuditRecord(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"):
         return AuditKind(self.__struct_config__.tag)
 
 
-class DecisionRecord(AuditRecord, tag="decision"):
+class DecisionRecord(AuditRecord, frozen=True, tag="decision"):
     decision: ToolDecisionKind
     rule: str  # where the decision came from: a policy rule, a default, a grant
 
 
-class ExecutionRecord(AuditRecord, tag="execution"):
+class ExecutionRecord(AuditRecord, frozen=True, tag="execution"):
     ok: bool
     exit_code: int | None  # the shell's
     duration_ms: float
@@ -96,7 +96,7 @@ class ExecutionRecord(AuditRecord, tag="execution"):
     truncated_reason: TruncationReason | None = None
 
 
-class ApprovalRecord(AuditRecord, tag="approval"):
+class ApprovalRecord(AuditRecord, frozen=True, tag="approval"):
     approval_id: str
     status: ApprovalStatus  # approved, denied or expired
     ttl_s: float | None = None  # the grant's terms, when approved
@@ -106,6 +106,19 @@ class ApprovalRecord(AuditRecord, tag="approval"):
 AnyRecord = DecisionRecord | ExecutionRecord | ApprovalRecord
 R = TypeVar("R", DecisionRecord, ExecutionRecord, ApprovalRecord)
 _DECODER = msgspec.json.Decoder(AnyRecord)
+
+
+class _CommonFields(TypedDict):
+    """The AuditRecord fields that AuditedCall fills in."""
+
+    session: str
+    request_id: str
+    call_id: str
+    tool: str
+    arguments_sha256: str
+    arguments_length: int
+    policy_hash: str
+    sandbox_level: ConfinementLevel | None
 
 
 class AuditedCall(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,9 +150,9 @@ class AuditedCall(msgspec.Struct, frozen=True, kw_only=True):
             approval_id=approval_id, status=status, ttl_s=ttl_s, uses=uses, **self._common()
         )
 
-    def _common(self) -> dict[str, object]:
+    def _common(self) -> _CommonFields:
         arguments = self.arguments.encode()
-        return dict(
+        return _CommonFields(
             session=self.session, request_id=self.request_id, call_id=self.call_id, tool=self.tool,
             arguments_sha256=hashlib.sha256(arguments).hexdigest(), arguments_length=len(arguments),
             policy_hash=self.policy_hash, sandbox_level=self.sandbox_level,
@@ -176,8 +189,8 @@ def seal(record: R, anchor: AuditAnchor, now: float) -> R:
     """`record` as the record after `anchor`: numbered, timed, chained and hashed."""
     unsealed = msgspec.structs.replace(record, seq=anchor.seq + 1, time=now, prev=anchor.head, hash="")
     # Through JSON and back, so it is what its line decodes to (an int given for a float field is not).
-    unsealed = _DECODER.decode(_ENCODER.encode(unsealed))
-    return msgspec.structs.replace(unsealed, hash=content_hash(unsealed))  # type: ignore[return-value]
+    unsealed = cast(R, _DECODER.decode(_ENCODER.encode(unsealed)))
+    return msgspec.structs.replace(unsealed, hash=content_hash(unsealed))
 
 
 def content_hash(record: AuditRecord) -> str:

@@ -184,6 +184,7 @@ def _anchor_problems(
         found.append(problem(f"there is no anchor {anchor_path(path)}: records cut from the end or a rewritten"
                              " log would go unnoticed"))  # fmt: skip
     # The anchor may trail by one record (a crash between the two writes); a head kept elsewhere, by any.
+    checks: list[tuple[str, AuditAnchor, int | None]]
     checks = [("the anchor", anchor, 1)] if anchor is not None else []
     checks += [("the expected head", expected, None)] if expected is not None else []
     for name, head, lag in checks:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -182,12 +183,15 @@ class TrustGate:
         ))  # fmt: skip
         cancelled = asyncio.ensure_future(self._run.cancelled.wait())
         try:
-            await asyncio.wait({waiting, cancelled}, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED)
+            racers: set[asyncio.Future[Any]] = {waiting, cancelled}
+            await asyncio.wait(racers, timeout=self._timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             cancelled.cancel()
         if not waiting.done():
             waiting.cancel()
-            self._approvals.expire_waits(time.time() + self._timeout + 1)  # this ask, and any stale ones
+            # This ask only (other runs' asks wait on), and any whose deadline passed unwatched.
+            self._approvals.expire(pending.id, time.time())
+            self._approvals.expire_waits(time.time())
             why = "the run was cancelled" if self._run.cancel_requested else "no answer in time"
             self._record_approval(audited, pending.id, ApprovalStatus.EXPIRED)
             return GateVerdict(decision=ToolDecisionKind.DENY, reason=f"approval {pending.id}: {why}")

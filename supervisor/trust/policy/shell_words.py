@@ -347,8 +347,8 @@ class _Parser:
             self._parameter()
         elif after == "'":
             self.opaque(OpaqueReason.UNSUPPORTED_SYNTAX, "$'…' quoting")
-            end = re.compile(r"(?:[^'\\]|\\.)*'", re.S).match(text, start + 2)
-            self.pos = len(text) if end is None else end.end()
+            quoted = re.compile(r"(?:[^'\\]|\\.)*'", re.S).match(text, start + 2)
+            self.pos = len(text) if quoted is None else quoted.end()
         elif after == "[":
             self.opaque(OpaqueReason.UNSUPPORTED_SYNTAX, "$[…] arithmetic")
             end = text.find("]", start)

@@ -31,8 +31,8 @@ import llama_cpp
 
 from bastion.client.connection import ControlConnection
 from bastion.client.launcher import ensure_supervisor, wait_until_stopped
-from bastion.protocol import GenerationStats, HomeLayout, RequestFailed, SamplingParams, Shutdown, TokenDelta
-from bastion.protocol.control import LoadModel, ModelLoaded, Run, RunFinished
+from bastion.protocol import GenerationStats, HomeLayout, RequestFailed, Shutdown, TokenDelta
+from bastion.protocol.control import LoadModel, ModelLoaded, Run, RunFinished, SamplingRequest
 
 PROMPT = "Pair {i}. Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -108,7 +108,7 @@ class ThroughBastion:
             request_id=uuid.uuid4().hex,
             prompt=prompt,
             model="bench",
-            sampling=SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True),
+            sampling=SamplingRequest(max_tokens=tokens, temperature=0.0, ignore_eos=True),
         )
         started = time.perf_counter()
         self.connection.send(request)

@@ -37,7 +37,6 @@ from bastion.protocol import (
     GenerationStats,
     HomeLayout,
     RequestFailed,
-    SamplingParams,
     Shutdown,
     TokenDelta,
 )
@@ -51,6 +50,7 @@ from bastion.protocol.control import (
     Run,
     RunFinished,
     RunStarted,
+    SamplingRequest,
 )
 
 _RECEIVE_S = 2.0
@@ -120,7 +120,7 @@ class PrivateBastion:
     @staticmethod
     def request(prompt: str, *, model: str, max_tokens: int, session: str | None = None) -> Run:
         """A greedy run that always generates `max_tokens` (end of generation ignored)."""
-        sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        sampling = SamplingRequest(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
         return Run(request_id=uuid.uuid4().hex, prompt=prompt, model=model, session=session, sampling=sampling)
 
     def run_many(self, requests: list[Run], on_token: OnToken | None = None,

@@ -38,6 +38,7 @@ from bastion.client.run_options import (
     SessionOption,
     SystemOption,
     TemperatureOption,
+    ToolChoiceOption,
     ToolsOption,
     WorkspaceOption,
     run_request,
@@ -56,8 +57,9 @@ def chat(
     model: ModelOption = None,
     system: SystemOption = None,
     tools: ToolsOption = None,
+    tool_choice: ToolChoiceOption = "auto",
     max_tokens: MaxTokensOption = 512,
-    temperature: TemperatureOption = 0.8,
+    temperature: TemperatureOption = None,
     max_iterations: MaxIterationsOption = 8,
     context: ContextOption = ContextStrategy.WINDOW,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the context budget per turn.")] = False,
@@ -69,7 +71,8 @@ def chat(
     name = session or time.strftime("chat-%Y%m%d-%H%M%S")
     options = RunOptions(model=model, system=system, session=name, tools=tools, max_tokens=max_tokens,
                          temperature=temperature, max_iterations=max_iterations, context=context,
-                         workspace=workspace, allow_shell=allow_shell, allow_write=allow_write)
+                         workspace=workspace, allow_shell=allow_shell, allow_write=allow_write,
+                         tool_choice=tool_choice)
     connection = connect(False, start=True)
     assert connection is not None
     interactive = sys.stdin.isatty()

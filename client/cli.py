@@ -40,15 +40,19 @@ from bastion.client.run_options import (
     ContextOption,
     IgnoreEosOption,
     KeepAliveOption,
+    LoopGuardOption,
     MaxIterationsOption,
     MaxTokensOption,
+    MinPOption,
     ModelOption,
+    RepeatPenaltyOption,
     RunOptions,
     SeedOption,
     SessionOption,
     SystemOption,
     TemperatureOption,
     TemplateOption,
+    ToolChoiceOption,
     ToolsOption,
     TopKOption,
     TopPOption,
@@ -99,13 +103,17 @@ def run(
     system: SystemOption = None,
     session: SessionOption = None,
     tools: ToolsOption = None,
+    tool_choice: ToolChoiceOption = "auto",
     template: TemplateOption = None,
     as_json: JsonFlag = False,
     max_tokens: MaxTokensOption = 256,
-    temperature: TemperatureOption = 0.8,
-    top_p: TopPOption = 0.95,
-    top_k: TopKOption = 40,
+    temperature: TemperatureOption = None,
+    top_p: TopPOption = None,
+    top_k: TopKOption = None,
+    min_p: MinPOption = None,
+    repeat_penalty: RepeatPenaltyOption = None,
     seed: SeedOption = None,
+    loop_guard: LoopGuardOption = True,
     max_iterations: MaxIterationsOption = 8,
     context: ContextOption = ContextStrategy.WINDOW,
     show_prompt: Annotated[
@@ -121,10 +129,11 @@ def run(
 ) -> None:
     """Answer PROMPT with a local model, streaming the reply (an agent run when --tools are given)."""
     options = RunOptions(model=model, system=system, session=session, tools=tools, template=template,
-                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                         repeat_penalty=repeat_penalty, loop_guard=loop_guard, seed=seed,
                          max_iterations=max_iterations, context=context, ignore_eos=ignore_eos,
                          workspace=workspace, allow_shell=allow_shell, allow_write=allow_write,
-                         approval_timeout=approval_timeout, keep_alive=keep_alive)
+                         approval_timeout=approval_timeout, keep_alive=keep_alive, tool_choice=tool_choice)
     connection = connect(as_json, start=True)
     assert connection is not None
     with connection:

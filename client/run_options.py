@@ -9,9 +9,8 @@ import msgspec
 import typer
 
 from bastion.client.command_io import model_argument, new_id
-from bastion.protocol import SamplingParams
 from bastion.protocol.agent_events import ContextStrategy
-from bastion.protocol.control import Run
+from bastion.protocol.control import Run, SamplingRequest, ToolChoice, ToolChoiceMode
 from bastion.protocol.quantities import parse_duration
 
 ModelOption = Annotated[
@@ -26,13 +25,31 @@ ToolsOption = Annotated[
     str | None,
     typer.Option("--tools", help="Comma-separated tools the model may call, e.g. clock,calculator."),
 ]
+ToolChoiceOption = Annotated[
+    str,
+    typer.Option(
+        "--tool-choice",
+        help="auto: the model may call a tool (a call it starts is held to the tool's schema); required: its "
+        "first reply is a tool call; none: offer no tools; or a tool's name: its first reply calls that tool.",
+    ),
+]
 TemplateOption = Annotated[
     str | None, typer.Option("--template", help="Use this built-in chat template instead of the model's own.")
 ]
 MaxTokensOption = Annotated[int, typer.Option("--max-tokens", min=1, help="Stop a reply after this many tokens.")]
-TemperatureOption = Annotated[float, typer.Option("--temperature", min=0.0, help="0 is greedy.")]
-TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
-TopKOption = Annotated[int, typer.Option("--top-k", min=0)]
+_RECOMMENDED = "Default: the model's recommendation (its GGUF, else its family's published one)."
+TemperatureOption = Annotated[
+    float | None, typer.Option("--temperature", min=0.0, help=f"0 is greedy. {_RECOMMENDED}")
+]
+TopPOption = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help=_RECOMMENDED)]
+TopKOption = Annotated[int | None, typer.Option("--top-k", min=0, help=_RECOMMENDED)]
+MinPOption = Annotated[float | None, typer.Option("--min-p", min=0.0, max=1.0, help=_RECOMMENDED)]
+RepeatPenaltyOption = Annotated[float | None, typer.Option("--repeat-penalty", min=0.0, help=_RECOMMENDED)]
+LoopGuardOption = Annotated[
+    bool,
+    typer.Option("--loop-guard/--no-loop-guard",
+                 help="Stop a reply that keeps repeating the same span (stop reason `repetition`)."),
+]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Sampling seed, for repeatable output.")]
 MaxIterationsOption = Annotated[
     int, typer.Option("--max-iterations", min=1, help="Most model calls in one agent run (tool use).")
@@ -86,9 +103,12 @@ class RunOptions(msgspec.Struct, kw_only=True):
     tools: str | None = None
     template: str | None = None
     max_tokens: int = 256
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    loop_guard: bool = True
     seed: int | None = None
     max_iterations: int = 8
     context: ContextStrategy = ContextStrategy.WINDOW
@@ -98,6 +118,18 @@ class RunOptions(msgspec.Struct, kw_only=True):
     allow_write: bool = False
     approval_timeout: float = 300.0
     keep_alive: str | None = None
+    tool_choice: str = "auto"
+
+
+def tool_choice(value: str) -> ToolChoice:
+    """`--tool-choice` as the request carries it: a mode, or any other word as a tool's name."""
+    try:
+        mode = ToolChoiceMode(value.strip().lower())
+    except ValueError:
+        return ToolChoice(mode=ToolChoiceMode.FUNCTION, name=value.strip())
+    if mode is ToolChoiceMode.FUNCTION:
+        raise typer.BadParameter("name the tool itself, e.g. --tool-choice calculator", param_hint="--tool-choice")
+    return ToolChoice(mode=mode)
 
 
 def tool_names(tools: str | None) -> tuple[str, ...]:
@@ -110,13 +142,16 @@ def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) 
         prompt=prompt,
         model=model_argument(options.model),
         system=options.system,
-        sampling=SamplingParams(
+        sampling=SamplingRequest(
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
             top_k=options.top_k,
+            min_p=options.min_p,
+            repeat_penalty=options.repeat_penalty,
             seed=options.seed,
             ignore_eos=options.ignore_eos,
+            loop_guard=options.loop_guard,
         ),
         session=options.session,
         tools=tool_names(options.tools),
@@ -128,5 +163,6 @@ def run_request(prompt: str, options: RunOptions, *, show_prompt: bool = False) 
         allow_shell=options.allow_shell,
         allow_write=options.allow_write,
         approval_timeout_s=options.approval_timeout,
+        tool_choice=tool_choice(options.tool_choice),
         keep_alive_s=keep_alive_seconds(options.keep_alive),
     )

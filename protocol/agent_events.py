@@ -44,6 +44,23 @@ class CallFormat(enum.Enum):
     TAGGED = "tagged"  # <tool_call>...</tool_call>
     PYTHON_TAG = "python_tag"  # <|python_tag|>
     MISTRAL = "mistral"  # [TOOL_CALLS]
+    FUNCTION_TAG = "function_tag"  # <function=NAME>{json}</function>, <function name="NAME">: Functionary
+    QWEN3_CODER = "qwen3_coder"  # <function=NAME><parameter=K>v</parameter></function>: Qwen3-Coder, Seed-OSS
+    GLM = "glm"  # <tool_call>NAME<arg_key>K</arg_key><arg_value>v</arg_value></tool_call>: GLM 4.5+
+    MINIMAX = "minimax"  # <minimax:tool_call><invoke name="NAME"><parameter name="K">: MiniMax M2
+    FUNCTIONARY = "functionary"  # >>>NAME then {json}: Functionary v3.2
+    PYTHONIC_LIST = "pythonic_list"  # a reply that is only [name(a=1), other()]: Llama 3.2, Llama 4
+    PYTHON_START = "python_start"  # <|python_start|>[name(a=1)]<|python_end|>: Llama 4
+    TOOL_CODE = "tool_code"  # a ```tool_code fence holding name(a=1): Gemma
+    DEEPSEEK = "deepseek"  # <｜tool▁call▁begin｜>...<｜tool▁sep｜>...: DeepSeek R1, V3, V3.1
+    HARMONY = "harmony"  # <|channel|>commentary to=functions.NAME<|message|>{json}: GPT-OSS
+    KIMI = "kimi"  # <|tool_call_begin|>functions.NAME:0<|tool_call_argument_begin|>{json}: Kimi K2
+    APERTUS = "apertus"  # <|tools_prefix|>[{"NAME": {...}}]<|tools_suffix|>: Apertus
+    COMMAND_R = "command_r"  # <|START_ACTION|>[{"tool_name": ...}]<|END_ACTION|>: Command R7B
+    GRANITE = "granite"  # <|tool_call|>[{...}]: Granite 3, Phi-4-mini (closed by <|/tool_call|>)
+    FUNCTOOLS = "functools"  # functools[{...}]: Phi-4-mini, Firefunction v2
+    FUNCTION_CALL_TAG = "function_call_tag"  # <function_call>{json}</function_call>, <functioncall>: Glaive
+    JSON_TAG = "json_tag"  # JSON in <tool_calls>, <TOOLCALL>, <|tool_call_start|>: Jamba, Nemotron, LFM2
 
 
 class WarningCode(enum.Enum):
@@ -54,6 +71,8 @@ class WarningCode(enum.Enum):
     TEMPLATE_FALLBACK = "template_fallback"  # the model's template rejected a message; a built-in was used
     TOOL_CALL_INVALID = "tool_call_invalid"
     GENERATION_RETRIED = "generation_retried"  # its worker died before any of it was streamed; asked again
+    GRAMMAR_UNAVAILABLE = "grammar_unavailable"  # a call was to be constrained and could not be: free text
+    REPETITION = "repetition"  # the reply kept repeating itself and was cut where the loop began
 
 
 class TurnStarted(Message, frozen=True, tag="turn_start"):

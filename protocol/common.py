@@ -32,6 +32,7 @@ class StopReason(enum.Enum):
     ERROR = "error"
     MAX_ITERATIONS = "max_iterations"  # the agent loop hit its ceiling of model calls
     REPAIR_LIMIT = "repair_limit"  # the model kept producing unusable tool calls
+    REPETITION = "repetition"  # the reply kept repeating the same span; what came before the loop is kept
 
 
 class WorkerState(enum.Enum):
@@ -115,6 +116,19 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # fixed number of tokens).
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
+    # Stop a reply that keeps repeating the same span (stop reason `repetition`);
+    # never while ignore_eos asks for a fixed number of tokens.
+    loop_guard: bool = True
+
+
+class GrammarUse(enum.Enum):
+    """Whether a generation's sampling was constrained by a grammar, and how."""
+
+    NONE = "none"  # none was asked for
+    FULL = "full"  # the whole reply was constrained from its first token
+    LAZY = "lazy"  # free until a trigger text appeared; `grammar_triggered` says whether one did
+    UNAVAILABLE = "unavailable"  # this engine cannot constrain sampling (a scripted model)
+    FAILED = "failed"  # the schema could not be turned into a grammar; the reply was free text
 
 
 class TokenDelta(Message, frozen=True, tag="token"):
@@ -150,3 +164,7 @@ class GenerationStats(Message, frozen=True, tag="generation_stats"):
     # blake2b-128 hex of the prompt's token ids as the KV state now holds them;
     # equal to the digest of a fresh tokenization when the state is exact.
     kv_digest: str = ""
+    # Constrained decoding: whether a grammar shaped this reply, and why not when asked for.
+    grammar: GrammarUse = GrammarUse.NONE
+    grammar_triggered: bool = False
+    grammar_note: str = ""

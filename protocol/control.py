@@ -77,6 +77,36 @@ from bastion.protocol.trust import (
 )
 
 
+class SamplingRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Sampling as a client asks for it. A sampler setting left None is the
+    model's recommendation (its GGUF's `general.sampling.*`, else its family's
+    published defaults, else bastion's; `run_start` says which applied); one
+    given always wins."""
+
+    max_tokens: int = 256
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
+    loop_guard: bool = True
+
+
+class ToolChoiceMode(enum.Enum):
+    AUTO = "auto"  # the model calls a tool or answers; a call it opens is constrained to the schemas
+    REQUIRED = "required"  # the first reply is a call of one of the tools
+    NONE = "none"  # no tools are offered
+    FUNCTION = "function"  # the first reply is a call of the named tool
+
+
+class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
+    mode: ToolChoiceMode = ToolChoiceMode.AUTO
+    name: str = ""  # the tool, for FUNCTION
+
+
 class Run(Message, frozen=True, tag="run"):
     """Answer `prompt` with `model` (a registry name, a GGUF path, `scripted:FILE`;
     None: the session's model, else the default model).
@@ -92,7 +122,7 @@ class Run(Message, frozen=True, tag="run"):
     prompt: str
     model: str | None = None
     system: str | None = None
-    sampling: SamplingParams = SamplingParams()
+    sampling: SamplingRequest = SamplingRequest()
     session: str | None = None
     tools: tuple[str, ...] = ()
     template: str | None = None
@@ -108,6 +138,7 @@ class Run(Message, frozen=True, tag="run"):
     # Unload the model after this long idle once the run ends (-1 never, 0 at
     # once); None keeps the model's configured keep_alive.
     keep_alive_s: float | None = None
+    tool_choice: ToolChoice = ToolChoice()
 
 
 class GetStatus(Message, frozen=True, tag="get_status"):
@@ -184,6 +215,10 @@ class RunStarted(Message, frozen=True, tag="run_start"):
     model: str
     worker_pid: int
     template: str
+    # The sampling the run's model calls use, and where each default came from
+    # ("flags", "gguf general.sampling", "family smollm2 (model card)", "bastion").
+    sampling: SamplingParams | None = None
+    sampling_source: str = ""
 
 
 class RunFinished(Message, frozen=True, tag="run_end"):

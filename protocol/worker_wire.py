@@ -12,6 +12,8 @@ The worker's DEALER connects to the supervisor's workers ROUTER and speaks first
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from bastion.protocol.common import (
@@ -30,6 +32,28 @@ from bastion.protocol.common import (
 from bastion.protocol.errors import ErrorCode
 
 
+class CallGrammar(msgspec.Struct, frozen=True, kw_only=True):
+    """Constrain a generation to a tool call: `prefix`, then one JSON value that
+    matches `schema`, then `suffix` — the call in the model's own syntax.
+
+    With `lazy`, the reply is free text until `trigger` (by default `prefix`)
+    appears in it; the grammar takes over from where the trigger begins, so the
+    trigger must be how the grammar's own text starts (`{"name"` for a bare JSON
+    call). A model that answers without a call is not forced into one. Without
+    `lazy`, the reply is the call from its first token."""
+
+    schema: dict[str, Any]
+    prefix: str = ""
+    suffix: str = ""
+    lazy: bool = False
+    trigger: str = ""
+
+    @property
+    def start(self) -> str:
+        """The text whose appearance switches a lazy grammar on."""
+        return self.trigger or self.prefix
+
+
 class Generate(Message, frozen=True, tag="generate"):
     """Generate a completion of `prompt` (already rendered by the supervisor).
 
@@ -44,6 +68,7 @@ class Generate(Message, frozen=True, tag="generate"):
     prompt: str
     sampling: SamplingParams = SamplingParams()
     snapshot: bool = True
+    grammar: CallGrammar | None = None
 
 
 class ModelDescription(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +106,9 @@ class GenerationFinished(Message, frozen=True, tag="generation_finished"):
     stop_reason: StopReason
     completion_tokens: int
     kv_tokens: int
+    # With stop reason `repetition`: how many characters of the streamed text
+    # came before the loop (the rest repeats them and is not part of the reply).
+    keep_chars: int | None = None
 
 
 class SetThreads(Message, frozen=True, tag="set_threads"):

@@ -28,7 +28,7 @@ import msgspec
 
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.control import ControlEvent, RunFinished
-from bastion.protocol.worker_wire import FromWorker, GenerationFinished
+from bastion.protocol.worker_wire import CallGrammar, FromWorker, GenerationFinished
 
 # Sends one event to one client identity; never blocks (the daemon's outbound socket).
 ClientSink = Callable[[bytes, ControlEvent], None]
@@ -101,8 +101,10 @@ class Generation:
         run: ActiveRun,
         stream: bool = True,
         snapshot: bool = True,
+        grammar: CallGrammar | None = None,
     ) -> None:
         self.internal_id = internal_id
+        self.grammar = grammar  # constrains the reply to a tool call (see harness/constraints.py)
         # Ask the worker to keep a KV snapshot for the session's next turn;
         # pointless for calls nobody continues (one-shot runs, summaries).
         self.snapshot = snapshot
@@ -118,6 +120,7 @@ class Generation:
         self._tokens = 0
         self._stats: GenerationStats | None = None
         self._error: RequestFailed | None = None
+        self._keep_chars: int | None = None  # a repetition loop cut the reply here
 
     @property
     def done(self) -> bool:
@@ -141,7 +144,8 @@ class Generation:
                     self._emit(msgspec.structs.replace(message, request_id=self._client_request_id))
             case RequestFailed():
                 self._error = message
-            case GenerationFinished(stop_reason=reason):
+            case GenerationFinished(stop_reason=reason, keep_chars=keep_chars):
+                self._keep_chars = keep_chars
                 self._resolve(reason)
             case _:
                 pass
@@ -155,8 +159,8 @@ class Generation:
         if self.done:
             return
         self.outcome.set_result(
-            GenerationOutcome(text="".join(self._pieces), stop_reason=reason, tokens=self._tokens, stats=self._stats,
-                              error=self._error)
+            GenerationOutcome(text="".join(self._pieces)[: self._keep_chars], stop_reason=reason, tokens=self._tokens,
+                              stats=self._stats, error=self._error)
         )
 
 

@@ -146,6 +146,11 @@ class InProcessWorkers:
         if worker is not None and not worker.dead:
             worker.receive(message)
 
+    def grammars(self) -> list[object]:
+        """What every generation so far was asked to follow (None: nothing), in order."""
+        return [grammar for worker in self._workers.values()
+                for grammar in worker.core._engine.grammars]  # type: ignore[attr-defined]
+
     def crash_when_asked(self, handle: WorkerHandle) -> None:
         """The worker dies the moment it receives its next generation, before any token."""
         worker = self._workers[handle.identity]

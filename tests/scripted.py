@@ -24,3 +24,8 @@ def script(folder: Path, *replies: str, name: str | None = None) -> str:
 def tool_call(name: str, **arguments: object) -> str:
     """A reply holding one call in the fenced format bastion advertises."""
     return f"```tool_call\n{json.dumps({'name': name, 'arguments': arguments})}\n```"
+
+
+def prose(words: int) -> str:
+    """A long reply that never repeats itself (a repeating one is cut as a loop)."""
+    return " ".join(f"word{i}" for i in range(words))

@@ -53,6 +53,7 @@ from bastion.protocol.sessions import (
 )
 from bastion.protocol.trust import Diagnose, ListApprovals, ListTools, ShowPolicy, VerifyAudit
 from tests.inprocess import InProcessSupervisor, failure_of, script
+from tests.scripted import prose
 
 _ids = iter(range(1, 10_000))
 
@@ -113,7 +114,7 @@ def supervised(tmp_path: Path):
 def test_a_session_is_running_while_a_run_streams_then_idle_with_its_last_run_finished(
     supervised, tmp_path
 ) -> None:
-    model = script(tmp_path, "first answer", "a long reply " * 40)
+    model = script(tmp_path, "first answer", prose(80))
 
     async def test(sup: InProcessSupervisor) -> None:
         assert await summaries(sup) == {}
@@ -169,7 +170,7 @@ def test_sessions_fork_clear_pin_and_delete_with_runs_in_between(supervised, tmp
 
 
 def test_deleting_a_session_a_run_is_serving_is_refused_as_busy(supervised, tmp_path) -> None:
-    model = script(tmp_path, "a long reply " * 10)
+    model = script(tmp_path, prose(20))
 
     async def test(sup: InProcessSupervisor) -> None:
         request = run_request(model, session="busy")
@@ -232,7 +233,7 @@ def test_unloading_a_model_that_is_not_loaded_is_unknown_model(supervised, tmp_p
 
 
 def test_status_counts_the_active_runs_and_loaded_models(supervised, tmp_path) -> None:
-    model = script(tmp_path, "word " * 200)
+    model = script(tmp_path, prose(200))
 
     async def test(sup: InProcessSupervisor) -> None:
         idle = await sup.ask(GetStatus(request_id="before"))
@@ -286,7 +287,7 @@ def test_a_hello_with_another_protocol_version_is_a_protocol_mismatch(supervised
 
 
 def test_a_second_run_with_a_running_request_id_is_a_duplicate_request(supervised, tmp_path) -> None:
-    model = script(tmp_path, "a long reply " * 10, "other")
+    model = script(tmp_path, prose(20), "other")
 
     async def test(sup: InProcessSupervisor) -> None:
         request = run_request(model)
@@ -297,7 +298,7 @@ def test_a_second_run_with_a_running_request_id_is_a_duplicate_request(supervise
         # The first run is untouched: it ends once, normally, with its own reply.
         events = await finished(sup, request.request_id)
         assert [e.stop_reason for e in of_type(events, RunFinished)] == [StopReason.STOP]
-        assert "".join(e.text for e in of_type(events, TokenDelta)) == "a long reply " * 10
+        assert "".join(e.text for e in of_type(events, TokenDelta)) == prose(20)
 
     supervised(test, token_delay=0.002)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.protocol import Cancel, ErrorCode, SamplingParams, StopReason, TokenDelta
+from bastion.protocol import Cancel, ErrorCode, StopReason, TokenDelta
 from bastion.protocol.agent_events import (
     CallFormat,
     ContextStrategy,
@@ -27,9 +27,19 @@ from bastion.protocol.agent_events import (
     TurnStarted,
     WarningCode,
 )
-from bastion.protocol.control import LoadModel, PromptRendered, Run, RunFinished, RunStarted
+from bastion.protocol.control import (
+    LoadModel,
+    PromptRendered,
+    Run,
+    RunFinished,
+    RunStarted,
+    SamplingRequest,
+    ToolChoice,
+    ToolChoiceMode,
+)
 from bastion.protocol.sessions import ChatRole, ShowSession
 from tests.inprocess import InProcessSupervisor, failure_of, script, tool_call, types_of
+from tests.scripted import prose
 
 _ids = iter(range(1, 10_000))
 
@@ -226,7 +236,7 @@ def test_a_session_prompt_only_grows_and_the_worker_reuses_it(supervised, tmp_pa
 
 
 def test_a_session_answers_one_run_at_a_time(supervised, tmp_path: Path) -> None:
-    model = script(tmp_path, "a long reply " * 20, "second")
+    model = script(tmp_path, prose(40), "second")
 
     async def test(sup: InProcessSupervisor) -> None:
         first = run_request(model, session="one")
@@ -244,7 +254,7 @@ def test_a_session_answers_one_run_at_a_time(supervised, tmp_path: Path) -> None
 
 
 def test_cancel_keeps_the_partial_reply_marked_interrupted(supervised, tmp_path: Path) -> None:
-    model = script(tmp_path, "word " * 400, "short")
+    model = script(tmp_path, prose(400), "short")
 
     async def test(sup: InProcessSupervisor) -> None:
         request = run_request(model, session="cut")
@@ -309,7 +319,7 @@ def test_a_worker_death_before_any_token_is_retried_once_with_a_warning(supervis
 
 
 def test_a_worker_death_after_tokens_ends_the_run_with_the_error(supervised, tmp_path: Path) -> None:
-    model = script(tmp_path, "word " * 200, "after")
+    model = script(tmp_path, prose(200), "after")
 
     async def test(sup: InProcessSupervisor) -> None:
         request = run_request(model, session="died")
@@ -324,7 +334,7 @@ def test_a_worker_death_after_tokens_ends_the_run_with_the_error(supervised, tmp
         # The partial reply is kept, marked interrupted; the session goes on with the restarted worker.
         assert sup.store.messages("died")[-1].interrupted
         # (A restarted scripted worker replays its replies from the first.)
-        after = await sup.run(run_request(model, "again", session="died", sampling=SamplingParams(max_tokens=4)))
+        after = await sup.run(run_request(model, "again", session="died", sampling=SamplingRequest(max_tokens=4)))
         assert after[-1].stop_reason is StopReason.LENGTH and failure_of(after) is None
 
     supervised(test, token_delay=0.005)
@@ -334,7 +344,7 @@ def test_run_start_names_the_model_and_its_worker(supervised, tmp_path: Path) ->
     model = script(tmp_path, "hello")
 
     async def test(sup: InProcessSupervisor) -> None:
-        events = await sup.run(run_request(model, sampling=SamplingParams(max_tokens=2)))
+        events = await sup.run(run_request(model, sampling=SamplingRequest(max_tokens=2)))
         [start] = of_type(events, RunStarted)
         assert start.model.startswith("scripted-") and start.template.startswith("builtin")
         assert events[-1].stop_reason is StopReason.LENGTH
@@ -343,7 +353,7 @@ def test_run_start_names_the_model_and_its_worker(supervised, tmp_path: Path) ->
 
 
 def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(supervised, tmp_path: Path) -> None:
-    long_reply = "word " * 40  # 200 tokens for the byte-counting scripted engine
+    long_reply = prose(40)[:200]  # 200 tokens for the byte-counting scripted engine
     # Four turns fill the 900-token budget; before the fifth the loop asks for
     # a summary (the fifth reply), then answers with the sixth.
     replies = [long_reply] * 4 + ["SUMMARY: the user asked three things.", "ok"]
@@ -356,7 +366,7 @@ def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(supervised, tmp_
     async def test(sup: InProcessSupervisor) -> None:
         for question in ("first?", "second?", "third?", "fourth?", "fifth?"):
             events = await sup.run(run_request("tiny", question, session="fold", context_strategy=ContextStrategy.SUMMARIZE,
-                                               sampling=SamplingParams(max_tokens=200)))
+                                               sampling=SamplingRequest(max_tokens=200)))
             assert events[-1].stop_reason in (StopReason.STOP, StopReason.LENGTH), failure_of(events)
         assert text_of(events) == "ok"  # the summary call was hidden from the client
         summaries = [m for m in sup.store.messages("fold") if m.content.startswith("SUMMARY")]
@@ -364,5 +374,68 @@ def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(supervised, tmp_
         detail = await sup.ask(ShowSession(request_id="show", name="fold", with_prompt=True))
         shown = detail.prompt  # type: ignore[union-attr]
         assert "SUMMARY: the user asked three things." in shown and "first?" not in shown
+
+    supervised(test)
+
+
+# --- constrained calls and loops ------------------------------------------------------
+
+
+def test_required_asks_the_worker_for_a_forced_call_then_for_held_calls(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, tool_call("calculator", expression="6*7"), "It is 42.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        request = run_request(model, tools=("calculator", "clock"),
+                              tool_choice=ToolChoice(mode=ToolChoiceMode.REQUIRED))
+        events = await sup.run(request)
+        assert events[-1].stop_reason is StopReason.STOP
+        first, second = sup.workers.grammars()
+        assert first is not None and not first.lazy and "calculator" in json.dumps(first.schema)
+        assert second is not None and second.lazy
+        # A scripted model cannot be constrained: the client is told, since a call was required.
+        [warning] = [w for w in of_type(events, RunWarning) if w.code is WarningCode.GRAMMAR_UNAVAILABLE]
+        assert "scripted" in warning.message
+
+    supervised(test)
+
+
+def test_tool_choice_none_offers_nothing_and_parses_nothing(supervised, tmp_path: Path) -> None:
+    reply = tool_call("calculator", expression="1+1")
+    model = script(tmp_path, reply)
+
+    async def test(sup: InProcessSupervisor) -> None:
+        events = await sup.run(run_request(model, tools=("calculator",),
+                                           tool_choice=ToolChoice(mode=ToolChoiceMode.NONE)))
+        assert not of_type(events, ToolCallParsed) and text_of(events) == reply
+        assert sup.workers.grammars() == [None]
+
+    supervised(test)
+
+
+def test_a_named_tool_the_run_does_not_offer_is_refused(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "x")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        events = await sup.run(run_request(model, tools=("calculator",),
+                                           tool_choice=ToolChoice(mode=ToolChoiceMode.FUNCTION, name="clock")))
+        failure = failure_of(events)
+        assert failure is not None and failure.code is ErrorCode.INVALID_REQUEST and "clock" in failure.message
+
+    supervised(test)
+
+
+def test_a_looping_reply_is_cut_where_the_loop_began_and_the_session_goes_on(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "So, that's me. " + "That's me. " * 30, "Your name is Ada.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        events = await sup.run(run_request(model, "What is my name?", session="ada"))
+        assert events[-1].stop_reason is StopReason.REPETITION and failure_of(events) is None
+        [warning] = of_type(events, RunWarning)
+        assert warning.code is WarningCode.REPETITION
+        stored = sup.store.messages("ada")[-1]
+        # The loop's earliest phase starts inside a word ("T|hat's me. "): the cut keeps whole words.
+        assert stored.content == "So, that's me." and not stored.interrupted
+        after = await sup.run(run_request(model, "And now?", session="ada"))
+        assert after[-1].stop_reason is StopReason.STOP and text_of(after) == "Your name is Ada."
 
     supervised(test)

@@ -331,6 +331,14 @@ _FRAGMENTS = st.sampled_from([
     "```", "```tool_call\n", "```json\n", "<tool_call>", "</tool_call>", "<|python_tag|>", "<|eom_id|>",
     "[TOOL_CALLS]", "[ARGS]", "{", "}", "[", "]", '"', "'", ":", ",", '"name"', '"arguments"', "clock",
     "calculator", "True", "None", "\n", " ", "\\", "(", ")", "=", ".call", "1e", "nope",
+    # Every other family's markers (test_call_formats.py).
+    "<function=", "<function name=", "</function>", "<parameter=", "</parameter>", "<arg_key>", "</arg_key>",
+    "<arg_value>", "</arg_value>", "<seed:tool_call>", "<minimax:tool_call>", '<invoke name="', ">>>", "all\n",
+    "[CALL_ID]", "<|python_start|>", "<|python_end|>", "```tool_code\n", "<｜tool▁calls▁begin｜>",
+    "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>", "function", "<|channel|>", "<|start|>",
+    "<|message|>", " to=functions.", "commentary", "<|constrain|>", "<|call|>", "<|end|>",
+    "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", ":0", "<|tools_prefix|>",
+    "<|START_ACTION|>", "<|tool_call|>", "functools[", "<TOOLCALL>", "<function_call>", "`",
 ])  # fmt: skip
 
 

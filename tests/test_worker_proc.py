@@ -44,7 +44,7 @@ from tests.real_models import smollm2_gguf
 
 pytestmark = pytest.mark.e2e
 
-LONG_REPLY = "The quick brown fox jumps over the lazy dog. " * 20
+LONG_REPLY = " ".join(f"The quick brown fox number {i} jumps." for i in range(20))
 
 
 

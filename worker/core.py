@@ -36,14 +36,16 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgspec
 
 from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
+from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, common_prefix_length
+from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, GrammarOutcome, common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore
+from bastion.worker.repetition import RepetitionGuard, keep_whole_words
 from bastion.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,11 @@ class _Run:
     shifted_tokens: int = 0
     cache_notes: tuple[str, ...] = ()
     kv_digest: str = ""
+    grammar: GrammarOutcome = field(default_factory=lambda: GrammarOutcome(GrammarUse.NONE))
+    chars: int = 0  # characters of text streamed so far
+    char_ends: list[int] = field(default_factory=list)  # after each generated token
+    streamed: list[str] = field(default_factory=list)
+    keep_chars: int | None = None  # set when the reply is cut at a repetition loop
 
     def decode_speed(self, now: float) -> float:
         # The first token comes out of the prefill; decoding speed is what follows it.
@@ -317,19 +324,20 @@ class WorkerCore:
 
     def _decode(self, run: _Run, emit: Emit, cancelled: Cancelled) -> StopReason:
         text = TextStream(run.request.sampling.stop)
-        self._engine.begin_sampling(run.request.sampling)
+        run.grammar = self._engine.begin_sampling(run.request.sampling, run.request.grammar)
         try:
             reason = self._sample_loop(run, text, emit, cancelled)
         finally:
             self._engine.end_sampling()
             run.finished = time.perf_counter()
         tail = text.flush()
-        if tail:
-            emit(self._delta(run, tail, run.finished))
+        if tail and reason is not StopReason.REPETITION:
+            self._stream(run, tail, run.finished, emit)
         return reason
 
     def _sample_loop(self, run: _Run, text: TextStream, emit: Emit, cancelled: Cancelled) -> StopReason:
         engine, sampling = self._engine, run.request.sampling
+        guard = RepetitionGuard() if sampling.loop_guard and not sampling.ignore_eos else None
         while True:
             if run.completion_tokens >= sampling.max_tokens:
                 return StopReason.LENGTH
@@ -344,9 +352,15 @@ class WorkerCore:
                 return StopReason.STOP
             run.completion_tokens += 1
             piece, stopped = text.push(engine.token_bytes(token))
-            emit(self._delta(run, piece, now))
+            self._stream(run, piece, now, emit)
+            run.char_ends.append(run.chars)
             if stopped:
                 return StopReason.STOP
+            if guard is not None and guard.push(token):
+                assert guard.loop_start is not None
+                keep = run.char_ends[guard.loop_start - 1] if guard.loop_start else 0
+                run.keep_chars = keep_whole_words("".join(run.streamed), keep)
+                return StopReason.REPETITION
             # The sampled token was streamed; it only needs evaluating if
             # another one will follow, and that needs room in the context.
             if engine.kv_tokens() >= self._info.n_ctx:
@@ -354,6 +368,12 @@ class WorkerCore:
             engine.evaluate((token,))
             self._progress += 1
             self._kv_tokens += 1
+
+    def _stream(self, run: _Run, piece: str, now: float, emit: Emit) -> None:
+        run.chars += len(piece)
+        if piece:
+            run.streamed.append(piece)  # where a loop is cut, whether a grammar's trigger came
+        emit(self._delta(run, piece, now))
 
     def _delta(self, run: _Run, text: str, now: float) -> TokenDelta:
         return TokenDelta(
@@ -385,6 +405,7 @@ class WorkerCore:
             stop_reason=reason,
             completion_tokens=run.completion_tokens,
             kv_tokens=self._kv_tokens,
+            keep_chars=run.keep_chars,
         )
 
     def _stats(self, run: _Run) -> GenerationStats:
@@ -406,7 +427,17 @@ class WorkerCore:
             shifted_tokens=run.shifted_tokens,
             cache_note="; ".join(run.cache_notes),
             kv_digest=run.kv_digest,
+            grammar=run.grammar.use,
+            grammar_triggered=self._triggered(run),
+            grammar_note=run.grammar.note,
         )
+
+    @staticmethod
+    def _triggered(run: _Run) -> bool:
+        grammar = run.request.grammar
+        if run.grammar.use is GrammarUse.FULL:
+            return True
+        return run.grammar.use is GrammarUse.LAZY and grammar is not None and grammar.start in "".join(run.streamed)
 
 
 def prefill_chunks(suffix: Sequence[int], size: int) -> list[Sequence[int]]:

@@ -49,6 +49,8 @@ from typing import Protocol
 import msgspec
 
 from bastion.protocol import SamplingParams
+from bastion.protocol.common import GrammarUse
+from bastion.protocol.worker_wire import CallGrammar
 
 
 class EngineError(Exception):
@@ -79,6 +81,13 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     partial_reuse: bool = True
 
 
+class GrammarOutcome(msgspec.Struct, frozen=True):
+    """Whether `begin_sampling` put a grammar in the sampler, and why not when one was asked for."""
+
+    use: GrammarUse
+    note: str = ""
+
+
 class Engine(Protocol):
     def describe(self) -> EngineInfo: ...
 
@@ -90,7 +99,7 @@ class Engine(Protocol):
 
     def evaluate(self, tokens: Sequence[int]) -> None: ...
 
-    def begin_sampling(self, params: SamplingParams) -> None: ...
+    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome: ...
 
     def sample(self) -> int: ...
 

@@ -20,7 +20,9 @@ from collections.abc import Sequence
 import msgspec
 
 from bastion.protocol import SamplingParams
-from bastion.worker.engine import EngineError, EngineInfo, reusable_prefix
+from bastion.protocol.common import GrammarUse
+from bastion.protocol.worker_wire import CallGrammar
+from bastion.worker.engine import EngineError, EngineInfo, GrammarOutcome, reusable_prefix
 
 BOS = 256
 EOS = 257
@@ -59,6 +61,7 @@ class FakeEngine:
         self._fail = config.fail_marker.encode() if config.fail_marker else b""
         self.evaluated_chunks: list[int] = []  # sizes, for tests of the chunking policy
         self.shifted: list[tuple[int, int]] = []  # context shifts, for tests
+        self.grammars: list[CallGrammar | None] = []  # what each generation was asked to follow, for tests
         self.threads = 1
         self.closed = False
 
@@ -117,13 +120,18 @@ class FakeEngine:
             raise EngineError("scripted failure")
         self._has_logits = True
 
-    def begin_sampling(self, params: SamplingParams) -> None:
+    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
         script = self._config.script or ("",)
         if not self._config.cycle and self._replies >= len(script):
             raise EngineError(f"the scripted model has no reply left: all {len(script)} were used")
         self._reply = [*script[self._replies % len(script)].encode("utf-8"), EOS]
         self._replies += 1
         self._position = 0
+        self.grammars.append(grammar)
+        if grammar is None:
+            return GrammarOutcome(GrammarUse.NONE)
+        # A script is replayed as written: nothing here could constrain it.
+        return GrammarOutcome(GrammarUse.UNAVAILABLE, "a scripted model replays its replies as written")
 
     def sample(self) -> int:
         if self._reply is None:

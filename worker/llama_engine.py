@@ -19,9 +19,13 @@ from collections.abc import Iterator, Sequence
 
 import llama_cpp
 import msgspec
+from llama_cpp import _internals as internals
 
 from bastion.protocol import SamplingParams
-from bastion.worker.engine import EngineError, EngineInfo, InvalidModelFile, reusable_prefix
+from bastion.protocol.common import GrammarUse
+from bastion.protocol.worker_wire import CallGrammar
+from bastion.worker.engine import EngineError, EngineInfo, GrammarOutcome, InvalidModelFile, reusable_prefix
+from bastion.worker.grammar import GrammarCache, GrammarError
 
 _PIECE_BUFFER = 64
 _GGUF_MAGIC = b"GGUF"
@@ -54,6 +58,8 @@ class LlamaCppEngine:
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {config.model_path}: {exc}") from exc
         self._stack.callback(self._llama.close)
+        self._grammars = GrammarCache(self._llama._model.vocab)
+        self._stack.callback(self._grammars.close)
         self._vocab = self._llama._model.vocab
         self._piece = ctypes.create_string_buffer(_PIECE_BUFFER)
         self._bos_text = self._token_text(self._llama.token_bos())
@@ -85,6 +91,10 @@ class LlamaCppEngine:
             gguf_name=metadata.get("general.name", ""),
             partial_reuse=self._n_swa <= 0,
         )
+
+    @property
+    def grammars_compiled(self) -> int:
+        return self._grammars.compiled
 
     def describe(self) -> EngineInfo:
         return self._info
@@ -199,17 +209,42 @@ class LlamaCppEngine:
             raise EngineError(str(exc)) from exc
         self._shift_pending = False
 
-    def begin_sampling(self, params: SamplingParams) -> None:
+    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
         # Llama's sampler chain reads the seed when it is built.
         seed = params.seed if params.seed is not None else random.getrandbits(31)
         self._llama.set_seed(seed)
-        self._llama._sampler = self._llama._init_sampler(
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-        )
+        outcome = GrammarOutcome(GrammarUse.NONE)
+        constraint = None
+        if grammar is not None:
+            try:
+                constraint = self._grammars.sampler_for(grammar)
+            except GrammarError as exc:
+                outcome = GrammarOutcome(GrammarUse.FAILED, str(exc))
+            else:
+                outcome = GrammarOutcome(GrammarUse.LAZY if grammar.lazy else GrammarUse.FULL)
+        self._llama._sampler = self._sampler_chain(params, seed, constraint)  # type: ignore[assignment]  # typed None in Llama
+        return outcome
+
+    def _sampler_chain(self, params: SamplingParams, seed: int,
+                       constraint: llama_cpp.llama_sampler_p | None) -> internals.LlamaSampler:
+        """Llama's own chain (penalties, then greedy or top-k/top-p/min-p/temperature), with a
+        grammar, when given, right after the penalties: it must act before a token is chosen."""
+        if constraint is None:
+            return self._llama._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                                             temp=params.temperature, repeat_penalty=params.repeat_penalty)
+        chain = internals.LlamaSampler()
+        chain.add_penalties(n_vocab=self._llama.n_vocab(), penalty_last_n=self._llama.last_n_tokens_size,
+                            penalty_repeat=params.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
+        llama_cpp.llama_sampler_chain_add(chain.sampler, constraint)  # the chain frees it
+        if params.temperature <= 0.0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(params.top_k)
+            chain.add_top_p(params.top_p, 1)
+            chain.add_min_p(params.min_p, 1)
+            chain.add_temp(params.temperature)
+            chain.add_dist(seed)
+        return chain
 
     def sample(self) -> int:
         if self._llama._sampler is None:

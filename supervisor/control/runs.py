@@ -25,7 +25,7 @@ from pathlib import Path
 
 from bastion.protocol import ErrorCode, StopReason
 from bastion.protocol.agent_events import PromptRendered
-from bastion.protocol.control import Run, RunStarted
+from bastion.protocol.control import Run, RunStarted, ToolChoiceMode
 from bastion.protocol.sessions import ChatRole
 from bastion.supervisor.control.models import load_progress
 from bastion.supervisor.errors import SessionBusyError, SupervisorError, TrustFlagError, UnknownSessionError
@@ -35,6 +35,7 @@ from bastion.supervisor.harness.prompt_builder import PromptBuilder, latest_syst
 from bastion.supervisor.harness.tool_execution import ToolExecution, Workbench
 from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
 from bastion.supervisor.models.registry import ModelSpec, RegistryWatcher
+from bastion.supervisor.models.sampling import resolve as resolve_sampling
 from bastion.supervisor.models.sources import ScriptedReplies
 from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
 from bastion.supervisor.runs import ActiveRun
@@ -90,6 +91,7 @@ class RunService:
             run.finish(StopReason.CANCELLED)
             return
         formatter = with_template(loaded, request.template)
+        sampling, sampling_source = resolve_sampling(request.sampling, loaded.sampling)
         # A session remembers what to look up again (a name, a path, scripted:FILE).
         conversation = self._conversation(request, request.model or spec.name)
         counter = await self._counter(loaded)
@@ -98,14 +100,15 @@ class RunService:
                                   workbench=workbench)
         loop = build_loop(
             run=run, conversation=conversation, model=loaded, formatter=formatter, n_ctx=loaded.handle.n_ctx,
-            counter=counter, sampling=request.sampling, new_id=self._new_id, tools=tools, execution=execution,
+            counter=counter, sampling=sampling, new_id=self._new_id, tools=tools, execution=execution,
             settings=LoopSettings(max_iterations=request.max_iterations, strategy=request.context_strategy),
+            tool_choice=request.tool_choice,
         )  # fmt: skip
         if request.system and latest_system(conversation) != request.system:
             conversation.append(ChatMessage(role=ChatRole.SYSTEM, content=request.system), pinned=True)
         conversation.append(ChatMessage(role=ChatRole.USER, content=request.prompt))
         run.send(RunStarted(request_id=run.request_id, model=spec.name, worker_pid=loaded.handle.pid,
-                            template=formatter.source))
+                            template=formatter.source, sampling=sampling, sampling_source=sampling_source))
         if request.show_prompt:
             await self._show_prompt(run, spec, loop, counter, formatter)
             return
@@ -154,6 +157,8 @@ class RunService:
         """The tools this run offers the model, after the trust flags; sandboxed
         ones need a workspace and a sandbox strong enough for them."""
         tools = self._tools.for_run(request.tools, allow_shell=request.allow_shell, allow_write=request.allow_write)
+        if request.tool_choice.mode is ToolChoiceMode.NONE:
+            return [], Workbench()  # offered nothing: nothing is parsed, nothing runs
         sandboxed = [tool.record for tool in tools if isinstance(tool, SandboxTool)]
         if not sandboxed:
             return tools, Workbench()

@@ -24,7 +24,11 @@ import msgspec
 
 from bastion.protocol import ErrorCode, GenerationStats, SamplingParams, StopReason
 from bastion.protocol.agent_events import ContextStrategy, RunWarning, TurnFinished, TurnStarted, WarningCode
+from bastion.protocol.common import GrammarUse
+from bastion.protocol.control import ToolChoice
 from bastion.protocol.sessions import ChatRole
+from bastion.protocol.worker_wire import CallGrammar
+from bastion.supervisor.harness.constraints import FENCED, CallConstraint, call_syntax
 from bastion.supervisor.harness.conversation import Conversation
 from bastion.supervisor.harness.model_calls import ModelCalls, ServedModel
 from bastion.supervisor.harness.prompt_builder import PromptBuilder
@@ -58,6 +62,7 @@ class AgentLoop:
         tools: ToolRound | None,
         sampling: SamplingParams,
         settings: LoopSettings,
+        constraint: CallConstraint | None = None,
     ) -> None:
         self._run = run
         self._conversation = conversation
@@ -66,6 +71,7 @@ class AgentLoop:
         self._tools = tools
         self._sampling = sampling
         self._settings = settings
+        self._constraint = constraint
         self.last_stats: GenerationStats | None = None  # of the latest generation, for the run record
 
     @property
@@ -78,8 +84,10 @@ class AgentLoop:
             self._run.send(TurnStarted(request_id=self._run.request_id, session=self._conversation.name,
                                        iteration=iteration))
             prompt = await self._prompts.next_prompt()
-            outcome = await self._calls.generate(prompt, self._sampling, self._conversation.name)
+            grammar = self._constraint.for_turn(iteration) if self._constraint else None
+            outcome = await self._calls.generate(prompt, self._sampling, self._conversation.name, grammar=grammar)
             self.last_stats = outcome.stats
+            self._report_generation(outcome, grammar)
             ending = self._take_reply(outcome)
             calls: Sequence[ParsedCall] = ()
             if ending is None and self._tools is not None:
@@ -109,6 +117,18 @@ class AgentLoop:
                    f"stopped after {self._settings.max_iterations} model calls (--max-iterations); "
                    "the last tool results were not answered")
         return StopReason.MAX_ITERATIONS
+
+    def _report_generation(self, outcome: GenerationOutcome, grammar: CallGrammar | None) -> None:
+        """Warn about what the client would otherwise not know: a cut loop, a call left unconstrained."""
+        stats = outcome.stats
+        if outcome.stop_reason is StopReason.REPETITION:
+            self._warn(WarningCode.REPETITION, "the reply kept repeating itself; it was cut where the loop began")
+        if stats is None:
+            return
+        forced = grammar is not None and not grammar.lazy
+        if stats.grammar is GrammarUse.FAILED or (stats.grammar is GrammarUse.UNAVAILABLE and forced):
+            self._warn(WarningCode.GRAMMAR_UNAVAILABLE,
+                       f"the tool call could not be constrained ({stats.grammar_note}); the reply is free text")
 
     def _take_reply(self, outcome: GenerationOutcome) -> StopReason | None:
         """Store the reply; the stop reason when it ends the run (an error or a cancel)."""
@@ -147,6 +167,7 @@ def build_loop(
     new_id: Callable[[], str],
     tools: Sequence[Tool] = (),
     execution: ToolExecution | None = None,
+    tool_choice: ToolChoice = ToolChoice(),
 ) -> AgentLoop:
     """The loop for one run, its collaborators wired together."""
     calls = ModelCalls(run=run, model=model, new_id=new_id, max_retries=settings.max_generation_retries,
@@ -154,10 +175,13 @@ def build_loop(
     prompts = PromptBuilder(run=run, conversation=conversation, formatter=formatter, n_ctx=n_ctx, counter=counter,
                             tools=[tool.spec for tool in tools], reply_tokens=sampling.max_tokens,
                             strategy=settings.strategy, summarizer=calls)
-    tool_round = None
+    tool_round = constraint = None
     if tools:
         assert execution is not None, "a run with tools needs a way to execute them"
-        tool_round = ToolRound(run=run, conversation=conversation, tools=tools, execution=execution)
+        syntax = call_syntax(formatter)
+        tool_round = ToolRound(run=run, conversation=conversation, tools=tools, execution=execution,
+                               fenced_results=syntax is FENCED)
+        constraint = CallConstraint([tool.spec for tool in tools], syntax, tool_choice)
     return AgentLoop(run=run, conversation=conversation, prompts=prompts, calls=calls, tools=tool_round,
-                     sampling=sampling, settings=settings)
+                     sampling=sampling, settings=settings, constraint=constraint)
 

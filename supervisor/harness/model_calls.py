@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from bastion.protocol import RequestFailed, SamplingParams, StopReason
 from bastion.protocol.agent_events import RunWarning, WarningCode
+from bastion.protocol.worker_wire import CallGrammar
 from bastion.supervisor.errors import WorkerUnavailableError
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
 
@@ -58,13 +59,14 @@ class ModelCalls:
         self._keep_snapshots = keep_snapshots
 
     async def generate(
-        self, prompt: str, sampling: SamplingParams, session_id: str, *, stream: bool = True
+        self, prompt: str, sampling: SamplingParams, session_id: str, *, stream: bool = True,
+        grammar: CallGrammar | None = None,
     ) -> GenerationOutcome:
         retries = 0
         while True:
             generation = Generation(internal_id=self._new_id(), session_id=session_id, prompt=prompt,
                                     sampling=sampling, run=self._run, stream=stream,
-                                    snapshot=stream and self._keep_snapshots)  # fmt: skip
+                                    snapshot=stream and self._keep_snapshots, grammar=grammar)  # fmt: skip
             try:
                 outcome = await self._attempt(generation)
             except WorkerUnavailableError as exc:  # failed, unloaded, or not back from a restart in time

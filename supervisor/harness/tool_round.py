@@ -7,6 +7,10 @@ hint for the model. `execute` runs the calls in order through the one
 gate → run → audit path (tool_execution.py) and appends each result, so every
 call — run, denied, or skipped because the run was cancelled between two
 calls — leaves a result in the conversation, and none is left dangling.
+
+When the model was taught bastion's own fenced call format (its template
+cannot list tools), each result comes back the same way, in a ```tool_result
+block: small models then restate the result instead of calling again.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from bastion.supervisor.tools.registry import Tool, ToolSpec
 
 class ToolRound:
     def __init__(
-        self, *, run: ActiveRun, conversation: Conversation, tools: Sequence[Tool], execution: ToolExecution
+        self, *, run: ActiveRun, conversation: Conversation, tools: Sequence[Tool], execution: ToolExecution,
+        fenced_results: bool = False,
     ) -> None:
         self._run = run
+        self._fenced_results = fenced_results
         self._conversation = conversation
         self._tools = {tool.spec.name: tool for tool in tools}
         self._execution = execution
@@ -72,4 +78,6 @@ class ToolRound:
         return not self._run.cancel_requested
 
     def _append_result(self, name: str, content: str) -> None:
+        if self._fenced_results:
+            content = f"```tool_result\n{content}\n```"
         self._conversation.append(ChatMessage(role=ChatRole.TOOL, content=content, tool_name=name))

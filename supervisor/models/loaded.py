@@ -55,6 +55,7 @@ from bastion.supervisor.models.memory import (
 from bastion.supervisor.models.registry import MemorySettings, ModelSpec
 from bastion.supervisor.models.residency import Clock, Residency, expires_in_s, is_idle
 from bastion.supervisor.models.restarts import CrashHistory, GiveUp, Restart, RestartPolicy
+from bastion.supervisor.models.sampling import SamplingDefaults
 from bastion.supervisor.models.sources import ScriptedReplies, resolve_gguf
 from bastion.supervisor.models.usage import ModelUsage
 from bastion.supervisor.models.worker_slot import WorkerSlot, failed_message
@@ -78,6 +79,8 @@ class LoadedModel:
         self.usage = usage or ModelUsage(estimate=MemoryEstimate(), keep_alive_s=spec.keep_alive_s)
         # What changed when this worker replaced one with other settings.
         self.reload_reason = ""
+        # The sampler settings the model's runs use where the client gives none.
+        self.sampling = SamplingDefaults()
 
     @property
     def handle(self) -> WorkerHandle:
@@ -215,6 +218,8 @@ class LoadedModels:
         async with self._residency.admitted(spec.name, needs.total):
             model = await self._spawn(spec, path, n_ctx, usage, progress)
         model.reload_reason = reload_reason
+        if not isinstance(spec.source, ScriptedReplies):
+            model.sampling = await asyncio.to_thread(self._estimator.sampling_of, path)
         return model
 
     async def _spawn(

@@ -25,6 +25,7 @@ from bastion.protocol.control import MemoryBudgetSource
 from bastion.protocol.quantities import format_bytes, parse_size
 from bastion.supervisor.errors import InsufficientMemoryError, InvalidModelFileError
 from bastion.supervisor.models.gguf_metadata import GgufMetadata, read_gguf_metadata
+from bastion.supervisor.models.sampling import SamplingDefaults, recommended
 
 log = logging.getLogger(__name__)
 
@@ -173,25 +174,38 @@ def estimate_from_file_size(file_size: int) -> MemoryEstimate:
 
 class Estimator:
     """Estimates for GGUF files, reading each file's metadata once: a large
-    vocabulary takes a few hundred ms to walk, so shapes are kept per file
-    version (path, size, mtime). Called from a thread."""
+    vocabulary takes a few hundred ms to walk, so what is needed of it (the
+    shape, the recommended sampling) is kept per file version (path, size,
+    mtime). Called from a thread."""
 
     def __init__(self) -> None:
-        self._shapes: dict[tuple[str, int, int], ModelShape] = {}
+        self._facts: dict[tuple[str, int, int], tuple[ModelShape, SamplingDefaults]] = {}
 
     def of_gguf(self, path: Path, n_ctx: int) -> MemoryEstimate:
+        facts = self._read(path)
+        if facts is None:
+            return estimate_from_file_size(path.stat().st_size)
+        return estimate(facts[0], n_ctx)
+
+    def sampling_of(self, path: Path) -> SamplingDefaults:
+        """The model's recommended sampler settings (sampling.py)."""
+        facts = self._read(path)
+        return facts[1] if facts is not None else SamplingDefaults()
+
+    def _read(self, path: Path) -> tuple[ModelShape, SamplingDefaults] | None:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
-        shape = self._shapes.get(key)
-        if shape is None:
+        facts = self._facts.get(key)
+        if facts is None:
             try:
-                shape = shape_of(read_gguf_metadata(path))
+                metadata = read_gguf_metadata(path)
             except InvalidModelFileError as exc:
                 # The worker's loader has the last word on the file and reports it.
                 log.warning("%s; estimating its memory from its file size", exc.message)
-                return estimate_from_file_size(stat.st_size)
-            self._shapes[key] = shape
-        return estimate(shape, n_ctx)
+                return None
+            facts = (shape_of(metadata), recommended(metadata.values))
+            self._facts[key] = facts
+        return facts
 
 
 def _int(metadata: GgufMetadata, key: str, default: int) -> int:

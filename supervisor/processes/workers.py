@@ -180,6 +180,7 @@ class WorkerHandle:
                 prompt=generation.prompt,
                 sampling=generation.sampling,
                 snapshot=generation.snapshot,
+                grammar=generation.grammar,
             )
         )
 

@@ -1,7 +1,7 @@
 """Turning a conversation into the prompt text a model expects.
 
 Owns the chat message type the harness builds conversations from, the choice
-between a model's own template and a built-in (`builtin.py` holds
+between a model's own template and a built-in (`builtin/` holds
 those and the evidence for each), rendering, and the fallback when a model's
 own template refuses a conversation. Every template, built-in or read from a
 GGUF, is Jinja source run in a sandbox: a GGUF's `tokenizer.chat_template` is
@@ -74,6 +74,9 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: ChatRole
     content: str
     tool_name: str = ""  # for TOOL messages: which tool produced this result
+    # An assistant turn's reasoning, kept apart from its content; templates see it as
+    # `reasoning_content` (Hugging Face's name) and keep or drop it as the model's own does.
+    reasoning: str = ""
 
 
 class TemplateOrigin(enum.Enum):
@@ -246,6 +249,12 @@ class PromptFormatter:
         return self.choice.family
 
     @property
+    def departures(self) -> tuple[str, ...]:
+        """Where the built-in that renders deliberately differs from its family's official template
+        (one line each, for `--show-prompt`); empty for a model's own template."""
+        return () if self.choice.builtin is None else self.choice.builtin.departures
+
+    @property
     def supports_tools(self) -> bool:
         """Whether the template lists `tools` itself; if not, the caller describes them in the system turn."""
         return self._template.supports_tools
@@ -310,10 +319,13 @@ class PromptFormatter:
 
 
 def _as_dict(message: ChatMessage) -> dict[str, str]:
-    # Hugging Face's shape: a tool result names its tool under "name".
+    # Hugging Face's shape: a tool result names its tool under "name", reasoning is `reasoning_content`.
+    shaped = {"role": message.role.value, "content": message.content}
     if message.role is ChatRole.TOOL and message.tool_name:
-        return {"role": message.role.value, "content": message.content, "name": message.tool_name}
-    return {"role": message.role.value, "content": message.content}
+        shaped["name"] = message.tool_name
+    if message.reasoning:
+        shaped["reasoning_content"] = message.reasoning
+    return shaped
 
 
 def choose_template(description: ModelDescription, override: BuiltinTemplate | str | None) -> TemplateChoice:

@@ -111,11 +111,12 @@ def _json_complaint(text: str) -> str:
 
 def _matching_close(text: str, start: int) -> int | None:
     """Index just past the bracket closing the one at `start`, skipping quoted strings of
-    either quote style; None if it never closes."""
-    if text[start] not in "{[":
+    either quote style; None if it never closes within the length a repair may have."""
+    if start >= len(text) or text[start] not in "{[":
         return None
     depth, pos, quote = 0, start, ""
-    while pos < len(text):
+    stop = min(len(text), start + _MAX_REPAIR_CHARS + 1)
+    while pos < stop:
         char = text[pos]
         if quote:
             if char == "\\":

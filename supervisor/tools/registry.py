@@ -124,7 +124,9 @@ class ToolRegistry:
         """The specs for `names`, in that order, each once; any unknown name is an error."""
         unknown = [name for name in names if name not in self._tools]
         if unknown:
-            raise UnknownToolError(f"unknown tool(s): {', '.join(unknown)}; available tools: {self._available()}")
+            raise UnknownToolError(
+                f"unknown tool(s): {', '.join(unknown)}; available tools: {self._available()}"
+            )
         return [self._tools[name].spec for name in dict.fromkeys(names)]
 
     def for_run(self, names: Iterable[str], *, allow_shell: bool, allow_write: bool) -> list[Tool]:
@@ -138,8 +140,11 @@ class ToolRegistry:
         unknown: list[str] = []
         for name in names:
             if name in _GROUP_NAMES:
-                picked.extend(tool for tool in self._group(_GROUP_NAMES[name])
-                              if tool.record.enabled_by is None or flags[tool.record.enabled_by])
+                picked.extend(
+                    tool
+                    for tool in self._group(_GROUP_NAMES[name])
+                    if tool.record.enabled_by is None or flags[tool.record.enabled_by]
+                )
             elif name in self._tools:
                 picked.append(self._tools[name])
             else:
@@ -156,7 +161,9 @@ class ToolRegistry:
         """Run a built-in tool; anything else, or bad arguments, is a failed result."""
         tool = self._tools.get(name)
         if not isinstance(tool, BuiltinTool):
-            return ToolResult(ok=False, content=f"no tool named {name!r}; available tools: {self._available()}")
+            return ToolResult(
+                ok=False, content=f"no tool named {name!r}; available tools: {self._available()}"
+            )
         # The parser validates too; this keeps executors safe from any caller that skipped it.
         errors = validate(arguments, tool.spec.parameters, "$.arguments")
         if errors:
@@ -167,7 +174,11 @@ class ToolRegistry:
             return ToolResult(ok=False, content=f"{name} failed: {type(exc).__name__}: {exc}")
 
     def _group(self, group: ToolGroup) -> list[SandboxTool]:
-        members = [tool for tool in self._tools.values() if isinstance(tool, SandboxTool) and tool.record.group is group]
+        members = [
+            tool
+            for tool in self._tools.values()
+            if isinstance(tool, SandboxTool) and tool.record.group is group
+        ]
         # Read-only members first, as `files` always listed them.
         return sorted(members, key=lambda tool: tool.record.writes)
 
@@ -202,7 +213,8 @@ def advertise(specs: Sequence[ToolSpec]) -> str:
         "To use a tool, reply with only a block like this, nothing before or after it:",
         "```tool_call",
         msgspec.json.encode({"name": specs[0].name, "arguments": _example_arguments(specs[0])}).decode()
-        if specs else '{"name": "clock", "arguments": {}}',
+        if specs
+        else '{"name": "clock", "arguments": {}}',
         "```",
         "For several tools, write one block per call. The results come back in the next message; "
         "then answer normally. If no tool is needed, just answer.",

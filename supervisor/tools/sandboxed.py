@@ -19,8 +19,12 @@ from bastion.supervisor.tools.registry import SandboxTool, ToolSpec
 
 
 def sandbox_tool(record: SandboxedTool) -> SandboxTool:
-    spec = ToolSpec(name=record.name, description=record.description,
-                    parameters=argument_schema(record.arguments), read_only=not record.writes)
+    spec = ToolSpec(
+        name=record.name,
+        description=record.description,
+        parameters=argument_schema(record.arguments),
+        read_only=not record.writes,
+    )
     return SandboxTool(spec=spec, record=record)
 
 

@@ -31,6 +31,7 @@ from bastion.client.run_options import (
     AllowShellOption,
     AllowWriteOption,
     ContextOption,
+    HideReasoningOption,
     MaxIterationsOption,
     MaxTokensOption,
     ModelOption,
@@ -63,6 +64,7 @@ def chat(
     max_iterations: MaxIterationsOption = 8,
     context: ContextOption = ContextStrategy.WINDOW,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show the context budget per turn.")] = False,
+    hide_reasoning: HideReasoningOption = False,
     workspace: WorkspaceOption = None,
     allow_shell: AllowShellOption = False,
     allow_write: AllowWriteOption = False,
@@ -78,10 +80,12 @@ def chat(
     interactive = sys.stdin.isatty()
     render.say(f"session {name}; /help for commands, /exit to leave")
     with connection:
-        raise typer.Exit(_converse(connection, options, interactive=interactive, verbose=verbose))
+        raise typer.Exit(_converse(connection, options, interactive=interactive, verbose=verbose,
+                                   hide_reasoning=hide_reasoning))
 
 
-def _converse(connection: ControlConnection, options: RunOptions, *, interactive: bool, verbose: bool) -> int:
+def _converse(connection: ControlConnection, options: RunOptions, *, interactive: bool, verbose: bool,
+              hide_reasoning: bool = False) -> int:
     first = True
     while True:
         try:
@@ -104,7 +108,8 @@ def _converse(connection: ControlConnection, options: RunOptions, *, interactive
             # The session remembers its system message; sending it again would restate it.
             request = msgspec.structs.replace(request, system=None)
         first = False
-        code = stream_run(connection, request, as_json=False, verbose=verbose, ask=_ask_inline(interactive))
+        code = stream_run(connection, request, as_json=False, verbose=verbose, ask=_ask_inline(interactive),
+                          hide_reasoning=hide_reasoning)
         if code == EXIT_CANCELLED:
             render.say("(answer cancelled)")
 

@@ -38,6 +38,7 @@ from bastion.client.run_options import (
     AllowWriteOption,
     ApprovalTimeoutOption,
     ContextOption,
+    HideReasoningOption,
     IgnoreEosOption,
     KeepAliveOption,
     LoopGuardOption,
@@ -114,6 +115,7 @@ def run(
     repeat_penalty: RepeatPenaltyOption = None,
     seed: SeedOption = None,
     loop_guard: LoopGuardOption = True,
+    hide_reasoning: HideReasoningOption = False,
     max_iterations: MaxIterationsOption = 8,
     context: ContextOption = ContextStrategy.WINDOW,
     show_prompt: Annotated[
@@ -138,7 +140,7 @@ def run(
     assert connection is not None
     with connection:
         code = stream_run(connection, run_request(prompt, options, show_prompt=show_prompt), as_json=as_json,
-                          verbose=verbose)
+                          hide_reasoning=hide_reasoning, verbose=verbose)
     raise typer.Exit(code)
 
 

@@ -19,6 +19,7 @@ from bastion.protocol import GenerationStats, RequestFailed, TokenDelta, WorkerS
 from bastion.protocol.agent_events import (
     ContextBudget,
     PromptRendered,
+    ReasoningDelta,
     RunWarning,
     ToolCallParsed,
     ToolDecision,
@@ -56,22 +57,31 @@ def error(message: str, hint: str = "") -> None:
         print(f"  {hint}", file=sys.stderr, flush=True)
 
 
+_DIM, _PLAIN = "\x1b[2m", "\x1b[0m"
+
+
 class TextRenderer:
     """Renders one run's events for a person."""
 
-    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, verbose: bool = False) -> None:
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *, verbose: bool = False,
+                 hide_reasoning: bool = False) -> None:
         self._verbose = verbose
+        self._hide_reasoning = hide_reasoning
         self._out = out or sys.stdout
         self._err = err or sys.stderr
         self._ends_with_newline = True
         self._progress_open = False
+        self._reasoning_open = False  # reasoning is being written to stderr, its line not ended
 
     def __call__(self, event: ControlEvent) -> None:
         match event:
             case LoadProgress():
                 self._progress(event)
+            case ReasoningDelta(text=text) if not self._hide_reasoning:
+                self._reasoning(text)
             case TokenDelta(text=text):
                 self._close_progress()
+                self._close_reasoning()
                 if text:
                     self._out.write(text)
                     self._out.flush()
@@ -118,13 +128,32 @@ class TextRenderer:
             case _:
                 pass
 
+    def _reasoning(self, text: str) -> None:
+        """Reasoning goes to stderr (stdout keeps only the answer), dimmed on a terminal."""
+        self._close_progress()
+        if not text:
+            return
+        if not self._reasoning_open:
+            self._finish_line()
+            self._reasoning_open = True
+        self._err.write(f"{_DIM}{text}{_PLAIN}" if self._err.isatty() else text)
+        self._err.flush()
+
+    def _close_reasoning(self) -> None:
+        if self._reasoning_open:
+            self._err.write("\n")
+            self._err.flush()
+            self._reasoning_open = False
+
     def _note(self, text: str) -> None:
+        self._close_reasoning()
         self._finish_line()
         self._close_progress()
         self._err.write(text + "\n")
         self._err.flush()
 
     def finish(self) -> None:
+        self._close_reasoning()
         self._finish_line()
         self._close_progress()
 

@@ -45,6 +45,9 @@ TopPOption = Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, h
 TopKOption = Annotated[int | None, typer.Option("--top-k", min=0, help=_RECOMMENDED)]
 MinPOption = Annotated[float | None, typer.Option("--min-p", min=0.0, max=1.0, help=_RECOMMENDED)]
 RepeatPenaltyOption = Annotated[float | None, typer.Option("--repeat-penalty", min=0.0, help=_RECOMMENDED)]
+HideReasoningOption = Annotated[
+    bool, typer.Option("--hide-reasoning", help="Do not show the model's reasoning (it is still kept apart).")
+]
 LoopGuardOption = Annotated[
     bool,
     typer.Option("--loop-guard/--no-loop-guard",

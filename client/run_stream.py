@@ -14,6 +14,7 @@ from bastion.client import render
 from bastion.client.command_io import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from bastion.client.connection import ClientError, ControlConnection
 from bastion.protocol import Cancel, ErrorCode, RequestFailed, StopReason
+from bastion.protocol.agent_events import ReasoningDelta
 from bastion.protocol.control import ControlEvent, Run, RunFinished
 from bastion.protocol.errors import USAGE_ERROR_CODES
 from bastion.protocol.trust import ApprovalRequired, ResolveApproval
@@ -22,9 +23,14 @@ _CANCEL_WAIT_S = 10.0
 
 
 def stream_run(connection: ControlConnection, request: Run, *, as_json: bool, verbose: bool = False,
-               ask: Callable[[ApprovalRequired], bool] | None = None) -> int:
+               ask: Callable[[ApprovalRequired], bool] | None = None, hide_reasoning: bool = False) -> int:
     """Stream one run; with `ask`, approval requests are answered inline (chat)."""
-    show = render.json_line if as_json else render.TextRenderer(verbose=verbose)
+    text = None if as_json else render.TextRenderer(verbose=verbose, hide_reasoning=hide_reasoning)
+    show: Callable[[ControlEvent], None]
+    if text is not None:
+        show = text
+    else:
+        show = _without_reasoning(render.json_line) if hide_reasoning else render.json_line
     state = _RunState()
     connection.send(request)
     try:
@@ -39,8 +45,8 @@ def stream_run(connection: ControlConnection, request: Run, *, as_json: bool, ve
     except ClientError as exc:
         _show_client_error(exc, show, as_json)
         state.error_code = exc.code
-    if not as_json:
-        show.finish()  # type: ignore[union-attr]
+    if text is not None:
+        text.finish()
     return state.exit_code()
 
 
@@ -103,3 +109,11 @@ def _show_client_error(exc: ClientError, show, as_json: bool) -> None:
         render.json_object({"type": "run_end", "stop_reason": StopReason.ERROR.value})
     else:
         render.error(exc.message)
+
+
+def _without_reasoning(show: Callable[[ControlEvent], None]) -> Callable[[ControlEvent], None]:
+    def shown(event: ControlEvent) -> None:
+        if not isinstance(event, ReasoningDelta):
+            show(event)
+
+    return shown

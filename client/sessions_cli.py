@@ -80,7 +80,8 @@ def show_session(
             [" [pinned]" if message.pinned else "", " [interrupted]" if message.interrupted else ""]
         )
         who = f"{message.role.value}:{message.tool_name}" if message.tool_name else message.role.value
-        print(f"\n#{message.seq} {who}{flags}\n{message.content}")
+        reasoning = f"[reasoning] {message.reasoning}\n" if message.reasoning else ""
+        print(f"\n#{message.seq} {who}{flags}\n{reasoning}{message.content}")
 
 
 @sessions_app.command("rm")

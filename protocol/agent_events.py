@@ -91,6 +91,16 @@ class ContextBudget(Message, frozen=True, tag="context_budget"):
     strategy: ContextStrategy
 
 
+class ReasoningDelta(Message, frozen=True, tag="reasoning"):
+    """Reasoning the model wrote before (or between) its answer, streamed apart
+    from `token` text; never parsed for tool calls. `n` counts every generated
+    token, reasoning and answer alike."""
+
+    request_id: str
+    text: str
+    n: int
+
+
 class ToolCallParsed(Message, frozen=True, tag="tool_call"):
     request_id: str
     call_id: str

@@ -23,6 +23,7 @@ from bastion.protocol.agent_events import (
     ContextBudget,
     ContextStrategy,
     PromptRendered,
+    ReasoningDelta,
     RunWarning,
     ToolCallParsed,
     ToolDecision,
@@ -314,6 +315,7 @@ ControlEvent = (
     | ShutdownStarted
     | TurnStarted
     | ContextBudget
+    | ReasoningDelta
     | ToolCallParsed
     | ToolDecision
     | ToolStarted

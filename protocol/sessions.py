@@ -59,6 +59,7 @@ class SessionMessage(msgspec.Struct, frozen=True, kw_only=True):
     pinned: bool = False
     interrupted: bool = False  # a partial reply kept after a cancel or a crash
     created_at: float = 0.0
+    reasoning: str = ""  # an assistant turn's reasoning, kept apart from its content
 
 
 class ListSessions(Message, frozen=True, tag="list_sessions"):

@@ -23,15 +23,26 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import msgspec
 
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
+from bastion.protocol.agent_events import ReasoningDelta
 from bastion.protocol.control import ControlEvent, RunFinished
 from bastion.protocol.worker_wire import CallGrammar, FromWorker, GenerationFinished
 
 # Sends one event to one client identity; never blocks (the daemon's outbound socket).
 ClientSink = Callable[[bytes, ControlEvent], None]
+
+
+class StreamSplit(Protocol):
+    """Routes a reply's text as it streams: (text, is_reasoning) pieces; `flush` at the end
+    gives what was held back (the start of a marker that never came)."""
+
+    def feed(self, text: str) -> list[tuple[str, bool]]: ...
+
+    def flush(self) -> list[tuple[str, bool]]: ...
 
 
 class ActiveRun:
@@ -102,6 +113,7 @@ class Generation:
         stream: bool = True,
         snapshot: bool = True,
         grammar: CallGrammar | None = None,
+        split: StreamSplit | None = None,
     ) -> None:
         self.internal_id = internal_id
         self.grammar = grammar  # constrains the reply to a tool call (see harness/constraints.py)
@@ -116,6 +128,8 @@ class Generation:
         # Where the worker's events go, restamped with the client's id.
         self._emit = run.send
         self._client_request_id = run.request_id
+        # Reasoning streams as its own events; None: every piece of text is answer.
+        self._split = split
         self._pieces: list[str] = []
         self._tokens = 0
         self._stats: GenerationStats | None = None
@@ -137,7 +151,7 @@ class Generation:
                 self._pieces.append(text)
                 self._tokens = n
                 if self.stream:
-                    self._emit(msgspec.structs.replace(message, request_id=self._client_request_id))
+                    self._stream(message)
             case GenerationStats():
                 self._stats = message
                 if self.stream:
@@ -146,9 +160,27 @@ class Generation:
                 self._error = message
             case GenerationFinished(stop_reason=reason, keep_chars=keep_chars):
                 self._keep_chars = keep_chars
+                if self.stream and self._split is not None:
+                    self._emit_pieces(self._split.flush(), self._tokens, 0.0)
                 self._resolve(reason)
             case _:
                 pass
+
+    def _stream(self, delta: TokenDelta) -> None:
+        if self._split is None:
+            self._emit(msgspec.structs.replace(delta, request_id=self._client_request_id))
+            return
+        pieces = self._split.feed(delta.text)
+        if not pieces:  # held back (maybe the start of a marker): the count still moves on
+            self._emit(msgspec.structs.replace(delta, request_id=self._client_request_id, text=""))
+        self._emit_pieces(pieces, delta.n, delta.tokens_per_s)
+
+    def _emit_pieces(self, pieces: list[tuple[str, bool]], n: int, tokens_per_s: float) -> None:
+        for text, reasoning in pieces:
+            if reasoning:
+                self._emit(ReasoningDelta(request_id=self._client_request_id, text=text, n=n))
+            else:
+                self._emit(TokenDelta(request_id=self._client_request_id, text=text, n=n, tokens_per_s=tokens_per_s))
 
     def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
         """The generation cannot complete (its worker died, the queue is gone)."""

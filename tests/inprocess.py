@@ -81,6 +81,7 @@ class _InProcessWorker:
         self.cancelled: set[str] = set()
         self.dead = False
         self.threads: list[threading.Thread] = []
+        self.prompts: list[str] = []  # every prompt it was asked to complete, in order
         # Called instead of generating, when set (e.g. to crash the worker the moment it is asked).
         self.on_generate: Callable[[WorkerHandle], None] | None = None
 
@@ -89,6 +90,7 @@ class _InProcessWorker:
             case Generate() if self.on_generate is not None:
                 self.on_generate(self.handle)
             case Generate(request_id=request_id):
+                self.prompts.append(message.prompt)
                 thread = threading.Thread(target=self._generate, args=(message,), name=f"gen-{request_id}")
                 self.threads.append(thread)
                 thread.start()
@@ -150,6 +152,10 @@ class InProcessWorkers:
         """What every generation so far was asked to follow (None: nothing), in order."""
         return [grammar for worker in self._workers.values()
                 for grammar in worker.core._engine.grammars]  # type: ignore[attr-defined]
+
+    def prompts(self) -> list[str]:
+        """Every prompt the workers were asked to complete, in order."""
+        return [prompt for worker in self._workers.values() for prompt in worker.prompts]
 
     def crash_when_asked(self, handle: WorkerHandle) -> None:
         """The worker dies the moment it receives its next generation, before any token."""

@@ -231,7 +231,7 @@ def test_lives_beside_the_session_store(db_path: Path, clock: Clock) -> None:
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         applied = [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
     assert applied == [migration.__name__ for migration in MIGRATIONS]
-    assert applied[-1] == "m004_approvals"
+    assert "m004_approvals" in applied
 
 
 def test_expiring_one_ask_leaves_the_others_pending(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 A run with tools asks the worker to constrain tool calls to the tools'
 schemas, written in the syntax the model is prompted to use:
 
-    a template that lists tools itself, ChatML family   <tool_call>\n{"name", "arguments"}\n</tool_call>
+    a template that lists tools itself, ChatML/Qwen     <tool_call>\n{"name", "arguments"}\n</tool_call>
+    ... Granite                                          <|tool_call|>[{"name", "arguments"}]
     ... Llama 3 family                                   {"name", "parameters"} (Llama 3.1 JSON calls)
     ... Mistral family                                   [TOOL_CALLS][{"name", "arguments"}]
     any other template (bastion describes the tools)     ```tool_call\n{"name", "arguments"}\n```
@@ -14,6 +15,11 @@ until the model opens a call, then holds the rest of the call to the schema
 (a lazy grammar, triggered by the syntax's opening text); `none` offers no tools
 at all, so there is nothing to constrain. Later turns of a run are `auto`: a
 forced call is answered by its result, and the model then answers freely.
+
+Families whose call syntax puts the tool's name outside the JSON (GPT-OSS
+harmony, DeepSeek's special tokens) are constrained in bastion's fenced syntax
+when a call is forced, which the parser reads like any other; under `auto`
+their own syntax never triggers it, so their calls are parsed unconstrained.
 """
 
 from __future__ import annotations
@@ -39,8 +45,12 @@ class CallSyntax(msgspec.Struct, frozen=True, kw_only=True):
 
 
 FENCED = CallSyntax(prefix="```tool_call\n", suffix="\n```")
+_HERMES = CallSyntax(prefix="<tool_call>\n", suffix="\n</tool_call>")
 _NATIVE = {
-    BuiltinTemplate.CHATML: CallSyntax(prefix="<tool_call>\n", suffix="\n</tool_call>"),
+    BuiltinTemplate.CHATML: _HERMES,
+    BuiltinTemplate.QWEN25: _HERMES,
+    BuiltinTemplate.QWEN3: _HERMES,
+    BuiltinTemplate.GRANITE: CallSyntax(prefix="<|tool_call|>[", suffix="]"),
     BuiltinTemplate.LLAMA3: CallSyntax(prefix="", suffix="", arguments_key="parameters", trigger='{"name"'),
     BuiltinTemplate.MISTRAL: CallSyntax(prefix="[TOOL_CALLS][", suffix="]"),
 }

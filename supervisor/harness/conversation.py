@@ -51,7 +51,8 @@ class StoredConversation:
         return [
             ContextMessage(
                 seq=stored.seq,
-                message=ChatMessage(role=stored.role, content=stored.content, tool_name=stored.tool_name),
+                message=ChatMessage(role=stored.role, content=stored.content, tool_name=stored.tool_name,
+                                    reasoning=stored.reasoning),
                 pinned=stored.pinned,
             )
             for stored in self._store.context_messages(self.name)
@@ -64,7 +65,7 @@ class StoredConversation:
     def append(self, message: ChatMessage, *, pinned: bool = False, interrupted: bool = False) -> int:
         return self._store.append_message(
             self.name, message.role, message.content, tool_name=message.tool_name, pinned=pinned,
-            interrupted=interrupted,
+            interrupted=interrupted, reasoning=message.reasoning,
         )  # fmt: skip
 
     def window_start(self) -> int:

@@ -38,6 +38,13 @@ from bastion.supervisor.models.tokenizer import TokenCounter
 from bastion.supervisor.runs import ActiveRun, GenerationOutcome
 from bastion.supervisor.templates.formatter import ChatMessage, PromptFormatter
 from bastion.supervisor.tools.calls import ParsedCall
+from bastion.supervisor.tools.reasoning import (
+    ReasoningFormat,
+    ReasoningSplit,
+    guess_reasoning_format,
+    prompt_opens_reasoning,
+    split_reasoning,
+)
 from bastion.supervisor.tools.registry import Tool
 
 
@@ -63,6 +70,7 @@ class AgentLoop:
         sampling: SamplingParams,
         settings: LoopSettings,
         constraint: CallConstraint | None = None,
+        reasoning: ReasoningFormat = ReasoningFormat.NONE,
     ) -> None:
         self._run = run
         self._conversation = conversation
@@ -72,6 +80,7 @@ class AgentLoop:
         self._sampling = sampling
         self._settings = settings
         self._constraint = constraint
+        self._reasoning = reasoning
         self.last_stats: GenerationStats | None = None  # of the latest generation, for the run record
 
     @property
@@ -85,13 +94,16 @@ class AgentLoop:
                                        iteration=iteration))
             prompt = await self._prompts.next_prompt()
             grammar = self._constraint.for_turn(iteration) if self._constraint else None
-            outcome = await self._calls.generate(prompt, self._sampling, self._conversation.name, grammar=grammar)
+            outcome = await self._calls.generate(prompt, self._sampling, self._conversation.name, grammar=grammar,
+                                                 reasoning=self._reasoning)
             self.last_stats = outcome.stats
             self._report_generation(outcome, grammar)
-            ending = self._take_reply(outcome)
+            reply = split_reasoning(outcome.text, self._reasoning,
+                                    starts_inside=prompt_opens_reasoning(prompt, self._reasoning))
+            ending = self._take_reply(outcome, reply)
             calls: Sequence[ParsedCall] = ()
             if ending is None and self._tools is not None:
-                parsed = self._tools.read(outcome.text)
+                parsed = self._tools.read(reply.content)  # reasoning is never searched for calls
                 calls = parsed.calls
                 if parsed.problems:
                     repairs += 1
@@ -130,11 +142,13 @@ class AgentLoop:
             self._warn(WarningCode.GRAMMAR_UNAVAILABLE,
                        f"the tool call could not be constrained ({stats.grammar_note}); the reply is free text")
 
-    def _take_reply(self, outcome: GenerationOutcome) -> StopReason | None:
-        """Store the reply; the stop reason when it ends the run (an error or a cancel)."""
+    def _take_reply(self, outcome: GenerationOutcome, reply: ReasoningSplit) -> StopReason | None:
+        """Store the reply, its reasoning apart; the stop reason when it ends the run (an error or a cancel)."""
         interrupted = outcome.stop_reason in (StopReason.CANCELLED, StopReason.ERROR)
         if outcome.text or not interrupted:
-            self._conversation.append(ChatMessage(role=ChatRole.ASSISTANT, content=outcome.text),
+            reasoning = reply.reasoning.strip()
+            content = reply.content.lstrip() if reasoning else reply.content
+            self._conversation.append(ChatMessage(role=ChatRole.ASSISTANT, content=content, reasoning=reasoning),
                                       interrupted=interrupted)
         if outcome.stop_reason is StopReason.ERROR:
             error = outcome.error
@@ -183,5 +197,6 @@ def build_loop(
                                fenced_results=syntax is FENCED)
         constraint = CallConstraint([tool.spec for tool in tools], syntax, tool_choice)
     return AgentLoop(run=run, conversation=conversation, prompts=prompts, calls=calls, tools=tool_round,
-                     sampling=sampling, settings=settings, constraint=constraint)
+                     sampling=sampling, settings=settings, constraint=constraint,
+                     reasoning=guess_reasoning_format(formatter.template_text))
 

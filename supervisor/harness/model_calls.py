@@ -25,6 +25,13 @@ from bastion.protocol.agent_events import RunWarning, WarningCode
 from bastion.protocol.worker_wire import CallGrammar
 from bastion.supervisor.errors import WorkerUnavailableError
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
+from bastion.supervisor.tools.reasoning import (
+    Piece,
+    PieceKind,
+    ReasoningFormat,
+    ReasoningSplitter,
+    prompt_opens_reasoning,
+)
 
 
 class GenerationServer(Protocol):
@@ -60,13 +67,18 @@ class ModelCalls:
 
     async def generate(
         self, prompt: str, sampling: SamplingParams, session_id: str, *, stream: bool = True,
-        grammar: CallGrammar | None = None,
+        grammar: CallGrammar | None = None, reasoning: ReasoningFormat = ReasoningFormat.NONE,
     ) -> GenerationOutcome:
+        """One model call; with a `reasoning` format, the reasoning it streams comes as `reasoning`
+        events apart from the answer's tokens (a prompt that opened reasoning starts inside it)."""
         retries = 0
+        starts_inside = prompt_opens_reasoning(prompt, reasoning)
         while True:
+            split = None if reasoning is ReasoningFormat.NONE else _Split(reasoning, starts_inside)
             generation = Generation(internal_id=self._new_id(), session_id=session_id, prompt=prompt,
                                     sampling=sampling, run=self._run, stream=stream,
-                                    snapshot=stream and self._keep_snapshots, grammar=grammar)  # fmt: skip
+                                    snapshot=stream and self._keep_snapshots, grammar=grammar,
+                                    split=split)  # fmt: skip
             try:
                 outcome = await self._attempt(generation)
             except WorkerUnavailableError as exc:  # failed, unloaded, or not back from a restart in time
@@ -104,3 +116,20 @@ class ModelCalls:
             serving.cancel()
             cancelled.cancel()
 
+
+
+class _Split:
+    """The reasoning splitter (tools/reasoning.py) as a generation streams through it."""
+
+    def __init__(self, fmt: ReasoningFormat, starts_inside: bool) -> None:
+        self._splitter = ReasoningSplitter(fmt, starts_inside=starts_inside)
+
+    def feed(self, text: str) -> list[tuple[str, bool]]:
+        return _tuples(self._splitter.feed(text))
+
+    def flush(self) -> list[tuple[str, bool]]:
+        return _tuples(self._splitter.flush())
+
+
+def _tuples(pieces: list[Piece]) -> list[tuple[str, bool]]:
+    return [(piece.text, piece.kind is PieceKind.REASONING) for piece in pieces]

@@ -131,11 +131,17 @@ def m004_approvals(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX grants_by_call ON grants(tool, workspace, policy_hash, arguments)")
 
 
+def m005_message_reasoning(db: sqlite3.Connection) -> None:
+    # An assistant turn's reasoning, kept apart from its content (templates keep or drop it).
+    db.execute("ALTER TABLE messages ADD COLUMN reasoning TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     m001_sessions,
     m002_messages,
     m003_runs,
     m004_approvals,
+    m005_message_reasoning,
 )
 
 

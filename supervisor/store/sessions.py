@@ -64,11 +64,12 @@ class StoredMessage(msgspec.Struct, frozen=True, kw_only=True):
     interrupted: bool = False  # a partial reply kept after a cancel or a crash
     kind: MessageKind = MessageKind.NORMAL
     created_at: float = 0.0
+    reasoning: str = ""  # an assistant turn's reasoning, apart from its content
 
     def to_protocol(self) -> SessionMessage:
         return SessionMessage(
             seq=self.seq, role=self.role, content=self.content, tool_name=self.tool_name,
-            pinned=self.pinned, interrupted=self.interrupted, created_at=self.created_at,
+            pinned=self.pinned, interrupted=self.interrupted, created_at=self.created_at, reasoning=self.reasoning,
         )  # fmt: skip
 
 
@@ -98,7 +99,7 @@ _SUMMARY_SQL = """
            (SELECT r.status FROM runs r WHERE r.session_id = s.id ORDER BY r.id DESC LIMIT 1)
     FROM sessions s
 """
-_MESSAGE_COLUMNS = "seq, role, content, tool_name, pinned, interrupted, kind, created_at"
+_MESSAGE_COLUMNS = "seq, role, content, tool_name, pinned, interrupted, kind, created_at, reasoning"
 _RUN_COLUMNS = (
     "id, request_id, model, status, stop_reason, prompt_tokens, cached_tokens, completion_tokens,"
     " started_at, finished_at"
@@ -190,11 +191,12 @@ class SessionStore(SqliteStore):
         pinned: bool = False,
         interrupted: bool = False,
         kind: MessageKind = MessageKind.NORMAL,
+        reasoning: str = "",
     ) -> int:
         """Append a message; return its seq (increasing per session, never reused)."""
         message = StoredMessage(
             seq=0, role=role, content=content, tool_name=tool_name, pinned=pinned, interrupted=interrupted,
-            kind=kind, created_at=self._clock(),
+            kind=kind, created_at=self._clock(), reasoning=reasoning,
         )  # fmt: skip
         with self._write() as db:
             return self._insert(db, self._touch(db, name), message)
@@ -346,9 +348,9 @@ class SessionStore(SqliteStore):
         seq = session.next_seq
         db.execute("UPDATE sessions SET next_seq = ? WHERE id = ?", (seq + 1, session.id))
         db.execute(
-            f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO messages (session_id, {_MESSAGE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (session.id, seq, message.role.value, message.content, message.tool_name, message.pinned,
-             message.interrupted, message.kind.value, message.created_at),
+             message.interrupted, message.kind.value, message.created_at, message.reasoning),
         )  # fmt: skip
         return seq
 
@@ -376,10 +378,10 @@ def _summary(row: tuple) -> SessionSummary:
 
 
 def _message(row: tuple) -> StoredMessage:
-    seq, role, content, tool_name, pinned, interrupted, kind, created_at = row
+    seq, role, content, tool_name, pinned, interrupted, kind, created_at, reasoning = row
     return StoredMessage(
         seq=seq, role=ChatRole(role), content=content, tool_name=tool_name, pinned=bool(pinned),
-        interrupted=bool(interrupted), kind=MessageKind(kind), created_at=created_at,
+        interrupted=bool(interrupted), kind=MessageKind(kind), created_at=created_at, reasoning=reasoning,
     )  # fmt: skip
 
 

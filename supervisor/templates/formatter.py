@@ -211,6 +211,7 @@ class PromptFormatter:
         self._bos_token = bos_token
         self._eos_token = eos_token
         self._template = _Template(template_source, str(choice))
+        self.template_text = template_source  # the Jinja source that renders (read for its markers)
         # Only a model's own template is stood in for; a built-in that fails is a bug to surface.
         stand_in = choice.family if choice.origin is TemplateOrigin.GGUF else None
         self._fallback = (

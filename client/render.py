@@ -125,6 +125,8 @@ class TextRenderer:
                 self._out.flush()
                 self._ends_with_newline = True  # the prompt is printed exactly, nothing added
                 self._note(f"[{event.tokens} tokens, {event.model}, template {event.template}]")
+                for departure in event.departures:
+                    self._note(f"[differs from the official template: {departure}]")
             case _:
                 pass
 

@@ -141,6 +141,7 @@ class RunWarning(Message, frozen=True, tag="warning"):
     request_id: str
     code: WarningCode
     message: str
+    resembled: CallFormat | None = None  # tool_call_invalid: the call format the unusable text was written in
 
 
 class TurnFinished(Message, frozen=True, tag="turn_end"):
@@ -156,3 +157,5 @@ class PromptRendered(Message, frozen=True, tag="prompt"):
     template: str
     prompt: str
     tokens: int
+    # Where the built-in template used renders otherwise than the family's official one, one line each.
+    departures: tuple[str, ...] = ()

@@ -227,6 +227,14 @@ def test_the_same_syntax_shown_in_a_code_sample_is_not_a_call(reply: str) -> Non
     assert parse(sample) == ParseOutcome(prose=sample.strip())
 
 
+def test_a_call_quoted_in_inline_code_amid_prose_is_shown_not_made() -> None:
+    shown = 'Write `{"name": "special_function", "arguments": {"arg1": 1}}` or `<tool_call>` to call it.'
+    assert parse(shown) == ParseOutcome(prose=shown)
+    # A reply that is nothing but the call in backticks is still a call.
+    alone = parse('`{"name": "special_function", "arguments": {"arg1": 1}}`')
+    assert calls_of(alone) == [ARG1] and alone.calls[0].format is F.BARE_JSON
+
+
 def test_calls_of_different_families_keep_reply_order() -> None:
     reply = ('First <tool_call>{"name": "now", "arguments": {}}</tool_call> then '
              '<function=special_function>{"arg1": 1}</function> and last\n'

@@ -32,6 +32,7 @@ from bastion.supervisor.templates.formatter import (
     PromptFormatter,
     is_prefix_stable,
 )
+from bench import template_placement
 
 B = BuiltinTemplate
 SYSTEM = ChatMessage(role=ChatRole.SYSTEM, content="You are terse.")
@@ -410,44 +411,55 @@ def test_reasoning_renders_as_the_official_templates_do() -> None:
 # --- departures, both renders written out ----------------------------------------------
 
 
+MISTRAL_TOOLS_JSON = (
+    '[{"type": "function", "function": {"name": "clock", "description": "The time", "parameters": '
+    '{"type": "object", "properties": {}}}}, {"type": "function", "function": {"name": "read_file", '
+    '"description": "Read a text file", "parameters": {"type": "object", "properties": {"path": '
+    '{"type": "string", "description": "File to read"}, "limit": {"type": "integer", "description": '
+    '"Most lines to return"}}, "required": ["path"]}}}]'
+)
+# Official: the system prompt joins the *last* [INST], [AVAILABLE_TOOLS] sits before it; with a tool
+# result last, the system prompt is left out, and a result needs the call's id.
+MISTRAL_OFFICIAL_PLAIN = "<s>[INST] Time?[/INST] Noon.</s>[INST] You are terse.\n\nThanks[/INST]"
+MISTRAL_OFFICIAL_TOOLS = (
+    "<s>[INST] Time?[/INST] Noon.</s>[AVAILABLE_TOOLS] " + MISTRAL_TOOLS_JSON + "[/AVAILABLE_TOOLS]"
+    "[INST] You are terse.\n\nThanks[/INST]"
+)
+MISTRAL_OFFICIAL_CALL = (
+    "<s>[AVAILABLE_TOOLS] " + MISTRAL_TOOLS_JSON + "[/AVAILABLE_TOOLS][INST] Time?[/INST]"
+    '[TOOL_CALLS] [{"name": "clock", "arguments": {}, "id": "call00001"}]</s>'
+    '[TOOL_RESULTS] {"content": {"time": "12:00"}, "call_id": "call00001"}[/TOOL_RESULTS]'
+)
+
+
 def test_mistral_keeps_the_system_prompt_and_tools_at_the_start() -> None:
     f = formatter(B.MISTRAL)
-    # Official: the system prompt joins the *last* [INST], [AVAILABLE_TOOLS] sits before it.
-    official = "<s>[INST] Time?[/INST] Noon.</s>[INST] You are terse.\n\nThanks[/INST]"
     ours = "<s>[INST] You are terse.\n\nTime?[/INST] Noon.</s>[INST] Thanks[/INST]"
-    assert f.render(PLAIN) == ours != official
+    assert f.render(PLAIN) == ours != MISTRAL_OFFICIAL_PLAIN
     assert f.render(PLAIN[1:]) == "<s>[INST] Time?[/INST] Noon.</s>[INST] Thanks[/INST]"  # same as official
-    tools_json = (
-        '[{"type": "function", "function": {"name": "clock", "description": "The time", "parameters": '
-        '{"type": "object", "properties": {}}}}, {"type": "function", "function": {"name": "read_file", '
-        '"description": "Read a text file", "parameters": {"type": "object", "properties": {"path": '
-        '{"type": "string", "description": "File to read"}, "limit": {"type": "integer", "description": '
-        '"Most lines to return"}}, "required": ["path"]}}}]'
-    )
-    official = (
-        "<s>[INST] Time?[/INST] Noon.</s>[AVAILABLE_TOOLS] " + tools_json + "[/AVAILABLE_TOOLS]"
-        "[INST] You are terse.\n\nThanks[/INST]"
-    )
     ours = (
-        "<s>[AVAILABLE_TOOLS] " + tools_json + "[/AVAILABLE_TOOLS][INST] You are terse.\n\nTime?[/INST] "
+        "<s>[AVAILABLE_TOOLS] " + MISTRAL_TOOLS_JSON + "[/AVAILABLE_TOOLS][INST] You are terse.\n\nTime?[/INST] "
         "Noon.</s>[INST] Thanks[/INST]"
     )
-    assert f.render(PLAIN, tools=TOOLS) == ours != official
-    # A call and its result: the official drops the system prompt when the last message is not a
-    # user's, and needs a call_id the transcript does not keep.
-    official = (
-        "<s>[AVAILABLE_TOOLS] " + tools_json + "[/AVAILABLE_TOOLS][INST] Time?[/INST]"
-        '[TOOL_CALLS] [{"name": "clock", "arguments": {}, "id": "call00001"}]</s>'
-        '[TOOL_RESULTS] {"content": {"time": "12:00"}, "call_id": "call00001"}[/TOOL_RESULTS]'
-    )
+    assert f.render(PLAIN, tools=TOOLS) == ours != MISTRAL_OFFICIAL_TOOLS
+    # A call and its result: bastion keeps the system prompt, and no call_id (the transcript keeps none).
     ours = (
-        "<s>[AVAILABLE_TOOLS] " + tools_json + "[/AVAILABLE_TOOLS][INST] You are terse.\n\nTime?[/INST]"
+        "<s>[AVAILABLE_TOOLS] " + MISTRAL_TOOLS_JSON + "[/AVAILABLE_TOOLS][INST] You are terse.\n\nTime?[/INST]"
         '[TOOL_CALLS] [{"name": "clock", "arguments": {}, "id": "call00001"}]</s>'
         '[TOOL_RESULTS] {"content": {"time": "12:00"}}[/TOOL_RESULTS]'
     )
-    assert f.render(call(B.MISTRAL), tools=TOOLS) == ours != official
+    assert f.render(call(B.MISTRAL), tools=TOOLS) == ours != MISTRAL_OFFICIAL_CALL
     assert f.departures == B.MISTRAL.departures
-    assert any("[AVAILABLE_TOOLS]" in line and "400 tokens" in line for line in f.departures)
+    assert any("[AVAILABLE_TOOLS]" in line and "bench/template_placement.py" in line for line in f.departures)
+
+
+def test_the_placement_benchmark_renders_what_the_official_mistral_template_does() -> None:
+    """bench/template_placement.py measures the official placement's cost with its own rewrite of
+    the template: it must give the official renders written out above."""
+    official = template_placement.formatter_for(template_placement.OFFICIAL_MISTRAL_V3)
+    assert official.render(PLAIN) == MISTRAL_OFFICIAL_PLAIN
+    assert official.render(PLAIN, tools=TOOLS) == MISTRAL_OFFICIAL_TOOLS
+    assert official.render(call(B.MISTRAL), tools=TOOLS) == MISTRAL_OFFICIAL_CALL
 
 
 def test_deepseek_closes_the_tool_outputs_before_a_user_turn() -> None:

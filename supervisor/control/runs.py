@@ -134,7 +134,7 @@ class RunService:
         prompt = await loop.prompts.next_prompt()
         tokens = await asyncio.to_thread(counter.count, prompt)
         run.send(PromptRendered(request_id=run.request_id, model=spec.name, template=formatter.source,
-                                prompt=prompt, tokens=tokens))
+                                prompt=prompt, tokens=tokens, departures=formatter.departures))
         run.finish(StopReason.STOP)
 
     async def _run_recorded(self, run: ActiveRun, session: str | None, spec: ModelSpec, loop: AgentLoop) -> None:

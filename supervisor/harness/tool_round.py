@@ -58,7 +58,7 @@ class ToolRound:
     def record_problems(self, problems: Sequence[CallProblem]) -> None:
         for problem in problems:
             self._run.send(RunWarning(request_id=self._run.request_id, code=WarningCode.TOOL_CALL_INVALID,
-                                      message=problem.message))
+                                      message=problem.message, resembled=problem.resembled))
         self._conversation.append(
             ChatMessage(role=ChatRole.TOOL, content=repair_hint(problems), tool_name=problems[0].name or "error")
         )

@@ -3,7 +3,8 @@
 Owns `ReplyScan`: it finds the next marker of any family (native_tags.py,
 native_named.py, or a ``` fence), hands the marked region to its reader, and
 reads the prose between regions for bare JSON calls; what is left is prose.
-Findings come out in reply order. A marker quoted in inline code is prose; a
+Findings come out in reply order. A marker or a JSON call quoted in inline code
+amid prose is prose (a reply that is only `{...}` is still a call); a
 JSON value in the prose that runs over a marker had it inside a string, so
 it was never a marker. Fences are judged here (see calls.py for the rule):
 a fence holding nothing but calls is calls, any other fence is a code
@@ -197,7 +198,10 @@ class ReplyScan:
                 pos = start + 1
                 continue
             value, end, repaired = extent
-            alone = not text[:start].strip() and not text[end:].strip()
+            alone = not text[:start].strip(" \t\r\n`") and not text[end:].strip(" \t\r\n`")
+            if not alone and self.code_spans.quotes(start, end):
+                pos = end  # a call quoted in inline code amid prose is shown, not made
+                continue
             calls = self._interpret(value, CallFormat.BARE_JSON, text[start:end], repaired, alone=alone)
             if calls is not None:
                 self.prose.append(text[kept:start])

@@ -30,12 +30,13 @@ only grows, so the worker's KV cache keeps matching turn after turn:
   tool result as a user-side turn headed `Tool result from NAME:`; Phi-4-mini
   gets its <|tool_response|> token, Command-R its tool-use template's <results>;
 - Mistral v3's own template puts the system prompt and [AVAILABLE_TOOLS] before
-  the *last* [INST], so both move every turn and everything after the previous
-  user turn is prefilled again. Over a 10-turn agent conversation (a system
-  prompt of 323 characters, bastion's clock and calculator tools, six tool
-  calls) that placement re-prefills 475 tokens per turn on average against 77
-  here, about 400 more per turn (counted with SmolLM2's tokenizer, which spells
-  Mistral's control tokens out; characters/4 gives 364 against 24). Here both
+  the *last* [INST] (and leaves the system prompt out while a tool result is
+  last), so both move at every model call and everything after the previous
+  user turn is prefilled again. bench/template_placement.py renders a
+  10-question agent conversation (bastion's calculator and clock, six tool
+  calls, 16 model calls) both ways: the official placement re-prefills 270
+  tokens per model call on average against 23 here (SmolLM2's tokenizer, which
+  spells Mistral's control tokens out; 844 characters against 51). Here both
   sit at the start, after BOS. A tool result carries no `call_id`: the
   transcript keeps no call ids;
 - DeepSeek's templates leave a tool-outputs block open when a user turn follows
@@ -134,8 +135,8 @@ _DEPARTURES: dict[BuiltinTemplate, tuple[str, ...]] = {
     BuiltinTemplate.LLAMA2: (_NO_TOOL_ROLE, _NO_ALTERNATION),
     BuiltinTemplate.MISTRAL: (
         "the system prompt and [AVAILABLE_TOOLS] sit at the start, where Mistral's template puts them before "
-        "the last [INST], moving them every turn (about 400 tokens more to prefill per turn in a 10-turn "
-        "agent conversation)",
+        "the last [INST], moving them every model call (about 250 tokens more to prefill per call in a "
+        "10-question agent conversation: bench/template_placement.py)",
         "a tool result carries no call_id (the transcript keeps no call ids)",
         _NO_ALTERNATION,
     ),

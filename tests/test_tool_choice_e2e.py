@@ -33,6 +33,10 @@ def answer_after_tools(lines: list[dict]) -> str:
 def test_required_makes_the_model_call_the_calculator_and_answer_from_its_result(shared_bastion: Bastion) -> None:
     code, lines = shared_bastion.json("run", QUESTION, *GREEDY, "--tool-choice", "required")
     assert code == 0, lines[-3:]
+    # SmolLM2's card recommends top_p 0.9; the --temperature flag wins over its 0.2.
+    start = events_of(lines, "run_start")[0]
+    assert start["sampling"]["temperature"] == 0.0 and start["sampling"]["top_p"] == 0.9
+    assert start["sampling_source"].startswith("family smollm2") and "flags: temperature" in start["sampling_source"]
     first = events_of(lines, "generation_stats")[0]
     assert first["grammar"] == "full" and first["grammar_triggered"] is True
     call = events_of(lines, "tool_call")[0]

@@ -44,16 +44,17 @@ class Family(msgspec.Struct, frozen=True):
     source: str
 
 
-# Each family's recommendation, with where it is published.
+# Each family's recommendation, with where it is published. The first match wins, so a
+# distill comes before the base family it names ("DeepSeek R1 Distill Qwen 7B" is an R1).
 FAMILIES = (
+    Family("deepseek-r1", r"deepseek.?r1", {"temperature": 0.6, "top_p": 0.95},
+           "DeepSeek-R1 model card usage recommendations"),
     Family("smollm2", r"smollm2", {"temperature": 0.2, "top_p": 0.9},
            "HuggingFaceTB/SmolLM2 model cards (generate(temperature=0.2, top_p=0.9))"),
     Family("qwen3", r"qwen3", {"temperature": 0.6, "top_p": 0.95, "top_k": 20, "min_p": 0.0},
            "Qwen3 model cards, thinking mode"),
     Family("qwen2.5", r"qwen2\.?5|\bqwen2\b", {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repeat_penalty": 1.05},
            "Qwen2.5 generation_config.json"),
-    Family("deepseek-r1", r"deepseek.?r1", {"temperature": 0.6, "top_p": 0.95},
-           "DeepSeek-R1 model card usage recommendations"),
     Family("gemma3", r"gemma.?3", {"temperature": 1.0, "top_k": 64, "top_p": 0.95, "min_p": 0.0},
            "Gemma 3 generation_config.json"),
     Family("llama3", r"llama.?3", {"temperature": 0.6, "top_p": 0.9},

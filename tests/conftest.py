@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e_support import Bastion
+from tests.inprocess import drive
 from tests.tiers import IMPLIES_E2E, TierError, current_markers, gguf_loaded_in, markers_of, refuse_processes
 
 
@@ -59,3 +60,9 @@ def shared_bastion(request: pytest.FixtureRequest, tmp_path_factory: pytest.Temp
              if item.module is request.module and "shared_bastion" in getattr(item, "fixturenames", ())]
     markers = frozenset().union(*(markers_of(item) for item in users))
     _check_models(cli.home, markers, f"a test of {request.node.nodeid}")
+
+
+@pytest.fixture
+def supervised(tmp_path: Path):
+    """`supervised(test, **options)` runs a test coroutine against a fresh in-process supervisor."""
+    return lambda test, **options: drive(tmp_path / "home", test, **options)

@@ -19,11 +19,13 @@ processes (tests marked `e2e`).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -35,9 +37,10 @@ from bastion.protocol import (
     HomeLayout,
     RequestFailed,
     Role,
+    TokenDelta,
     WorkerState,
 )
-from bastion.protocol.control import ControlEvent, ControlRequest, RunFinished
+from bastion.protocol.control import ControlEvent, ControlRequest, Run, RunFinished
 from bastion.protocol.sandbox_wire import (
     ConfinementLevel,
     ConfinementReport,
@@ -324,3 +327,38 @@ def types_of(events: list[ControlEvent], *, skip: tuple[str, ...] = ("token", "l
 
 def failure_of(events: list[ControlEvent]) -> RequestFailed | None:
     return next((event for event in events if isinstance(event, RequestFailed)), None)
+
+
+_request_ids = itertools.count(1)
+
+
+def request_id(prefix: str = "r") -> str:
+    """An id no other request of the test process has."""
+    return f"{prefix}{next(_request_ids)}"
+
+
+def run_request(model: str, prompt: str = "hi", **fields: object) -> Run:
+    """A `run` request with an id of its own."""
+    return Run(request_id=request_id(), prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
+
+
+def of_type(events: list, kind: type) -> list:
+    return [event for event in events if isinstance(event, kind)]
+
+
+def streamed(events: list, kind: type = TokenDelta) -> str:
+    """The text of the run's `token` events (or of another kind of delta, e.g. reasoning)."""
+    return "".join(event.text for event in of_type(events, kind))
+
+
+def drive(home: Path, test: Callable[[InProcessSupervisor], Awaitable[None]], **options: Any) -> None:
+    """Run a test coroutine against a fresh in-process supervisor in `home`, closing it after."""
+
+    async def main() -> None:
+        supervisor = InProcessSupervisor(home, **options)
+        try:
+            await test(supervisor)
+        finally:
+            await supervisor.close()
+
+    asyncio.run(main())

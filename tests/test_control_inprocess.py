@@ -8,9 +8,6 @@ whatever the session.
 
 from __future__ import annotations
 
-import asyncio
-from pathlib import Path
-
 import pytest
 
 from bastion.protocol import (
@@ -52,27 +49,17 @@ from bastion.protocol.sessions import (
     ShowSession,
 )
 from bastion.protocol.trust import Diagnose, ListApprovals, ListTools, ShowPolicy, VerifyAudit
-from tests.inprocess import InProcessSupervisor, failure_of, script
+from tests.inprocess import InProcessSupervisor, failure_of, of_type, request_id, run_request, script
 from tests.scripted import prose
-
-_ids = iter(range(1, 10_000))
-
-
-def run_request(model: str, prompt: str = "hi", **fields: object) -> Run:
-    return Run(request_id=f"r{next(_ids)}", prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
-
-
-def of_type(events: list, kind: type) -> list:
-    return [event for event in events if isinstance(event, kind)]
 
 
 async def summaries(sup: InProcessSupervisor) -> dict[str, SessionSummary]:
-    listing = await sup.ask(ListSessions(request_id=f"list{next(_ids)}"))
+    listing = await sup.ask(ListSessions(request_id=request_id("list")))
     return {summary.name: summary for summary in listing.sessions}  # type: ignore[union-attr]
 
 
 async def contents(sup: InProcessSupervisor, name: str) -> list[tuple[ChatRole, str, bool]]:
-    detail = await sup.ask(ShowSession(request_id=f"show{next(_ids)}", name=name))
+    detail = await sup.ask(ShowSession(request_id=request_id("show"), name=name))
     return [(m.role, m.content, m.pinned) for m in detail.messages]  # type: ignore[union-attr]
 
 
@@ -90,22 +77,6 @@ async def finished(sup: InProcessSupervisor, request_id: str) -> list[ControlEve
 def hello(version: int = PROTOCOL_VERSION) -> Hello:
     return Hello(protocol_version=version, role=Role.CLIENT)
 
-
-@pytest.fixture
-def supervised(tmp_path: Path):
-    """Runs a test coroutine against a fresh in-process supervisor."""
-
-    def drive(test, **options) -> None:
-        async def main() -> None:
-            supervisor = InProcessSupervisor(tmp_path / "home", **options)
-            try:
-                await test(supervisor)
-            finally:
-                await supervisor.close()
-
-        asyncio.run(main())
-
-    return drive
 
 
 # --- sessions ------------------------------------------------------------------------

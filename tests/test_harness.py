@@ -13,8 +13,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-
 from bastion.protocol import Cancel, ErrorCode, StopReason, TokenDelta
 from bastion.protocol.agent_events import (
     CallFormat,
@@ -30,7 +28,6 @@ from bastion.protocol.agent_events import (
 from bastion.protocol.control import (
     LoadModel,
     PromptRendered,
-    Run,
     RunFinished,
     RunStarted,
     SamplingRequest,
@@ -38,40 +35,17 @@ from bastion.protocol.control import (
     ToolChoiceMode,
 )
 from bastion.protocol.sessions import ChatRole, ShowSession
-from tests.inprocess import InProcessSupervisor, failure_of, script, tool_call, types_of
+from tests.inprocess import (
+    InProcessSupervisor,
+    failure_of,
+    of_type,
+    run_request,
+    script,
+    streamed,
+    tool_call,
+    types_of,
+)
 from tests.scripted import prose
-
-_ids = iter(range(1, 10_000))
-
-
-def run_request(model: str, prompt: str = "hi", **fields: object) -> Run:
-    return Run(request_id=f"r{next(_ids)}", prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
-
-
-def of_type(events: list, kind: type) -> list:
-    return [event for event in events if isinstance(event, kind)]
-
-
-def text_of(events: list) -> str:
-    return "".join(event.text for event in of_type(events, TokenDelta))
-
-
-@pytest.fixture
-def supervised(tmp_path: Path):
-    """Runs a test coroutine against a fresh in-process supervisor."""
-
-    def drive(test, **options):
-        async def main() -> None:
-            supervisor = InProcessSupervisor(tmp_path / "home", **options)
-            try:
-                await test(supervisor)
-            finally:
-                await supervisor.close()
-
-        asyncio.run(main())
-
-    return drive
-
 
 # --- the loop's event order and stop reasons -----------------------------------
 
@@ -96,7 +70,7 @@ def test_a_tool_call_runs_and_its_result_reaches_the_model(supervised, tmp_path:
         [end] = of_type(events, ToolEnded)
         assert end.ok and end.content == "42"
         assert events[-1].stop_reason is StopReason.STOP
-        assert text_of(events).endswith("It is 42.")
+        assert streamed(events).endswith("It is 42.")
         # The second generation saw the tool result, after the first reply, reusing its prefix.
         first, second = [e for e in events if type(e).__name__ == "GenerationStats"]
         assert second.cached_tokens >= first.prompt_tokens
@@ -125,7 +99,7 @@ def test_without_tools_a_reply_is_never_parsed(supervised, tmp_path: Path) -> No
     async def test(sup: InProcessSupervisor) -> None:
         events = await sup.run(run_request(model))
         assert not of_type(events, ToolCallParsed)
-        assert text_of(events) == reply and events[-1].stop_reason is StopReason.STOP
+        assert streamed(events) == reply and events[-1].stop_reason is StopReason.STOP
 
     supervised(test)
 
@@ -206,7 +180,7 @@ def test_show_prompt_renders_and_generates_nothing(supervised, tmp_path: Path) -
         assert types_of(events) == ["run_start", "context_budget", "prompt", "run_end"]
         [prompt] = of_type(events, PromptRendered)
         assert "Be brief." in prompt.prompt and "What is 2+2?" in prompt.prompt and prompt.tokens > 10
-        assert not text_of(events)
+        assert not streamed(events)
 
     supervised(test)
 
@@ -313,7 +287,7 @@ def test_a_worker_death_before_any_token_is_retried_once_with_a_warning(supervis
         [warning] = of_type(events, RunWarning)
         assert warning.code is WarningCode.GENERATION_RETRIED and "SIGSEGV" in warning.message
         assert len(sup.workers.started) == 2  # restarted once
-        assert text_of(events) == "the answer"
+        assert streamed(events) == "the answer"
 
     supervised(test)
 
@@ -368,7 +342,7 @@ def test_summarize_folds_the_oldest_turns_into_a_pinned_summary(supervised, tmp_
             events = await sup.run(run_request("tiny", question, session="fold", context_strategy=ContextStrategy.SUMMARIZE,
                                                sampling=SamplingRequest(max_tokens=200)))
             assert events[-1].stop_reason in (StopReason.STOP, StopReason.LENGTH), failure_of(events)
-        assert text_of(events) == "ok"  # the summary call was hidden from the client
+        assert streamed(events) == "ok"  # the summary call was hidden from the client
         summaries = [m for m in sup.store.messages("fold") if m.content.startswith("SUMMARY")]
         assert len(summaries) == 1 and summaries[0].pinned
         detail = await sup.ask(ShowSession(request_id="show", name="fold", with_prompt=True))
@@ -406,7 +380,7 @@ def test_tool_choice_none_offers_nothing_and_parses_nothing(supervised, tmp_path
     async def test(sup: InProcessSupervisor) -> None:
         events = await sup.run(run_request(model, tools=("calculator",),
                                            tool_choice=ToolChoice(mode=ToolChoiceMode.NONE)))
-        assert not of_type(events, ToolCallParsed) and text_of(events) == reply
+        assert not of_type(events, ToolCallParsed) and streamed(events) == reply
         assert sup.workers.grammars() == [None]
 
     supervised(test)
@@ -436,6 +410,6 @@ def test_a_looping_reply_is_cut_where_the_loop_began_and_the_session_goes_on(sup
         # The loop's earliest phase starts inside a word ("T|hat's me. "): the cut keeps whole words.
         assert stored.content == "So, that's me." and not stored.interrupted
         after = await sup.run(run_request(model, "And now?", session="ada"))
-        assert after[-1].stop_reason is StopReason.STOP and text_of(after) == "Your name is Ada."
+        assert after[-1].stop_reason is StopReason.STOP and streamed(after) == "Your name is Ada."
 
     supervised(test)

@@ -6,42 +6,17 @@ byte for byte what the official templates render: test_official_templates.py).""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-
-import pytest
 
 from bastion.protocol import StopReason, TokenDelta
 from bastion.protocol.agent_events import ReasoningDelta, ToolCallParsed, ToolEnded
-from bastion.protocol.control import Run
 from bastion.protocol.sessions import ChatRole
-from tests.inprocess import InProcessSupervisor, failure_of, script
+from tests.inprocess import InProcessSupervisor, failure_of, run_request, script, streamed
 
-_ids = iter(range(1, 10_000))
 CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2+2"}}\n</tool_call>'
 
 
-def run_request(model: str, prompt: str = "What is 2+2?", **fields: object) -> Run:
-    return Run(request_id=f"q{next(_ids)}", prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
 
-
-def streamed(events: list, kind: type) -> str:
-    return "".join(event.text for event in events if isinstance(event, kind))
-
-
-@pytest.fixture
-def supervised(tmp_path: Path):
-    def drive(test):
-        async def main() -> None:
-            supervisor = InProcessSupervisor(tmp_path / "home")
-            try:
-                await test(supervisor)
-            finally:
-                await supervisor.close()
-
-        asyncio.run(main())
-
-    return drive
 
 
 def test_reasoning_streams_apart_and_a_call_quoted_in_it_never_runs(supervised, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ test_trust_e2e.py runs the same rules through the real processes.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from bastion.protocol import (
     TokenDelta,
 )
 from bastion.protocol.agent_events import ToolDecision, ToolDecisionKind, ToolEnded, ToolStarted
-from bastion.protocol.control import ControlEvent, ControlRequest, Run, RunFinished
+from bastion.protocol.control import ControlEvent, ControlRequest, RunFinished
 from bastion.protocol.sandbox_wire import (
     ConfinementLevel,
     ConfinementReport,
@@ -47,18 +46,20 @@ from bastion.protocol.trust import (
     ToolInvoked,
     VerifyAudit,
 )
-from tests.inprocess import InProcessSupervisor, failure_of, script, tool_call, types_of
+from tests.inprocess import (
+    InProcessSupervisor,
+    failure_of,
+    of_type,
+    request_id,
+    run_request,
+    script,
+    tool_call,
+    types_of,
+)
 
 OTHER = b"client-2"  # a second client: another terminal answering the approval
-_ids = iter(range(1, 10_000))
 
 
-def run_request(model: str, prompt: str = "go", **fields: object) -> Run:
-    return Run(request_id=f"r{next(_ids)}", prompt=prompt, model=model, **fields)  # type: ignore[arg-type]
-
-
-def of_type(events: list, kind: type) -> list:
-    return [event for event in events if isinstance(event, kind)]
 
 
 async def connect(sup: InProcessSupervisor, client: bytes = OTHER) -> None:
@@ -87,7 +88,7 @@ async def finished(sup: InProcessSupervisor, request_id: str) -> list[ControlEve
 
 
 async def session_states(sup: InProcessSupervisor) -> dict[str, SessionState]:
-    listing = await sup.ask(ListSessions(request_id=f"sessions{next(_ids)}"))
+    listing = await sup.ask(ListSessions(request_id=request_id("sessions")))
     return {summary.name: summary.state for summary in listing.sessions}  # type: ignore[union-attr]
 
 
@@ -102,22 +103,6 @@ def workspace(tmp_path: Path) -> Path:
     (path / "notes.txt").write_text("hello from the workspace\n")
     return path
 
-
-@pytest.fixture
-def supervised(tmp_path: Path):
-    """Runs a test coroutine against a fresh in-process supervisor."""
-
-    def drive(test) -> None:
-        async def main() -> None:
-            supervisor = InProcessSupervisor(tmp_path / "home")
-            try:
-                await test(supervisor)
-            finally:
-                await supervisor.close()
-
-        asyncio.run(main())
-
-    return drive
 
 
 # --- approvals in a run -----------------------------------------------------------

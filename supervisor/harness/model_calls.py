@@ -117,7 +117,6 @@ class ModelCalls:
             cancelled.cancel()
 
 
-
 class _Split:
     """The reasoning splitter (tools/reasoning.py) as a generation streams through it."""
 

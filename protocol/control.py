@@ -46,6 +46,10 @@ from bastion.protocol.common import (
     TokenDelta,
     WorkerState,
 )
+from bastion.protocol.completion import Complete
+from bastion.protocol.control_options import SamplingRequest, ToolChoice, ToolChoiceMode
+
+__all__ = ["Complete", "SamplingRequest", "ToolChoice", "ToolChoiceMode"]  # re-exported for clients
 from bastion.protocol.sessions import (
     ClearSession,
     DeleteSession,
@@ -76,36 +80,6 @@ from bastion.protocol.trust import (
     ToolList,
     VerifyAudit,
 )
-
-
-class SamplingRequest(msgspec.Struct, frozen=True, kw_only=True):
-    """Sampling as a client asks for it. A sampler setting left None is the
-    model's recommendation (its GGUF's `general.sampling.*`, else its family's
-    published defaults, else bastion's; `run_start` says which applied); one
-    given always wins."""
-
-    max_tokens: int = 256
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    seed: int | None = None
-    ignore_eos: bool = False
-    stop: tuple[str, ...] = ()
-    loop_guard: bool = True
-
-
-class ToolChoiceMode(enum.Enum):
-    AUTO = "auto"  # the model calls a tool or answers; a call it opens is constrained to the schemas
-    REQUIRED = "required"  # the first reply is a call of one of the tools
-    NONE = "none"  # no tools are offered
-    FUNCTION = "function"  # the first reply is a call of the named tool
-
-
-class ToolChoice(msgspec.Struct, frozen=True, kw_only=True):
-    mode: ToolChoiceMode = ToolChoiceMode.AUTO
-    name: str = ""  # the tool, for FUNCTION
 
 
 class Run(Message, frozen=True, tag="run"):
@@ -148,6 +122,7 @@ class GetStatus(Message, frozen=True, tag="get_status"):
 
 class ListModels(Message, frozen=True, tag="list_models"):
     request_id: str
+    catalog: bool = False  # also list the models the registry can load (`ModelList.catalog`)
 
 
 class LoadModel(Message, frozen=True, tag="load_model"):
@@ -227,9 +202,21 @@ class RunFinished(Message, frozen=True, tag="run_end"):
     stop_reason: StopReason
 
 
+class CatalogEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """A model the registry knows, loaded or not."""
+
+    name: str
+    description: str = ""
+    path: str = ""  # its GGUF, when it is a file already (a package's is assembled on first load)
+    n_ctx: int = 0
+    file_size: int = 0
+    modified_at: float = 0.0  # the file's mtime (unix seconds); 0 when there is no file yet
+
+
 class ModelList(Message, frozen=True, tag="models"):
     request_id: str
-    models: list[ModelStatus]
+    models: list[ModelStatus]  # the loaded ones
+    catalog: list[CatalogEntry] = []  # with `ListModels.catalog`: every registry model
 
 
 class ModelLoaded(Message, frozen=True, tag="model_loaded"):
@@ -279,6 +266,7 @@ class ShutdownStarted(Message, frozen=True, tag="shutdown_started"):
 ControlRequest = (
     Hello
     | Run
+    | Complete
     | Cancel
     | GetStatus
     | ListModels

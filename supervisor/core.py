@@ -8,8 +8,8 @@ anything that touches the database or the sandbox) run as asyncio tasks, so one
 slow model load never stalls other clients.
 
 Guarantees to a client, per request id:
-- a `Run` gets exactly one `RunFinished`, preceded by a `RequestFailed` when
-  its stop reason is `error`;
+- a `Run` or a `Complete` gets exactly one `RunFinished`, preceded by a
+  `RequestFailed` when its stop reason is `error`;
 - every other request gets exactly one answer (its result or a `RequestFailed`);
 - a request before the hello, or during shutdown, is refused with a typed error.
 """
@@ -35,6 +35,7 @@ from bastion.protocol import (
     Shutdown,
 )
 from bastion.protocol.control import (
+    Complete,
     ControlEvent,
     ControlRequest,
     GetStatus,
@@ -62,6 +63,7 @@ from bastion.protocol.trust import (
     ShowPolicy,
     VerifyAudit,
 )
+from bastion.supervisor.control.completions import CompletionService
 from bastion.supervisor.control.models import ModelRequests
 from bastion.supervisor.control.runs import RunService
 from bastion.supervisor.control.sessions import SessionRequests
@@ -78,6 +80,7 @@ class Supervisor:
         self,
         *,
         runs: RunService,
+        completions: CompletionService,
         sessions: SessionRequests,
         models: ModelRequests,
         trust: TrustRequests,
@@ -86,6 +89,7 @@ class Supervisor:
         request_shutdown: Callable[[], None],
     ) -> None:
         self._runs_service = runs
+        self._completions = completions
         self._sessions = sessions
         self._models = models
         self._trust = trust
@@ -113,7 +117,7 @@ class Supervisor:
             return
         emit = functools.partial(self._send, client)
         match message:
-            case Run():
+            case Run() | Complete():
                 self._start_run(client, message)
             case Cancel(request_id=request_id):
                 self._cancel(client, request_id)
@@ -157,7 +161,7 @@ class Supervisor:
 
     # --- runs -------------------------------------------------------------
 
-    def _start_run(self, client: bytes, request: Run) -> None:
+    def _start_run(self, client: bytes, request: Run | Complete) -> None:
         key = (client, request.request_id)
         if key in self._runs:
             self._reply_error(client, request.request_id, ErrorCode.DUPLICATE_REQUEST,
@@ -166,7 +170,10 @@ class Supervisor:
         run = ActiveRun(request_id=request.request_id, client=client, sink=self._send)
         self._runs[key] = run
         run.finished.add_done_callback(lambda _f: self._runs.pop(key, None))
-        self._spawn_task(self._runs_service.serve(run, request))
+        if isinstance(request, Complete):
+            self._spawn_task(self._completions.serve(run, request))
+        else:
+            self._spawn_task(self._runs_service.serve(run, request))
 
     def _cancel(self, client: bytes, request_id: str) -> None:
         run = self._runs.get((client, request_id))

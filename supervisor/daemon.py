@@ -39,6 +39,7 @@ from bastion.protocol.control import ControlEvent
 from bastion.protocol.sandbox_wire import ToSandbox
 from bastion.protocol.worker_wire import ToWorker
 from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.control.completions import CompletionService
 from bastion.supervisor.control.models import ModelRequests
 from bastion.supervisor.control.runs import RunService
 from bastion.supervisor.control.sessions import SessionRequests
@@ -96,10 +97,11 @@ def compose(
     tools = ToolRegistry.standard()
     runs = RunService(registry=registry, models=models, store=store, tools=tools, counters=counters, trust=trust,
                       new_id=generation_ids())
+    completions = CompletionService(registry=registry, models=models, counters=counters, new_id=generation_ids("c"))
     sessions = SessionRequests(store=store, waits=trust.waits, busy_sessions=runs.busy_sessions,
                                next_prompt=runs.next_prompt)
     return Supervisor(
-        runs=runs, sessions=sessions, models=ModelRequests(layout=layout, registry=registry, models=models),
+        runs=runs, completions=completions, sessions=sessions, models=ModelRequests(layout=layout, registry=registry, models=models),
         trust=TrustRequests(trust=trust, tools=tools, audit_path=layout.audit_log), loaded=models, sink=sink,
         request_shutdown=request_shutdown,
     )  # fmt: skip

@@ -17,6 +17,7 @@
     ├── TemplateError              a chat template failed to render (or tried to escape)
     ├── ContextOverflowError       the pinned messages and the latest turn alone exceed the context
     ├── SessionBusyError           the session is answering another request
+    ├── InvalidRequestError        a request that cannot be served as asked (a bad output schema, no messages)
     ├── UnknownToolError           a tool name that is not registered
     ├── ToolRegistrationError      a tool registered twice, or under a name a model could not write
     ├── ToolSchemaError            a tool schema uses what the validator cannot enforce
@@ -122,6 +123,10 @@ class ContextOverflowError(SupervisorError):
 class SessionBusyError(SupervisorError):
     code = ErrorCode.BUSY
     retryable = True
+
+
+class InvalidRequestError(SupervisorError):
+    code = ErrorCode.INVALID_REQUEST
 
 
 class UnknownToolError(SupervisorError):

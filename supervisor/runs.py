@@ -95,6 +95,8 @@ class GenerationOutcome(msgspec.Struct, frozen=True, kw_only=True):
     tokens: int
     stats: GenerationStats | None = None
     error: RequestFailed | None = None  # why it stopped, when stop_reason is error
+    # The answer text the client was sent as `token` events (with a split, not all of `text`).
+    streamed: str = ""
 
     @property
     def worker_died(self) -> bool:
@@ -131,6 +133,7 @@ class Generation:
         # Reasoning streams as its own events; None: every piece of text is answer.
         self._split = split
         self._pieces: list[str] = []
+        self._streamed: list[str] = []  # answer text sent to the client
         self._tokens = 0
         self._stats: GenerationStats | None = None
         self._error: RequestFailed | None = None
@@ -168,6 +171,7 @@ class Generation:
 
     def _stream(self, delta: TokenDelta) -> None:
         if self._split is None:
+            self._streamed.append(delta.text)
             self._emit(msgspec.structs.replace(delta, request_id=self._client_request_id))
             return
         pieces = self._split.feed(delta.text)
@@ -180,6 +184,7 @@ class Generation:
             if reasoning:
                 self._emit(ReasoningDelta(request_id=self._client_request_id, text=text, n=n))
             else:
+                self._streamed.append(text)
                 self._emit(TokenDelta(request_id=self._client_request_id, text=text, n=n, tokens_per_s=tokens_per_s))
 
     def fail(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
@@ -192,7 +197,7 @@ class Generation:
             return
         self.outcome.set_result(
             GenerationOutcome(text="".join(self._pieces)[: self._keep_chars], stop_reason=reason, tokens=self._tokens,
-                              stats=self._stats, error=self._error)
+                              stats=self._stats, error=self._error, streamed="".join(self._streamed))
         )
 
 

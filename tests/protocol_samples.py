@@ -39,7 +39,9 @@ from bastion.protocol.agent_events import (
     TurnStarted,
     WarningCode,
 )
+from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
+    CatalogEntry,
     GetStatus,
     ListModels,
     LoadModel,
@@ -57,6 +59,7 @@ from bastion.protocol.control import (
     StatusReport,
     UnloadModel,
 )
+from bastion.protocol.control_options import ToolChoice, ToolChoiceMode
 from bastion.protocol.sandbox_wire import (
     ConfinementLevel,
     ConfinementReport,
@@ -154,12 +157,24 @@ SAMPLES: list[msgspec.Struct] = [
         session="s", tools=("calculator",), template="chatml", max_iterations=3, show_prompt=True),
     GetStatus(request_id="r"),
     ListModels(request_id="r"),
+    ListModels(request_id="r", catalog=True),
+    Complete(request_id="r", model="smollm2-135m", messages=(
+        Turn(role=ChatRole.USER, content="Weather?"),
+        Turn(role=ChatRole.ASSISTANT, tool_calls=(CallRecord(id="call_1", name="get_weather",
+                                                             arguments='{"city": "Paris"}'),)),
+        Turn(role=ChatRole.TOOL, content="sunny", tool_call_id="call_1"),
+    ), tools=(FunctionTool(name="get_weather", parameters={"type": "object"}),),
+        tool_choice=ToolChoice(mode=ToolChoiceMode.REQUIRED),
+        response_format=ResponseFormat(kind=OutputKind.JSON_OBJECT)),
+    Complete(request_id="r", prompt="Once upon a time"),
     LoadModel(request_id="r", model="gemma3-270m"),
     UnloadModel(request_id="r", model="gemma3-270m"),
     LoadProgress(request_id="r", model="m", stage=LoadStage.ASSEMBLING, done=5, total=10),
     RunStarted(request_id="r", model="m", worker_pid=3, template="gguf"),
     RunFinished(request_id="r", stop_reason=StopReason.CANCELLED),
     ModelList(request_id="r", models=[STATUS]),
+    ModelList(request_id="r", models=[], catalog=[CatalogEntry(name="smollm2-135m", path="/m.gguf", n_ctx=4096,
+                                                               file_size=1, modified_at=1.5)]),
     ModelLoaded(request_id="r", model=STATUS, already_loaded=True),
     ModelUnloaded(request_id="r", name="m"),
     StatusReport(request_id="r", pid=1, version="0.1", protocol_version=1, home="/h", control_endpoint="ipc://x",

@@ -2,7 +2,7 @@
 
     load_model    {model, keep_alive_s}  → load_progress* → model_loaded {model, already_loaded, reload_reason}
     unload_model  {model}                → model_unloaded {name}   (unknown_model if it is not loaded)
-    list_models                          → models {models}
+    list_models   {catalog}              → models {models, catalog (every registry model, when asked)}
     get_status                           → status {pid, version, uptime, models, runs, memory budget}
 
 A load also clears a model's `failed` mark: it is how a model that crashed
@@ -19,6 +19,7 @@ from importlib import metadata
 
 from bastion.protocol import PROTOCOL_VERSION, HomeLayout
 from bastion.protocol.control import (
+    CatalogEntry,
     ControlEvent,
     GetStatus,
     ListModels,
@@ -33,7 +34,8 @@ from bastion.protocol.control import (
 )
 from bastion.supervisor.errors import SupervisorError, UnknownModelError
 from bastion.supervisor.models.loaded import LoadedModels, LoadProgressCallback, status_of
-from bastion.supervisor.models.registry import RegistryWatcher
+from bastion.supervisor.models.registry import ModelSpec, RegistryWatcher
+from bastion.supervisor.models.sources import existing_gguf
 
 Emit = Callable[[ControlEvent], None]
 
@@ -81,7 +83,17 @@ class ModelRequests:
         return ModelUnloaded(request_id=request.request_id, name=name)
 
     def listing(self, request: ListModels) -> ModelList:
-        return ModelList(request_id=request.request_id, models=self._models.statuses())
+        catalog = [self._catalog_entry(spec) for spec in self._registry.current().specs()] if request.catalog else []
+        return ModelList(request_id=request.request_id, models=self._models.statuses(), catalog=catalog)
+
+    def _catalog_entry(self, spec: ModelSpec) -> CatalogEntry:
+        path = existing_gguf(spec, self._layout)
+        try:
+            stat = path.stat() if path else None
+        except OSError:
+            stat = None
+        return CatalogEntry(name=spec.name, description=spec.description, path=str(path or ""), n_ctx=spec.n_ctx,
+                            file_size=stat.st_size if stat else 0, modified_at=stat.st_mtime if stat else 0.0)
 
     def status(self, request: GetStatus, *, runs_active: int) -> StatusReport:
         budget = self._models.memory_budget()

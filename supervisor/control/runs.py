@@ -27,17 +27,16 @@ from bastion.protocol import ErrorCode, StopReason
 from bastion.protocol.agent_events import PromptRendered
 from bastion.protocol.control import Run, RunStarted, ToolChoiceMode
 from bastion.protocol.sessions import ChatRole
-from bastion.supervisor.control.models import load_progress
+from bastion.supervisor.control.model_access import ModelAccess, with_template
 from bastion.supervisor.errors import SessionBusyError, SupervisorError, TrustFlagError, UnknownSessionError
 from bastion.supervisor.harness.conversation import Conversation, EphemeralConversation, StoredConversation
 from bastion.supervisor.harness.loop import AgentLoop, LoopSettings, build_loop
 from bastion.supervisor.harness.prompt_builder import PromptBuilder, latest_system
 from bastion.supervisor.harness.tool_execution import ToolExecution, Workbench
-from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
+from bastion.supervisor.models.loaded import LoadedModels
 from bastion.supervisor.models.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.models.sampling import resolve as resolve_sampling
-from bastion.supervisor.models.sources import ScriptedReplies
-from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
+from bastion.supervisor.models.tokenizer import TokenCounter, TokenCounters
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.store.sessions import SessionStore
 from bastion.supervisor.templates.formatter import ChatMessage, PromptFormatter
@@ -66,6 +65,7 @@ class RunService:
         self._counters = counters
         self._trust = trust
         self._new_id = new_id
+        self._access = ModelAccess(models=models, counters=counters)
         self._busy_sessions: dict[str, ActiveRun] = {}
 
     async def serve(self, run: ActiveRun, request: Run) -> None:
@@ -86,7 +86,7 @@ class RunService:
         spec = self._registry.current().lookup(self._model_name(request))
         run.model = spec.name
         tools, workbench = await self._select_tools(request)
-        loaded = await self._load_unless_cancelled(run, spec, request.keep_alive_s)
+        loaded = await self._access.load_unless_cancelled(run, spec, request.keep_alive_s)
         if loaded is None:
             run.finish(StopReason.CANCELLED)
             return
@@ -94,7 +94,7 @@ class RunService:
         sampling, sampling_source = resolve_sampling(request.sampling, loaded.sampling)
         # A session remembers what to look up again (a name, a path, scripted:FILE).
         conversation = self._conversation(request, request.model or spec.name)
-        counter = await self._counter(loaded)
+        counter = await self._access.counter(loaded)
         gate = self._trust.gate(run, conversation.name, workbench.workspace, request.approval_timeout_s)
         execution = ToolExecution(run=run, gate=gate, registry=self._tools, sandbox=self._trust.sandboxes,
                                   workbench=workbench)
@@ -168,35 +168,6 @@ class RunService:
         await self._trust.require_confinement(sandboxed)
         return tools, Workbench(workspace=str(workspace), allow_write=request.allow_write)
 
-    async def _load_unless_cancelled(
-        self, run: ActiveRun, spec: ModelSpec, keep_alive_s: float | None
-    ) -> LoadedModel | None:
-        """The loaded model, or None when the client cancels first. A load can
-        take minutes (assembling a chunked model); Ctrl-C must not wait for it.
-        The load itself goes on, for the next request. The run uses the model
-        until it ends: it is not unloaded under it."""
-        load = asyncio.ensure_future(
-            self._models.ensure_loaded(spec, load_progress(run.send, run.request_id, spec.name),
-                                       keep_alive_s=keep_alive_s, until=run.finished)
-        )
-        cancelled = asyncio.ensure_future(run.cancelled.wait())
-        try:
-            await asyncio.wait({load, cancelled}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            cancelled.cancel()
-        if not load.done():
-            load.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, not logged
-            return None
-        loaded, _ = load.result()
-        return None if run.cancel_requested else loaded
-
-    async def _counter(self, model: LoadedModel) -> TokenCounter:
-        """The model's real tokenizer (a vocabulary-only load, once per model);
-        scripted models tokenize bytes, as their engine does."""
-        if isinstance(model.spec.source, ScriptedReplies):
-            return ByteTokenCounter()
-        return await asyncio.to_thread(self._counters.get, model.handle.model_path)
-
     def _conversation(self, request: Run, model_key: str) -> Conversation:
         if request.session is None:
             return EphemeralConversation(f"oneshot-{request.request_id}")
@@ -220,7 +191,7 @@ class RunService:
             raise UnknownSessionError(f"no session named {name!r}")
         spec = self._registry.current().lookup(summary.model)
         loaded, _ = await self._models.ensure_loaded(spec, lambda *_: None)
-        counter = await self._counter(loaded)
+        counter = await self._access.counter(loaded)
         preview = ActiveRun(request_id="preview", client=b"", sink=_nowhere)
         builder = PromptBuilder(run=preview, conversation=StoredConversation(self._store, name),
                                 formatter=loaded.formatter, n_ctx=loaded.handle.n_ctx, counter=counter)
@@ -229,11 +200,3 @@ class RunService:
 
 def _nowhere(_client: bytes, _event: object) -> None:
     """Events of a prompt preview: nobody is listening."""
-
-
-def with_template(model: LoadedModel, template: str | None) -> PromptFormatter:
-    """The model's formatter as this run sees it: with `--template` the named built-in."""
-    if template is None or model.handle.description is None:
-        return model.formatter
-    return PromptFormatter.for_model(model.handle.description, template)
-

@@ -72,7 +72,7 @@ class CallConstraint:
         self._choice = choice
         if choice.mode is ToolChoiceMode.FUNCTION and choice.name not in {spec.name for spec in self._tools}:
             offered = ", ".join(spec.name for spec in self._tools) or "none"
-            raise UnknownToolError(f"--tool-choice {choice.name}: the run offers no such tool (offered: {offered})")
+            raise UnknownToolError(f"tool choice {choice.name!r}: no such tool is offered (offered: {offered})")
 
     @property
     def forces_a_call(self) -> bool:

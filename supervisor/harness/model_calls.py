@@ -25,6 +25,7 @@ from bastion.protocol.agent_events import RunWarning, WarningCode
 from bastion.protocol.worker_wire import CallGrammar
 from bastion.supervisor.errors import WorkerUnavailableError
 from bastion.supervisor.runs import ActiveRun, Generation, GenerationOutcome
+from bastion.supervisor.tools.call_hold import CallHold
 from bastion.supervisor.tools.reasoning import (
     Piece,
     PieceKind,
@@ -68,13 +69,18 @@ class ModelCalls:
     async def generate(
         self, prompt: str, sampling: SamplingParams, session_id: str, *, stream: bool = True,
         grammar: CallGrammar | None = None, reasoning: ReasoningFormat = ReasoningFormat.NONE,
+        hold_calls: frozenset[str] | None = None,
     ) -> GenerationOutcome:
         """One model call; with a `reasoning` format, the reasoning it streams comes as `reasoning`
-        events apart from the answer's tokens (a prompt that opened reasoning starts inside it)."""
+        events apart from the answer's tokens (a prompt that opened reasoning starts inside it).
+        With `hold_calls` (the offered tools' names), answer text stops streaming where a call may
+        begin (call_hold.py): `outcome.streamed` is what the client got."""
         retries = 0
         starts_inside = prompt_opens_reasoning(prompt, reasoning)
         while True:
-            split = None if reasoning is ReasoningFormat.NONE else _Split(reasoning, starts_inside)
+            split = None
+            if reasoning is not ReasoningFormat.NONE or hold_calls is not None:
+                split = _Split(reasoning, starts_inside, None if hold_calls is None else CallHold(hold_calls))
             generation = Generation(internal_id=self._new_id(), session_id=session_id, prompt=prompt,
                                     sampling=sampling, run=self._run, stream=stream,
                                     snapshot=stream and self._keep_snapshots, grammar=grammar,
@@ -118,17 +124,24 @@ class ModelCalls:
 
 
 class _Split:
-    """The reasoning splitter (tools/reasoning.py) as a generation streams through it."""
+    """The reasoning splitter (tools/reasoning.py) as a generation streams through it, and the
+    answer through a call hold (tools/call_hold.py) when the client executes the calls itself."""
 
-    def __init__(self, fmt: ReasoningFormat, starts_inside: bool) -> None:
+    def __init__(self, fmt: ReasoningFormat, starts_inside: bool, hold: CallHold | None) -> None:
         self._splitter = ReasoningSplitter(fmt, starts_inside=starts_inside)
+        self._hold = hold
 
     def feed(self, text: str) -> list[tuple[str, bool]]:
-        return _tuples(self._splitter.feed(text))
+        return self._held(self._splitter.feed(text))
 
     def flush(self) -> list[tuple[str, bool]]:
-        return _tuples(self._splitter.flush())
+        return self._held(self._splitter.flush())
 
-
-def _tuples(pieces: list[Piece]) -> list[tuple[str, bool]]:
-    return [(piece.text, piece.kind is PieceKind.REASONING) for piece in pieces]
+    def _held(self, pieces: list[Piece]) -> list[tuple[str, bool]]:
+        out = []
+        for piece in pieces:
+            reasoning = piece.kind is PieceKind.REASONING
+            text = piece.text if reasoning or self._hold is None else self._hold.feed(piece.text)
+            if text:
+                out.append((text, reasoning))
+        return out

@@ -171,6 +171,27 @@ def resolve_gguf(spec: ModelSpec, layout: HomeLayout, progress: Progress | None 
     return path
 
 
+def existing_gguf(spec: ModelSpec, layout: HomeLayout) -> Path | None:
+    """Where `spec`'s GGUF already is, without assembling or checking it; None when it is not
+    there yet (a chunked model before its first load, a missing package or file)."""
+    source = spec.source
+    try:
+        match source:
+            case PackageFile(distribution=dist, module=module, file=file):
+                path = _package_dir(module, dist, spec.name) / file
+            case ChunkedPackage() as chunked:
+                path = _plan(spec.name, chunked, layout.models_dir).target
+            case LocalPath(path=raw):
+                path = Path(raw).expanduser()
+            case ScriptedReplies(path=raw):
+                path = Path(raw)
+            case _:
+                assert_never(source)
+    except ModelSourceError:
+        return None
+    return path if path.is_file() else None
+
+
 def _package_dir(module: str, distribution: str, model: str) -> Path:
     try:
         found = importlib.util.find_spec(module)

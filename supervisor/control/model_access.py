@@ -1,0 +1,59 @@
+"""What every request that generates needs from the loaded models: the model, loaded (or not, when
+the client cancels first), its token counter, and its formatter with a per-request template.
+
+Shared by runs (runs.py) and completions (completions.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from bastion.supervisor.control.models import load_progress
+from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
+from bastion.supervisor.models.registry import ModelSpec
+from bastion.supervisor.models.sources import ScriptedReplies
+from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
+from bastion.supervisor.runs import ActiveRun
+from bastion.supervisor.templates.formatter import PromptFormatter
+
+
+class ModelAccess:
+    def __init__(self, *, models: LoadedModels, counters: TokenCounters) -> None:
+        self._models = models
+        self._counters = counters
+
+    async def load_unless_cancelled(
+        self, run: ActiveRun, spec: ModelSpec, keep_alive_s: float | None
+    ) -> LoadedModel | None:
+        """The loaded model, or None when the client cancels first. A load can
+        take minutes (assembling a chunked model); Ctrl-C must not wait for it.
+        The load itself goes on, for the next request. The run uses the model
+        until it ends: it is not unloaded under it."""
+        load = asyncio.ensure_future(
+            self._models.ensure_loaded(spec, load_progress(run.send, run.request_id, spec.name),
+                                       keep_alive_s=keep_alive_s, until=run.finished)
+        )
+        cancelled = asyncio.ensure_future(run.cancelled.wait())
+        try:
+            await asyncio.wait({load, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cancelled.cancel()
+        if not load.done():
+            load.add_done_callback(lambda task: task.cancelled() or task.exception())  # retrieved, not logged
+            return None
+        loaded, _ = load.result()
+        return None if run.cancel_requested else loaded
+
+    async def counter(self, model: LoadedModel) -> TokenCounter:
+        """The model's real tokenizer (a vocabulary-only load, once per model);
+        scripted models tokenize bytes, as their engine does."""
+        if isinstance(model.spec.source, ScriptedReplies):
+            return ByteTokenCounter()
+        return await asyncio.to_thread(self._counters.get, model.handle.model_path)
+
+
+def with_template(model: LoadedModel, template: str | None) -> PromptFormatter:
+    """The model's formatter as this request sees it: with a template named, that built-in."""
+    if template is None or model.handle.description is None:
+        return model.formatter
+    return PromptFormatter.for_model(model.handle.description, template)

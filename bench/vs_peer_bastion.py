@@ -25,12 +25,7 @@ import msgspec
 import psutil
 from vs_peer_reply import Reply
 
-from bastion.client.connection import (
-    ClientError,
-    ControlConnection,
-    same_supervisor_running,
-    supervisor_running,
-)
+from bastion.client.connection import ClientError, ControlConnection
 from bastion.client.launcher import ensure_supervisor, wait_until_stopped
 from bastion.protocol import (
     Cancel,
@@ -52,6 +47,7 @@ from bastion.protocol.control import (
     RunStarted,
     SamplingRequest,
 )
+from bastion.protocol.home import same_supervisor_running, supervisor_running
 
 _RECEIVE_S = 2.0
 _RUN_TIMEOUT_S = 1800.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, NoReturn
 
 import msgspec
@@ -31,8 +32,15 @@ from bastion.client.command_io import (
     model_argument,
     new_id,
 )
-from bastion.client.connection import ClientError, supervisor_running
-from bastion.client.launcher import supervisor_command, wait_until_stopped
+from bastion.client.connection import ClientError
+from bastion.client.launcher import (
+    gateway_command,
+    gateway_pid,
+    start_gateway,
+    stop_gateway,
+    supervisor_command,
+    wait_until_stopped,
+)
 from bastion.client.run_options import (
     AllowShellOption,
     AllowWriteOption,
@@ -76,6 +84,7 @@ from bastion.protocol.control import (
     StatusReport,
     UnloadModel,
 )
+from bastion.protocol.home import supervisor_running
 
 app = typer.Typer(
     name="bastion",
@@ -144,13 +153,66 @@ def run(
     raise typer.Exit(code)
 
 
+HttpOption = Annotated[
+    str | None,
+    typer.Option("--http", metavar="[HOST:]PORT",
+                 help="Also serve the OpenAI- and Ollama-compatible HTTP APIs (loopback unless HOST says otherwise)."),
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="BASTION_API_KEY", show_envvar=True,
+                 help="Require `Authorization: Bearer KEY` on the HTTP APIs (needed off loopback)."),
+]
+ApiKeyFileOption = Annotated[str | None, typer.Option("--api-key-file", help="Read the API key from this file.")]
+CorsOption = Annotated[
+    list[str] | None, typer.Option("--cors-origin", help="Let browser pages from this origin call the APIs.")
+]
+
+
+def _http_address(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise typer.BadParameter(f"{value!r}: give [HOST:]PORT, e.g. 11435 or 0.0.0.0:11435", param_hint="--http")
+    return host or "127.0.0.1", int(port)
+
+
+def _read_key(api_key: str | None, api_key_file: str | None) -> str | None:
+    if api_key_file:
+        try:
+            key = Path(api_key_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {api_key_file}: {exc}", param_hint="--api-key-file") from exc
+        if not key:
+            raise typer.BadParameter(f"{api_key_file} is empty", param_hint="--api-key-file")
+        return key
+    return api_key
+
+
+def _refuse_open_without_key(host: str, key: str | None) -> None:
+    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        render.error(f"refusing to serve {host} without an API key",
+                     "pass --api-key or --api-key-file, or serve 127.0.0.1")
+        raise typer.Exit(2)
+
+
 @app.command()
 def up(
     foreground: Annotated[bool, typer.Option("--foreground", help="Run in this terminal; Ctrl-C stops it.")] = False,
+    http: HttpOption = None,
+    api_key: ApiKeyOption = None,
+    api_key_file: ApiKeyFileOption = None,
+    cors_origin: CorsOption = None,
 ) -> None:
-    """Start the supervisor (in the background unless --foreground)."""
+    """Start the supervisor (in the background unless --foreground), and with --http the HTTP gateway."""
     layout = HomeLayout.from_env()
+    address = _http_address(http) if http else None
+    key = _read_key(api_key, api_key_file)
+    if address is not None:
+        _refuse_open_without_key(address[0], key)
     if foreground:
+        if address is not None:
+            render.error("--foreground runs the supervisor alone", "use `bastion serve` for the gateway in a terminal")
+            raise typer.Exit(2)
         layout.ensure()
         command = supervisor_command()
         os.execv(command[0], command)
@@ -159,19 +221,55 @@ def up(
         if connection is not None:
             render.say(f"the supervisor is already running (pid {connection.supervisor_pid})")
             connection.close()
-            return
+    if not supervisor_running(layout):
+        connection = connect(False, start=True)
+        assert connection is not None
+        with connection:
+            render.say(f"supervisor running (pid {connection.supervisor_pid}, home {layout.root})")
+    if address is None:
+        return
+    running = gateway_pid(layout)
+    if running:
+        render.say(f"the HTTP gateway is already running (pid {running}); `bastion down` stops it")
+        return
+    try:
+        pid = start_gateway(layout, *address, api_key=key, cors_origins=tuple(cors_origin or ()))
+    except ClientError as exc:
+        fail(exc, False)
+    host, port = address
+    render.say(f"HTTP gateway on http://{host}:{port} (pid {pid}, log {layout.gateway_log}): "
+               f"OpenAI at /v1, Ollama at /api")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 11435,
+    api_key: ApiKeyOption = None,
+    api_key_file: ApiKeyFileOption = None,
+    cors_origin: CorsOption = None,
+) -> None:
+    """Serve the OpenAI- and Ollama-compatible HTTP APIs in this terminal (starts the supervisor if needed)."""
+    key = _read_key(api_key, api_key_file)
+    _refuse_open_without_key(host, key)
     connection = connect(False, start=True)
     assert connection is not None
-    with connection:
-        render.say(f"supervisor running (pid {connection.supervisor_pid}, home {layout.root})")
+    connection.close()
+    if key:
+        os.environ["BASTION_API_KEY"] = key
+    command = gateway_command(host, port, cors_origins=tuple(cors_origin or ()))
+    os.execv(command[0], command)
 
 
 @app.command()
 def down(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for it to stop.")] = 30.0,
 ) -> None:
-    """Stop the supervisor and every model worker."""
+    """Stop the HTTP gateway started by `up --http`, the supervisor and every model worker."""
     layout = HomeLayout.from_env()
+    if not stop_gateway(layout, timeout):
+        render.error(f"the HTTP gateway did not stop within {timeout:.0f} s", f"see {layout.gateway_log}")
+        raise typer.Exit(EXIT_FAILURE)
     connection = connect(False, start=False)
     if connection is None:
         render.say("the supervisor is not running")

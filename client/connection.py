@@ -8,7 +8,6 @@ lock in the runtime directory) so a dead supervisor is an error, not a hang.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import time
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.control import ControlEvent, ControlRequest
+from bastion.protocol.home import same_supervisor_running
 
 _LIVENESS_CHECK_S = 2.0
 
@@ -36,34 +36,6 @@ class ClientError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def supervisor_running(layout: HomeLayout) -> bool:
-    """True while some process holds the supervisor's lock for this home."""
-    try:
-        handle = open(layout.lock_file, "a+")  # noqa: SIM115
-    except FileNotFoundError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        return False
-
-
-def same_supervisor_running(layout: HomeLayout, pid: int) -> bool:
-    """True while the supervisor we said hello to (by pid) still runs this home;
-    a restarted one holds the lock too, but knows nothing of our requests."""
-    if not supervisor_running(layout):
-        return False
-    if not pid:
-        return True
-    try:
-        return int(layout.pid_file.read_text().strip() or 0) == pid
-    except (OSError, ValueError):
-        return True  # between the lock and the pid file: give it the benefit of the doubt
 
 
 class ControlConnection:

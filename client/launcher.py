@@ -1,24 +1,31 @@
-"""Starting and stopping the supervisor from the CLI.
+"""Starting and stopping the supervisor (and the HTTP gateway beside it) from the CLI.
 
 `ensure_supervisor` is what lets the first command a user types work: if no
 supervisor holds this home's lock, it starts `python -m bastion.supervisor` in
 its own session (so it outlives the CLI and a Ctrl-C in the terminal does not
 reach it), with output appended to `<home>/logs/supervisor.log`, says so on
-stderr, and waits for the hello handshake. The CLI never imports the
-supervisor package; it only runs it.
+stderr, and waits for the hello handshake. `start_gateway`/`stop_gateway` do
+the same for `python -m bastion.gateway` (`bastion up --http`, `bastion down`).
+The CLI never imports the supervisor or gateway packages; it only runs them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import psutil
 
-from bastion.client.connection import ClientError, ControlConnection, supervisor_running
+from bastion.client.connection import ClientError, ControlConnection
 from bastion.protocol import ErrorCode, HomeLayout
+from bastion.protocol.home import supervisor_running
 
 _START_TIMEOUT_S = 60.0
 _ALREADY_RUNNING_EXIT = 3
@@ -117,3 +124,84 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+# --- the HTTP gateway beside the supervisor --------------------------------------------------
+
+_GATEWAY_START_TIMEOUT_S = 30.0
+
+
+def gateway_command(host: str, port: int, *, pid_file: str | None = None,
+                    cors_origins: tuple[str, ...] = ()) -> list[str]:
+    command = [sys.executable, "-m", "bastion.gateway", "--host", host, "--port", str(port)]
+    if pid_file:
+        command += ["--pid-file", pid_file]
+    for origin in cors_origins:
+        command += ["--cors-origin", origin]
+    return command
+
+
+def gateway_pid(layout: HomeLayout) -> int:
+    """The pid of the gateway started beside this home's supervisor, 0 when none runs."""
+    try:
+        pid = int(layout.gateway_pid_file.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+    return pid if pid and _alive(pid) else 0
+
+
+def start_gateway(layout: HomeLayout, host: str, port: int, *, api_key: str | None,
+                  cors_origins: tuple[str, ...] = ()) -> int:
+    """Start the gateway in the background and wait until it accepts connections; its pid.
+    The API key goes through the environment, never the command line (which `ps` shows)."""
+    layout.ensure()
+    env = dict(os.environ)
+    if api_key:
+        env["BASTION_API_KEY"] = api_key
+    log = open(layout.gateway_log, "ab")  # noqa: SIM115 - handed to the child
+    with log:
+        process = subprocess.Popen(
+            gateway_command(host, port, pid_file=str(layout.gateway_pid_file), cors_origins=cors_origins),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True, env=env,
+        )  # fmt: skip
+    deadline = time.monotonic() + _GATEWAY_START_TIMEOUT_S
+    while True:
+        returncode = process.poll()
+        if returncode is not None:
+            raise ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE,
+                              f"the HTTP gateway exited with code {returncode} while starting:\n"
+                              f"{_tail(layout.gateway_log)}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return process.pid
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE,
+                              f"the HTTP gateway did not listen on {host}:{port} within "
+                              f"{_GATEWAY_START_TIMEOUT_S:.0f} s; see {layout.gateway_log}")
+        time.sleep(0.1)
+
+
+def stop_gateway(layout: HomeLayout, timeout_s: float) -> bool:
+    """Stop the gateway started beside the supervisor, if one runs; False if it would not stop."""
+    pid = gateway_pid(layout)
+    if not pid:
+        return True
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    layout.gateway_pid_file.unlink(missing_ok=True)
+    return True
+
+
+def _tail(path: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""

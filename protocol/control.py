@@ -46,7 +46,7 @@ from bastion.protocol.common import (
     TokenDelta,
     WorkerState,
 )
-from bastion.protocol.completion import Complete
+from bastion.protocol.completion import Complete, Turn
 from bastion.protocol.control_options import SamplingRequest, ToolChoice, ToolChoiceMode
 
 __all__ = ["Complete", "SamplingRequest", "ToolChoice", "ToolChoiceMode"]  # re-exported for clients
@@ -114,6 +114,8 @@ class Run(Message, frozen=True, tag="run"):
     # once); None keeps the model's configured keep_alive.
     keep_alive_s: float | None = None
     tool_choice: ToolChoice = ToolChoice()
+    # A one-shot run's earlier turns (a stateless API client's history); a session holds its own.
+    history: tuple[Turn, ...] = ()
 
 
 class GetStatus(Message, frozen=True, tag="get_status"):

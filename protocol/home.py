@@ -11,6 +11,7 @@ or temp directory, named by a hash of the home's path (still mode 0700).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -91,6 +92,15 @@ class HomeLayout:
         return self.runtime_dir / "supervisor.pid"
 
     @property
+    def gateway_pid_file(self) -> Path:
+        """Written by an HTTP gateway started beside the supervisor (`bastion up --http`)."""
+        return self.runtime_dir / "gateway.pid"
+
+    @property
+    def gateway_log(self) -> Path:
+        return self.logs_dir / "gateway.log"
+
+    @property
     def logs_dir(self) -> Path:
         return self.root / "logs"
 
@@ -119,3 +129,31 @@ class HomeLayout:
         self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         # mkdir's mode is masked by umask and ignored for existing directories.
         os.chmod(self.runtime_dir, 0o700)
+
+
+def supervisor_running(layout: HomeLayout) -> bool:
+    """True while some process holds the supervisor's lock for this home."""
+    try:
+        handle = open(layout.lock_file, "a+")  # noqa: SIM115
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def same_supervisor_running(layout: HomeLayout, pid: int) -> bool:
+    """True while the supervisor a client said hello to (by pid) still runs this home;
+    a restarted one holds the lock too, but knows nothing of that client's requests."""
+    if not supervisor_running(layout):
+        return False
+    if not pid:
+        return True
+    try:
+        return int(layout.pid_file.read_text().strip() or 0) == pid
+    except (OSError, ValueError):
+        return True  # between the lock and the pid file: give it the benefit of the doubt

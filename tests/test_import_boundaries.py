@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROCESS_PACKAGES = ("supervisor", "worker", "tools_sandbox", "client")
+PROCESS_PACKAGES = ("supervisor", "worker", "tools_sandbox", "client", "gateway")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -53,7 +53,7 @@ def imports_llama_cpp(path: Path) -> bool:
 
 
 def test_only_worker_and_the_vocab_counter_import_llama_cpp() -> None:
-    for package in ("supervisor", "client", "protocol", "tools_sandbox"):
+    for package in ("supervisor", "client", "protocol", "tools_sandbox", "gateway"):
         for path in (ROOT / package).rglob("*.py"):
             if path.relative_to(ROOT) == VOCAB_ONLY_MODULE:
                 continue

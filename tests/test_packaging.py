@@ -6,7 +6,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_FOLDERS = ("protocol", "supervisor", "worker", "tools_sandbox", "client", "configs")
+CODE_FOLDERS = ("protocol", "supervisor", "worker", "tools_sandbox", "client", "gateway", "configs")
 
 
 def test_every_package_directory_is_listed() -> None:

@@ -28,7 +28,15 @@ from bastion.protocol.agent_events import PromptRendered
 from bastion.protocol.control import Run, RunStarted, ToolChoiceMode
 from bastion.protocol.sessions import ChatRole
 from bastion.supervisor.control.model_access import ModelAccess, with_template
-from bastion.supervisor.errors import SessionBusyError, SupervisorError, TrustFlagError, UnknownSessionError
+from bastion.supervisor.errors import (
+    InvalidRequestError,
+    SessionBusyError,
+    SupervisorError,
+    TrustFlagError,
+    UnknownSessionError,
+)
+from bastion.supervisor.harness.completion import ReplyMemory, chat_messages
+from bastion.supervisor.harness.constraints import FENCED, call_syntax
 from bastion.supervisor.harness.conversation import Conversation, EphemeralConversation, StoredConversation
 from bastion.supervisor.harness.loop import AgentLoop, LoopSettings, build_loop
 from bastion.supervisor.harness.prompt_builder import PromptBuilder, latest_system
@@ -93,7 +101,7 @@ class RunService:
         formatter = with_template(loaded, request.template)
         sampling, sampling_source = resolve_sampling(request.sampling, loaded.sampling)
         # A session remembers what to look up again (a name, a path, scripted:FILE).
-        conversation = self._conversation(request, request.model or spec.name)
+        conversation = self._conversation(request, request.model or spec.name, formatter)
         counter = await self._access.counter(loaded)
         gate = self._trust.gate(run, conversation.name, workbench.workspace, request.approval_timeout_s)
         execution = ToolExecution(run=run, gate=gate, registry=self._tools, sandbox=self._trust.sandboxes,
@@ -168,9 +176,15 @@ class RunService:
         await self._trust.require_confinement(sandboxed)
         return tools, Workbench(workspace=str(workspace), allow_write=request.allow_write)
 
-    def _conversation(self, request: Run, model_key: str) -> Conversation:
+    def _conversation(self, request: Run, model_key: str, formatter: PromptFormatter) -> Conversation:
         if request.session is None:
-            return EphemeralConversation(f"oneshot-{request.request_id}")
+            conversation = EphemeralConversation(f"oneshot-{request.request_id}")
+            syntax = call_syntax(formatter)
+            for earlier in chat_messages(request.history, ReplyMemory(), syntax, fenced_results=syntax is FENCED):
+                conversation.append(earlier, pinned=earlier.role is ChatRole.SYSTEM)
+            return conversation
+        if request.history:
+            raise InvalidRequestError("a run in a session continues the session's own history: send no history")
         self._store.ensure_session(request.session, model_key)
         if request.model is not None:
             self._store.set_model(request.session, model_key)

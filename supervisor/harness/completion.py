@@ -54,28 +54,38 @@ _REMEMBERED_REPLIES = 1024
 
 
 class ReplyMemory:
-    """Replies that held tool calls, by the ids given to their calls (least recently used out)."""
+    """Replies that held tool calls, by the ids given to their calls and by the calls themselves
+    (name and arguments: Ollama's clients send calls back without ids); least recently used out."""
 
     def __init__(self, capacity: int = _REMEMBERED_REPLIES) -> None:
         self._capacity = capacity
         self._replies: OrderedDict[str, str] = OrderedDict()
 
-    def remember(self, call_ids: Sequence[str], reply: str) -> None:
-        for call_id in call_ids:
-            self._replies[call_id] = reply
-            self._replies.move_to_end(call_id)
+    def remember(self, calls: Sequence[CallRecord], reply: str) -> None:
+        for key in (*(call.id for call in calls), _signature(calls)):
+            self._replies[key] = reply
+            self._replies.move_to_end(key)
         while len(self._replies) > self._capacity:
             self._replies.popitem(last=False)
 
-    def reply_for(self, call_ids: Sequence[str]) -> str | None:
-        """The reply that made all these calls, when bastion gave them; None otherwise."""
-        replies = {self._replies.get(call_id) for call_id in call_ids}
-        if len(replies) != 1 or None in replies:
-            return None
-        (reply,) = replies
-        for call_id in call_ids:
-            self._replies.move_to_end(call_id)
-        return reply
+    def reply_for(self, calls: Sequence[CallRecord]) -> str | None:
+        """The reply that made exactly these calls, when bastion gave them; None otherwise."""
+        if all(call.id for call in calls):
+            replies = {self._replies.get(call.id) for call in calls}
+            if len(replies) == 1 and None not in replies:
+                return replies.pop()
+        return self._replies.get(_signature(calls))
+
+
+def _signature(calls: Sequence[CallRecord]) -> str:
+    parts = []
+    for call in calls:
+        try:
+            arguments = json.dumps(json.loads(call.arguments or "{}"), sort_keys=True, separators=(",", ":"))
+        except ValueError:
+            arguments = call.arguments
+        parts.append(f"{call.name}({arguments})")
+    return "calls:" + ";".join(parts)
 
 
 def conversation_key(model: str, messages: Sequence[Turn]) -> str:
@@ -139,7 +149,7 @@ def chat_messages(
         match turn.role:
             case ChatRole.ASSISTANT if turn.tool_calls:
                 names.update((call.id, call.name) for call in turn.tool_calls)
-                written = memory.reply_for([call.id for call in turn.tool_calls])
+                written = memory.reply_for(turn.tool_calls)
                 if written is None:
                     prose = turn.content.strip()
                     written = (prose + "\n" if prose else "") + written_calls(turn.tool_calls, syntax)
@@ -227,17 +237,18 @@ class Completion:
         reply = split_reasoning(outcome.text, self._reasoning,
                                 starts_inside=prompt_opens_reasoning(prompt, self._reasoning))
         parsed = parse_tool_calls(reply.content, self._tools)
-        ids = []
+        records = []
         for call in parsed.calls:
-            call_id = f"call_{secrets.token_hex(6)}"
-            ids.append(call_id)
-            self._run.send(ToolCallParsed(request_id=self._run.request_id, call_id=call_id, name=call.name,
-                                          arguments=msgspec.json.encode(call.arguments).decode(), format=call.format))
+            record = CallRecord(id=f"call_{secrets.token_hex(6)}", name=call.name,
+                                arguments=msgspec.json.encode(call.arguments).decode())
+            records.append(record)
+            self._run.send(ToolCallParsed(request_id=self._run.request_id, call_id=record.id, name=call.name,
+                                          arguments=record.arguments, format=call.format))
         for problem in parsed.problems:
             self._run.send(RunWarning(request_id=self._run.request_id, code=WarningCode.TOOL_CALL_INVALID,
                                       message=problem.message, resembled=problem.resembled))
-        if ids:
-            self._memory.remember(ids, reply.content)
+        if records:
+            self._memory.remember(records, reply.content)
         prose = parsed.prose if parsed.calls else reply.content
         rest = _remainder(outcome.streamed, prose)
         if rest:

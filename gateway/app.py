@@ -219,7 +219,6 @@ def build_app(settings: GatewaySettings, link: SupervisorLink | None = None) -> 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.gateway = gateway
         with contextlib.suppress(LinkError):
             await gateway.link.ensure_connected()  # early, so the first request does not pay for it
         yield
@@ -243,4 +242,6 @@ def build_app(settings: GatewaySettings, link: SupervisorLink | None = None) -> 
                                      allow_methods=["GET", "POST", "OPTIONS"],
                                      allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {ApiError: api_error}
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app.state.gateway = gateway
+    return app

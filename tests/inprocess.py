@@ -247,6 +247,7 @@ class InProcessSupervisor:
         self.workers = InProcessWorkers(self.config, token_delay=token_delay)
         self.sandbox = FakeSandbox()
         self.events: list[tuple[bytes, ControlEvent]] = []
+        self.listeners: list[Callable[[bytes, ControlEvent], None]] = []  # e.g. an in-process gateway link
         self._arrived = asyncio.Event()
         self.store = SessionStore.open(database_path(self.layout))
         self.approvals = ApprovalStore.open(database_path(self.layout))
@@ -263,6 +264,8 @@ class InProcessSupervisor:
     def _sink(self, client: bytes, event: ControlEvent) -> None:
         self.events.append((client, event))
         self._arrived.set()
+        for listener in self.listeners:
+            listener(client, event)
 
     def send(self, request: ControlRequest, client: bytes = CLIENT) -> None:
         self.core.on_client_message(client, request)

@@ -1,0 +1,303 @@
+"""The HTTP gateway's routes in-process: the real app and the real `openai` and `ollama` clients
+over an in-process supervisor (tests/gateway_support.py). Shapes, streaming invariants, tool
+calls, errors, limits and the API key; the real processes and sockets are test_gateway_e2e.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ollama
+import openai
+import pytest
+
+from tests.gateway_support import BASE_URL, gateway_client, gateway_transport
+from tests.inprocess import InProcessSupervisor, script
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}  # fmt: skip
+CALL_REPLY = 'I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+
+
+def sse_chunks(body: str) -> list[Any]:
+    """The `data:` payloads of an SSE body, in order ("[DONE]" kept as a string)."""
+    out = []
+    for block in body.split("\n\n"):
+        for line in block.splitlines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def openai_client(http: httpx.AsyncClient, **options: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="unused", http_client=http, **options)
+
+
+def test_a_streamed_chat_keeps_the_invariants_llama_cpp_s_server_tests_check(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello there, friend.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            response = await http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                "stream_options": {"include_usage": True}})  # fmt: skip
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        chunks = sse_chunks(response.text)
+        assert chunks[-1] == "[DONE]"
+        objects = chunks[:-1]
+        assert len({chunk["id"] for chunk in objects}) == 1  # one id on every chunk
+        with_choices = [chunk for chunk in objects if chunk["choices"]]
+        roles = [c for c in with_choices if "role" in c["choices"][0]["delta"]]
+        assert roles == with_choices[:1]  # the role only in the first chunk
+        contents = [c["choices"][0]["delta"]["content"] for c in with_choices[1:] if "content" in c["choices"][0]["delta"]]
+        assert all(contents) and "".join(contents) == "Hello there, friend."  # non-empty deltas
+        finish = with_choices[-1]["choices"][0]
+        assert finish["delta"] == {} and finish["finish_reason"] == "stop"
+        usage = objects[-1]
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] > 0
+        assert usage["usage"]["total_tokens"] == usage["usage"]["prompt_tokens"] + usage["usage"]["completion_tokens"]
+
+    supervised(test)
+
+
+def test_the_openai_sdk_does_a_tool_call_round_trip_and_the_prompt_stays_cached(
+    supervised, tmp_path: Path
+) -> None:
+    model = script(tmp_path, CALL_REPLY, "It is sunny in Paris.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            client = openai_client(http)
+            messages: list[Any] = [{"role": "user", "content": "Weather in Paris?"}]
+            # The SDK's stream helper assembles the tool-call deltas: a conformance check of their shape.
+            async with client.chat.completions.stream(model=model, messages=messages, tools=[WEATHER_TOOL]) as stream:
+                async for _ in stream:
+                    pass
+                first = await stream.get_final_completion()
+            choice = first.choices[0]
+            assert choice.finish_reason == "tool_calls" and choice.message.content == "I will check.\n"
+            [call] = choice.message.tool_calls
+            assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+            messages += [choice.message.model_dump(exclude_none=True),
+                         {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+            second = await client.chat.completions.create(model=model, messages=messages, tools=[WEATHER_TOOL])
+        assert second.choices[0].message.content == "It is sunny in Paris."
+        assert second.choices[0].finish_reason == "stop"
+        first_prompt, second_prompt = sup.workers.prompts()
+        assert second_prompt.startswith(first_prompt + CALL_REPLY)  # the reply exactly as generated
+
+    supervised(test)
+
+
+def test_json_output_and_a_named_tool_reach_the_worker_as_grammars(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, '{"city": "Paris"}', CALL_REPLY)
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            client = openai_client(http)
+            shaped = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "City?"}],
+                response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}})
+            forced = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Weather?"}], tools=[WEATHER_TOOL],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})  # fmt: skip
+        assert json.loads(shaped.choices[0].message.content) == {"city": "Paris"}
+        assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
+        output, call = sup.workers.grammars()
+        assert output.schema == schema and not output.lazy
+        assert not call.lazy and "get_weather" in json.dumps(call.schema)
+
+    supervised(test)
+
+
+def test_errors_have_openai_s_shape_and_status(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "unused")
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup, max_body_bytes=4096, max_messages=8) as http:
+            cases = [
+                (await http.post("/v1/chat/completions", content=b"{not json"), 400, None),
+                (await http.post("/v1/chat/completions", json=[1, 2]), 400, None),
+                (await http.post("/v1/chat/completions", json={**chat, "temperature": "hot"}), 400, "temperature"),
+                (await http.post("/v1/chat/completions", json={"model": model, "messages": []}), 400, "messages"),
+                (await http.post("/v1/chat/completions", json={**chat, "n": 2}), 400, "n"),
+                (await http.post("/v1/chat/completions", json={**chat, "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}), 400,
+                 "messages.0.content"),
+                (await http.post("/v1/chat/completions", json={**chat, "messages": chat["messages"] * 9}), 400,
+                 "messages"),
+                (await http.post("/v1/chat/completions", content=b"x" * 5000), 413, None),
+                (await http.post("/v1/chat/completions", json={**chat, "model": "no-such-model"}), 404, None),
+                (await http.post("/v1/chat/completions", json={**chat, "tools": [WEATHER_TOOL],
+                                                               "tool_choice": {"type": "function",
+                                                                               "function": {"name": "teleport"}}}),
+                 400, None),
+                (await http.get("/v1/models/no-such-model"), 404, None),
+            ]  # fmt: skip
+            for response, status, param in cases:
+                assert response.status_code == status, response.text
+                error = response.json()["error"]
+                assert error["message"] and error["type"]
+                if param is not None:
+                    assert error["param"] == param, error
+            # The SDK maps them onto its exception types.
+            client = openai_client(http, max_retries=0)
+            with pytest.raises(openai.NotFoundError):
+                await client.chat.completions.create(model="no-such-model", messages=chat["messages"])
+            with pytest.raises(openai.BadRequestError):
+                await client.chat.completions.create(model=model, messages=chat["messages"], n=2)
+        assert sup.workers.prompts() == []  # none of them reached a model
+
+    supervised(test)
+
+
+def test_the_api_key_guards_every_route_but_health(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup, api_key="s3cret") as http:
+            assert (await http.get("/health")).status_code == 200
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                for route in ("/v1/models", "/api/tags", "/metrics"):
+                    refused = await http.get(route, headers=headers)
+                    assert refused.status_code == 401, (route, headers)
+                    assert refused.headers["www-authenticate"] == "Bearer"
+            assert (await http.get("/api/tags")).json() == {"error": (await http.get("/api/tags")).json()["error"]}
+            client = openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="s3cret", http_client=http)
+            answer = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}])
+            assert answer.choices[0].message.content == "Hello."
+            with pytest.raises(openai.AuthenticationError):
+                await openai.AsyncOpenAI(base_url=f"{BASE_URL}/v1", api_key="nope", http_client=http,
+                                         max_retries=0).models.list()
+
+    supervised(test)
+
+
+def test_models_and_the_legacy_completions_route(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, " lived a fox.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            client = openai_client(http)
+            listed = [m.id for m in (await client.models.list()).data]
+            assert "smollm2-135m" in listed and "gemma3-270m" in listed
+            assert (await client.models.retrieve("smollm2-135m")).id == "smollm2-135m"
+            text = await client.completions.create(model=model, prompt="Once upon a time", max_tokens=32)
+        assert text.choices[0].text == " lived a fox." and text.object == "text_completion"
+        assert sup.workers.prompts() == ["Once upon a time"]  # raw: no template
+
+    supervised(test)
+
+
+def test_a_server_side_agent_run_streams_bastion_s_tool_activity_as_extension_chunks(
+    supervised, tmp_path: Path
+) -> None:
+    call = '```tool_call\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n```'
+    model = script(tmp_path, call, "It is 42.", call, "It is 42.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            response = await http.post("/v1/chat/completions", json={
+                "model": f"{model}+calculator", "stream": True,
+                "messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "6*7?"}]})
+            collected = await openai_client(http).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "6*7?"}],
+                extra_body={"bastion": {"tools": ["calculator"]}})  # fmt: skip
+        assert response.status_code == 200
+        chunks = [c for c in sse_chunks(response.text) if c != "[DONE]"]
+        extension = [c["bastion"] for c in chunks if "bastion" in c]
+        assert all(c["choices"] == [] for c in chunks if "bastion" in c)  # standard clients skip them
+        kinds = [event["type"] for event in extension]
+        assert kinds.index("tool_call") < kinds.index("tool_decision") < kinds.index("tool_end")
+        assert next(e for e in extension if e["type"] == "tool_end")["content"] == "42"
+        content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert content.endswith("It is 42.")
+        assert collected.choices[0].message.content.endswith("It is 42.")
+        assert not collected.choices[0].message.tool_calls  # bastion ran them; the client has nothing to run
+        assert "Be exact." in sup.workers.prompts()[0]  # the history reached the run
+
+    supervised(test)
+
+
+async def _ndjson(response: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in response.text.splitlines() if line.strip()]
+
+
+def test_ollama_routes_with_the_ollama_client(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello there.", CALL_REPLY, " lived a fox.", "Sure.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with (gateway_transport(sup) as transport,
+                    httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http):
+            client = ollama.AsyncClient(host=BASE_URL, transport=transport)
+            parts = [part async for part in await client.chat(
+                model=model, messages=[{"role": "user", "content": "Hi"}], stream=True)]  # fmt: skip
+            assert "".join(p.message.content for p in parts) == "Hello there." and parts[-1].done
+            last = parts[-1]
+            assert last.done_reason == "stop" and last.eval_count and last.eval_count > 0
+            assert last.prompt_eval_count and last.total_duration and last.eval_duration is not None
+            called = await client.chat(model=model, messages=[{"role": "user", "content": "Weather?"}],
+                                       tools=[WEATHER_TOOL])  # fmt: skip
+            [call] = called.message.tool_calls
+            assert call.function.name == "get_weather" and call.function.arguments == {"city": "Paris"}
+            generated = await client.generate(model=model, prompt="Once upon a time", raw=True)
+            assert generated.response == " lived a fox." and generated.done
+            assert sup.workers.prompts()[-1] == "Once upon a time"
+            templated = await client.generate(model=model, prompt="Go", system="Be brief.")
+            assert templated.response == "Sure." and "Be brief." in sup.workers.prompts()[-1]
+            assert "smollm2-135m" in [m.model for m in (await client.list()).models]
+            assert f"scripted-{Path(model.split(':', 1)[1]).stem}" in [m.model for m in (await client.ps()).models]
+            assert (await client.show("smollm2-135m")).capabilities
+            with pytest.raises(ollama.ResponseError) as missing:
+                await client.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+            assert missing.value.status_code == 404
+            version = await http.get("/api/version")
+            assert version.status_code == 200 and version.json()["version"]
+            bad = await http.post("/api/chat", content=b"{")
+            assert bad.status_code == 400 and isinstance(bad.json()["error"], str)
+
+    supervised(test)
+
+
+def test_metrics_count_requests_tokens_and_cache_use(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "One.", "Two.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            for _ in range(2):
+                await http.post("/v1/chat/completions", json={"model": model, "stream": True,
+                                                              "messages": [{"role": "user", "content": "Hi"}]})
+            await http.post("/v1/chat/completions", content=b"{")
+            text = (await http.get("/metrics")).text
+        assert 'bastion_http_requests_total{route="/v1/chat/completions",status="200"} 2' in text
+        assert 'bastion_http_requests_total{route="/v1/chat/completions",status="400"} 1' in text
+        assert "bastion_time_to_first_token_seconds_count" in text
+        assert 'kind="completion"' in text and "bastion_kv_cache_generations_total" in text
+        assert "bastion_model_queue_depth" in text
+
+    supervised(test)
+
+
+def test_without_a_supervisor_health_and_requests_say_503(tmp_path: Path) -> None:
+    import asyncio
+
+    from bastion.gateway.app import build_app
+    from bastion.gateway.service import GatewaySettings
+    from bastion.protocol import HomeLayout
+
+    async def test() -> None:
+        app = build_app(GatewaySettings(home=HomeLayout(tmp_path / "no-home")))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as http:
+            health = await http.get("/health")
+            chat = await http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert health.status_code == 503 and "bastion up" in health.json()["error"]
+        assert chat.status_code == 503 and chat.headers["retry-after"] and chat.headers["x-should-retry"] == "true"
+
+    asyncio.run(test())

@@ -1,9 +1,10 @@
 """Following one streaming request to the supervisor from an HTTP route.
 
 `Exchange` sends a `run` or `complete` over the link and hands the route its
-events: `opening()` waits for `run_start` (through any model loading), so a
-request that fails early (an unknown model, a bad schema) becomes an HTTP error
-status rather than an error inside a 200 stream; `events()` gives the rest,
+events: `opening()` waits for `run_start` (through any model loading) and for the
+generation to be accepted, so a request that fails early (an unknown model, a
+bad schema, a full queue) becomes an HTTP error status rather than an error
+inside a 200 stream; `events()` gives the rest,
 with `None` whenever nothing arrived for `ping_s` (a streaming route sends a
 keep-alive then, so proxies do not drop a long prefill). It records the
 metrics every route shares (time to first token, time between tokens, token
@@ -16,6 +17,7 @@ supervisor: an HTTP client that disconnects stops its generation in the worker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -25,7 +27,7 @@ from bastion.gateway.errors import ApiError, from_failure
 from bastion.gateway.link import LinkError, SupervisorLink
 from bastion.gateway.metrics import Metrics
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
-from bastion.protocol.agent_events import ReasoningDelta
+from bastion.protocol.agent_events import ContextBudget, ReasoningDelta, TurnStarted
 from bastion.protocol.completion import Complete
 from bastion.protocol.control import ControlEvent, LoadProgress, Run, RunFinished, RunStarted
 
@@ -70,6 +72,7 @@ class Exchange:
         self.stop_reason: StopReason | None = None
         self.failure: RequestFailed | None = None
         self._last_token_at: float | None = None
+        self._early: collections.deque[ControlEvent] = collections.deque()  # read while opening
 
     async def __aenter__(self) -> Exchange:
         try:
@@ -83,34 +86,51 @@ class Exchange:
         await self._stack.__aexit__(kind, error, trace)
 
     async def opening(self) -> RunStarted:
-        """The request's `run_start`; ApiError if it failed before one came."""
+        """The request's `run_start`, once the generation was accepted too: ApiError if it failed
+        before (an unknown model, a full queue). A generation that has said nothing more within
+        `ping_s` (a long prefill) is taken as accepted, so a streaming route can start its pings."""
         assert self._queue is not None
+        started: RunStarted | None = None
         while True:
-            event = await self._queue.get()
+            try:
+                event = await asyncio.wait_for(self._queue.get(), self._ping_s if started else None)
+            except TimeoutError:
+                assert started is not None
+                return started
             match event:
                 case RunStarted():
                     self.model = event.model
                     self.load_ms = (time.monotonic() - self.started_at) * 1000
-                    return event
+                    started = event
                 case LoadProgress():
                     continue
                 case RequestFailed():
                     self.failure = event
                     raise from_failure(event)
-                case RunFinished(stop_reason=reason):
+                case RunFinished(stop_reason=reason) if started is None:
                     self.stop_reason = reason
                     raise ApiError(499 if reason is StopReason.CANCELLED else 500,
                                    f"the request ended ({reason.value}) before it started")
+                case ContextBudget() | TurnStarted():
+                    self._early.append(event)
                 case _:
-                    continue
+                    self._early.append(event)
+                    if started is not None:
+                        return started
 
     async def events(self) -> AsyncIterator[ControlEvent | None]:
         """Every event after `run_start`, up to and including `run_end`; None when idle for `ping_s`."""
         assert self._queue is not None
-        async for event in self._link.events(self._queue, idle_s=self._ping_s):
-            if event is not None:
-                self._observe(event)
+        while self._early:
+            event = self._early.popleft()
+            self._observe(event)
             yield event
+            if isinstance(event, RunFinished):
+                return
+        async for waited in self._link.events(self._queue, idle_s=self._ping_s):
+            if waited is not None:
+                self._observe(waited)
+            yield waited
 
     def _observe(self, event: ControlEvent) -> None:
         match event:

@@ -8,7 +8,7 @@
     POST /v1/chat/completions         openai_api.py
     POST /v1/completions              openai_api.py (a raw prompt)
     GET  /v1/bastion/approvals        calls waiting for a decision
-    POST /v1/bastion/approvals/{id}   {"approve": true|false, "ttl_s", "uses"}
+    POST /v1/bastion/approvals/{id}   {"approve": true|false, "ttl_s", "uses"} (as `bastion approve`: one use)
     /api/chat, /api/generate, /api/tags, /api/ps, /api/show, /api/version   ollama_api.py
 
 Safe by default: it serves loopback unless told otherwise, and `__main__`
@@ -56,8 +56,13 @@ async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     body = openai_api.parse_body(openai_api.ChatRequest, await json_body(request, gateway.settings))
     model, agent_tools = await gateway.agent_model(body.model)
+    session = request.headers.get("x-bastion-session")
+    if session is not None:
+        body.bastion = (body.bastion or openai_api.BastionRun()).model_copy(update={"session": session})
     if body.bastion is not None and agent_tools is None:
         agent_tools = tuple(body.bastion.tools)
+    elif body.bastion is not None and agent_tools is not None:
+        agent_tools = (*agent_tools, *body.bastion.tools)
     control = openai_api.chat_control_request(body, gateway.link.new_id("chat"), agent_tools, model)
     exchange = gateway.exchange(control)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -115,12 +120,14 @@ async def resolve_approval(request: Request) -> Response:
     approve = body.get("approve")
     if not isinstance(approve, bool):
         raise ApiError(400, "approve: true or false", param="approve")
-    ttl_s, uses = body.get("ttl_s", 0.0), body.get("uses", 1)
-    if not isinstance(ttl_s, int | float) or not isinstance(uses, int) or isinstance(uses, bool):
-        raise ApiError(400, "ttl_s is a number of seconds and uses a whole number", param="ttl_s")
+    ttl_s, uses = body.get("ttl_s"), body.get("uses", 1)
+    if ttl_s is not None and (not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool)):
+        raise ApiError(400, "ttl_s: a number of seconds the grant stays valid", param="ttl_s")
+    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool)):
+        raise ApiError(400, "uses: how many identical calls the grant covers (a whole number)", param="uses")
     resolved = await gateway.ask(ResolveApproval(request_id=gateway.link.new_id("approve"),
                                                  approval_id=request.path_params["approval_id"], approve=approve,
-                                                 ttl_s=float(ttl_s), uses=uses))  # fmt: skip
+                                                 ttl_s=None if ttl_s is None else float(ttl_s), uses=uses))
     assert isinstance(resolved, ApprovalResolved)
     return JSONResponse({"approval_id": resolved.approval_id, "approved": resolved.approved})
 

@@ -11,6 +11,9 @@ approvals and audit):
                  "session": "name", "max_iterations": 8}}
 
 or, as a shorthand, a model named `MODEL+TOOL[,TOOL]` (`smollm2-135m+calculator,clock`).
+A session (`bastion.session`, or the `X-Bastion-Session` header) persists the
+conversation in bastion: its last user message continues the stored session,
+and the earlier messages a stateless client resends are left to the session.
 Everything of an agent run that OpenAI's chunks cannot carry (tool calls bastion
 ran, decisions, approvals, warnings) travels as extra chunks with
 `"choices": []` and a `"bastion"` object, which standard clients skip.
@@ -257,17 +260,17 @@ def chat_control_request(body: ChatRequest, request_id: str, agent_tools: tuple[
                        param="tools")
     *history, last = messages
     if last.role is not ChatRole.USER:
-        raise ApiError(400, "a bastion agent run answers a user message: the last message must be the user's",
+        raise ApiError(400, "a bastion run answers a user message: the last message must be the user's",
                        param="messages")
-    if extension.session is not None and history:
-        raise ApiError(400, "with bastion.session the session holds the history: send only the new user message",
-                       param="messages")
-    return Run(request_id=request_id, prompt=last.content, model=model, sampling=sampling,
+    system = next((turn.content for turn in reversed(history) if turn.role is ChatRole.SYSTEM), None)
+    if extension.session is not None:
+        history = []  # the session holds the conversation: the new user message continues it
+    return Run(request_id=request_id, prompt=last.content, model=model, sampling=sampling, system=system,
                session=extension.session, tools=agent_tools, template=extension.template,
                max_iterations=extension.max_iterations, workspace=extension.workspace,
                allow_shell=extension.allow_shell, allow_write=extension.allow_write,
                approval_timeout_s=extension.approval_timeout_s, tool_choice=tool_choice_of(body.tool_choice),
-               history=tuple(history))  # fmt: skip
+               history=tuple(turn for turn in history if turn.role is not ChatRole.SYSTEM))  # fmt: skip
 
 
 # --- responses -------------------------------------------------------------------------

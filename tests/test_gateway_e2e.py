@@ -83,6 +83,27 @@ def test_the_openai_sdk_chats_with_smollm2_streamed_and_not_and_the_cache_is_reu
 
 
 @pytest.mark.real_model
+def test_interleaved_stateless_chats_each_find_their_own_cached_prefix(gateway: str) -> None:
+    client = client_of(gateway)
+    chats: dict[str, list[Any]] = {
+        topic: [{"role": "system", "content": f"You talk about {topic}."},
+                {"role": "user", "content": f"Tell me one thing about {topic}. " * 20}]
+        for topic in ("owls", "rivers")
+    }  # fmt: skip
+    first: dict[str, Any] = {}
+    for topic, messages in chats.items():  # owls, then rivers: the worker now holds the rivers chat
+        first[topic] = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=16,
+                                                      temperature=0)  # fmt: skip
+        messages += [{"role": "assistant", "content": first[topic].choices[0].message.content},
+                     {"role": "user", "content": "And another?"}]
+    for topic, messages in chats.items():
+        second = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=16,
+                                                temperature=0)  # fmt: skip
+        # Each chat's earlier turn came back from its own KV snapshot, not from a fresh prefill.
+        assert second.usage.prompt_tokens_details.cached_tokens >= first[topic].usage.prompt_tokens, topic
+
+
+@pytest.mark.real_model
 def test_json_schema_output_from_smollm2_parses(gateway: str) -> None:
     schema = {"type": "object", "properties": {"colour": {"type": "string"}, "count": {"type": "integer"}},
               "required": ["colour", "count"], "additionalProperties": False}  # fmt: skip

@@ -5,6 +5,7 @@ calls, errors, limits and the API key; the real processes and sockets are test_g
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import ollama
 import openai
 import pytest
 
+from bastion.protocol.sessions import SessionDetail, ShowSession
+from bastion.protocol.trust import ApprovalRequired
 from tests.gateway_support import BASE_URL, gateway_client, gateway_transport
 from tests.inprocess import InProcessSupervisor, script
 
@@ -286,8 +289,6 @@ def test_metrics_count_requests_tokens_and_cache_use(supervised, tmp_path: Path)
 
 
 def test_without_a_supervisor_health_and_requests_say_503(tmp_path: Path) -> None:
-    import asyncio
-
     from bastion.gateway.app import build_app
     from bastion.gateway.service import GatewaySettings
     from bastion.protocol import HomeLayout
@@ -301,3 +302,62 @@ def test_without_a_supervisor_health_and_requests_say_503(tmp_path: Path) -> Non
         assert chat.status_code == 503 and chat.headers["retry-after"] and chat.headers["x-should-retry"] == "true"
 
     asyncio.run(test())
+
+
+def test_a_session_header_persists_the_conversation_in_bastion(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello, Ada.", "Your name is Ada.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            client = openai_client(http, default_headers={"X-Bastion-Session": "ada"})
+            messages: list[Any] = [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "My name is Ada."}]  # fmt: skip
+            first = await client.chat.completions.create(model=model, messages=messages)
+            messages += [{"role": "assistant", "content": first.choices[0].message.content},
+                         {"role": "user", "content": "What is my name?"}]
+            second = await client.chat.completions.create(model=model, messages=messages)
+        assert second.choices[0].message.content == "Your name is Ada."
+        shown = await sup.ask(ShowSession(request_id="show", name="ada"))
+        assert isinstance(shown, SessionDetail)
+        assert [(m.role.value, m.content) for m in shown.messages] == [
+            ("system", "Be brief."), ("user", "My name is Ada."), ("assistant", "Hello, Ada."),
+            ("user", "What is my name?"), ("assistant", "Your name is Ada."),
+        ]  # fmt: skip
+        # The second prompt continued the first: the session's history, not the resent copy, rendered it.
+        first_prompt, second_prompt = sup.workers.prompts()
+        assert second_prompt.startswith(first_prompt + "Hello, Ada.")
+
+    supervised(test)
+
+
+def test_an_agent_run_that_asks_is_approved_through_the_gateway(supervised, tmp_path: Path) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    write = '```tool_call\n{"name": "write_file", "arguments": {"path": "out.txt", "content": "hi"}}\n```'
+    model = script(tmp_path, write, "Written.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            run = asyncio.ensure_future(http.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "Write it."}],
+                "bastion": {"tools": ["files"], "allow_write": True, "workspace": str(workspace)}}))  # fmt: skip
+
+            async def pending() -> list[dict[str, Any]]:
+                return (await http.get("/v1/bastion/approvals")).json()["approvals"]
+
+            await sup.wait_for(lambda: any(isinstance(event, ApprovalRequired) for _, event in sup.events))
+            [ask] = await pending()
+            assert ask["tool"] == "write_file"
+            bad = await http.post(f"/v1/bastion/approvals/{ask['approval_id']}", json={"approve": "yes"})
+            assert bad.status_code == 400
+            unknown = await http.post("/v1/bastion/approvals/nope", json={"approve": True})
+            assert unknown.status_code == 400 and "nope" in unknown.json()["error"]["message"]
+            resolved = await http.post(f"/v1/bastion/approvals/{ask['approval_id']}", json={"approve": True})
+            assert resolved.json() == {"approval_id": ask["approval_id"], "approved": True}
+            answer = (await run).json()
+        assert answer["choices"][0]["message"]["content"].endswith("Written.")
+        kinds = [event["type"] for event in answer["bastion"]["events"]]
+        assert kinds.index("approval_required") < kinds.index("tool_decision") < kinds.index("tool_end")
+        assert len(sup.sandbox.calls) == 1
+
+    supervised(test)

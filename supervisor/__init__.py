@@ -11,9 +11,10 @@ The map, top to bottom; each layer imports only the layers below it
     shell       __main__.py, daemon.py (process shell and composition root),
                 core.py (handshake and routing of client requests)
     control/    answers to client requests, one module per family: runs,
-                sessions, models, trust
+                completions, sessions, models, trust
     harness/    the agent loop and what it works on: the loop, model calls,
-                the tool round, context planning, the conversation
+                the tool round, context planning, the conversation, and the
+                single model call of an API client's completion
     models/     which models exist and which are loaded: registry, sources,
                 GGUF metadata, memory, residency, restarts, tokenizer
     trust/      whether a tool call may run, and the record of what ran: the

@@ -148,6 +148,7 @@ class Sampling(_Lenient):
     repeat_penalty: Annotated[float, Field(gt=0)] | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool = False  # as llama.cpp's server: generate max_tokens whatever the model says
     n: Annotated[int, Field(ge=1)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -160,7 +161,7 @@ class Sampling(_Lenient):
             raise ApiError(400, "at most 16 stop strings", param="stop")
         return SamplingRequest(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                top_k=self.top_k, min_p=self.min_p, repeat_penalty=self.repeat_penalty,
-                               seed=self.seed, stop=stop)  # fmt: skip
+                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)  # fmt: skip
 
 
 class ChatRequest(Sampling):

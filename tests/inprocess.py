@@ -37,6 +37,7 @@ from bastion.protocol import (
     HomeLayout,
     RequestFailed,
     Role,
+    SamplingParams,
     TokenDelta,
     WorkerState,
 )
@@ -85,6 +86,7 @@ class _InProcessWorker:
         self.dead = False
         self.threads: list[threading.Thread] = []
         self.prompts: list[str] = []  # every prompt it was asked to complete, in order
+        self.samplings: list[SamplingParams] = []  # and the sampling each was asked with
         # Called instead of generating, when set (e.g. to crash the worker the moment it is asked).
         self.on_generate: Callable[[WorkerHandle], None] | None = None
 
@@ -94,6 +96,7 @@ class _InProcessWorker:
                 self.on_generate(self.handle)
             case Generate(request_id=request_id):
                 self.prompts.append(message.prompt)
+                self.samplings.append(message.sampling)
                 thread = threading.Thread(target=self._generate, args=(message,), name=f"gen-{request_id}")
                 self.threads.append(thread)
                 thread.start()
@@ -159,6 +162,10 @@ class InProcessWorkers:
     def prompts(self) -> list[str]:
         """Every prompt the workers were asked to complete, in order."""
         return [prompt for worker in self._workers.values() for prompt in worker.prompts]
+
+    def samplings(self) -> list[SamplingParams]:
+        """The sampling of every generation so far, in order."""
+        return [sampling for worker in self._workers.values() for sampling in worker.samplings]
 
     def crash_when_asked(self, handle: WorkerHandle) -> None:
         """The worker dies the moment it receives its next generation, before any token."""

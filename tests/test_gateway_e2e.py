@@ -191,7 +191,8 @@ def test_bad_requests_over_the_wire(gateway: str) -> None:
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(shared_bastion: Bastion, gateway: str) -> None:
     with httpx.Client(base_url=gateway, timeout=60) as http:
         with http.stream("POST", "/v1/chat/completions", json={
-                "model": "smollm2-135m", "messages": LONG_STORY, "max_tokens": 2000, "stream": True}) as response:
+                "model": "smollm2-135m", "messages": LONG_STORY, "max_tokens": 2000, "ignore_eos": True,
+                "stream": True}) as response:
             for line in response.iter_lines():  # ends with the stream at the latest
                 if '"content": "' in line:
                     break
@@ -241,6 +242,11 @@ def test_the_gateway_outlives_a_supervisor_restart(bastion: Bastion, tmp_path: P
     # A new supervisor, a new worker: the scripted model replays from its first reply.
     assert client.chat.completions.create(model=model, messages=[{"role": "user", "content": "x"}]) \
         .choices[0].message.content == "First."
+    # `bastion down` stops the gateway it started too.
+    assert bastion("down").returncode == 0
+    assert not [p for p in bastion.processes() if "bastion.gateway" in " ".join(p.cmdline())]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{base}/health", timeout=5)
 
 
 @pytest.mark.real_model

@@ -361,3 +361,39 @@ def test_an_agent_run_that_asks_is_approved_through_the_gateway(supervised, tmp_
         assert len(sup.sandbox.calls) == 1
 
     supervised(test)
+
+
+def test_cors_is_off_unless_origins_are_listed(supervised, tmp_path: Path) -> None:
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            closed = await http.options("/v1/chat/completions", headers=preflight)
+            plain = await http.get("/v1/models", headers={"Origin": "http://app.example"})
+        assert "access-control-allow-origin" not in closed.headers
+        assert "access-control-allow-origin" not in plain.headers
+        async with gateway_client(sup, cors_origins=("http://app.example",)) as http:
+            allowed = await http.options("/v1/chat/completions", headers=preflight)
+            other = await http.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert allowed.status_code == 200
+        assert allowed.headers["access-control-allow-origin"] == "http://app.example"
+        assert "access-control-allow-origin" not in other.headers
+
+    supervised(test)
+
+
+def test_sampling_fields_reach_the_worker(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "0123456789" * 3)
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            answer = await openai_client(http).chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Count."}], max_completion_tokens=5,
+                temperature=0.3, top_p=0.5, seed=7, stop=["9"])  # fmt: skip
+        assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 5
+        [sampling] = sup.workers.samplings()
+        assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
+            5, 0.3, 0.5, 7, ("9",))
+
+    supervised(test)

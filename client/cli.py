@@ -85,6 +85,7 @@ from bastion.protocol.control import (
     UnloadModel,
 )
 from bastion.protocol.home import supervisor_running
+from bastion.protocol.network import DEFAULT_HTTP_PORT, is_loopback, split_address
 
 app = typer.Typer(
     name="bastion",
@@ -170,10 +171,10 @@ CorsOption = Annotated[
 
 
 def _http_address(value: str) -> tuple[str, int]:
-    host, _, port = value.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise typer.BadParameter(f"{value!r}: give [HOST:]PORT, e.g. 11435 or 0.0.0.0:11435", param_hint="--http")
-    return host or "127.0.0.1", int(port)
+    try:
+        return split_address(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--http") from exc
 
 
 def _read_key(api_key: str | None, api_key_file: str | None) -> str | None:
@@ -189,10 +190,17 @@ def _read_key(api_key: str | None, api_key_file: str | None) -> str | None:
 
 
 def _refuse_open_without_key(host: str, key: str | None) -> None:
-    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if key is None and not is_loopback(host):
         render.error(f"refusing to serve {host} without an API key",
                      "pass --api-key or --api-key-file, or serve 127.0.0.1")
         raise typer.Exit(2)
+
+
+AgentRunsOption = Annotated[
+    bool,
+    typer.Option("--agent-runs",
+                 help="Also serve bastion's agent runs (its tools, workspaces, approvals) and sessions over HTTP."),
+]
 
 
 @app.command()
@@ -202,6 +210,7 @@ def up(
     api_key: ApiKeyOption = None,
     api_key_file: ApiKeyFileOption = None,
     cors_origin: CorsOption = None,
+    agent_runs: AgentRunsOption = False,
 ) -> None:
     """Start the supervisor (in the background unless --foreground), and with --http the HTTP gateway."""
     layout = HomeLayout.from_env()
@@ -233,7 +242,8 @@ def up(
         render.say(f"the HTTP gateway is already running (pid {running}); `bastion down` stops it")
         return
     try:
-        pid = start_gateway(layout, *address, api_key=key, cors_origins=tuple(cors_origin or ()))
+        pid = start_gateway(layout, *address, api_key=key, cors_origins=tuple(cors_origin or ()),
+                            agent_runs=agent_runs)
     except ClientError as exc:
         fail(exc, False)
     host, port = address
@@ -244,10 +254,11 @@ def up(
 @app.command()
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 11435,
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = DEFAULT_HTTP_PORT,
     api_key: ApiKeyOption = None,
     api_key_file: ApiKeyFileOption = None,
     cors_origin: CorsOption = None,
+    agent_runs: AgentRunsOption = False,
 ) -> None:
     """Serve the OpenAI- and Ollama-compatible HTTP APIs in this terminal (starts the supervisor if needed)."""
     key = _read_key(api_key, api_key_file)
@@ -255,9 +266,15 @@ def serve(
     connection = connect(False, start=True)
     assert connection is not None
     connection.close()
+    layout = HomeLayout.from_env()
+    running = gateway_pid(layout)
+    if running:
+        render.error(f"a gateway already serves this home (pid {running})", "`bastion down` stops it")
+        raise typer.Exit(EXIT_FAILURE)
     if key:
         os.environ["BASTION_API_KEY"] = key
-    command = gateway_command(host, port, cors_origins=tuple(cors_origin or ()))
+    command = gateway_command(host, port, pid_file=str(layout.gateway_pid_file),
+                              cors_origins=tuple(cors_origin or ()), agent_runs=agent_runs)
     os.execv(command[0], command)
 
 
@@ -265,7 +282,7 @@ def serve(
 def down(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for it to stop.")] = 30.0,
 ) -> None:
-    """Stop the HTTP gateway started by `up --http`, the supervisor and every model worker."""
+    """Stop the HTTP gateway (from `up --http` or `serve`), the supervisor and every model worker."""
     layout = HomeLayout.from_env()
     if not stop_gateway(layout, timeout):
         render.error(f"the HTTP gateway did not stop within {timeout:.0f} s", f"see {layout.gateway_log}")

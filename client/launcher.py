@@ -12,12 +12,14 @@ The CLI never imports the supervisor or gateway packages; it only runs them.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,29 +133,38 @@ def _alive(pid: int) -> bool:
 _GATEWAY_START_TIMEOUT_S = 30.0
 
 
-def gateway_command(host: str, port: int, *, pid_file: str | None = None,
-                    cors_origins: tuple[str, ...] = ()) -> list[str]:
+def gateway_command(host: str, port: int, *, pid_file: str | None = None, cors_origins: tuple[str, ...] = (),
+                    agent_runs: bool = False) -> list[str]:
     command = [sys.executable, "-m", "bastion.gateway", "--host", host, "--port", str(port)]
     if pid_file:
         command += ["--pid-file", pid_file]
     for origin in cors_origins:
         command += ["--cors-origin", origin]
+    if agent_runs:
+        command.append("--agent-runs")
     return command
 
 
 def gateway_pid(layout: HomeLayout) -> int:
-    """The pid of the gateway started beside this home's supervisor, 0 when none runs."""
+    """The pid of the gateway serving this home (started by `up --http` or `serve`), 0 when none runs.
+    A stale pid file whose number now belongs to another process does not count."""
     try:
         pid = int(layout.gateway_pid_file.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
-    return pid if pid and _alive(pid) else 0
+    try:
+        process = psutil.Process(pid)
+        alive = process.status() != psutil.STATUS_ZOMBIE and "bastion.gateway" in " ".join(process.cmdline())
+    except psutil.Error:
+        return 0
+    return pid if alive else 0
 
 
 def start_gateway(layout: HomeLayout, host: str, port: int, *, api_key: str | None,
-                  cors_origins: tuple[str, ...] = ()) -> int:
-    """Start the gateway in the background and wait until it accepts connections; its pid.
-    The API key goes through the environment, never the command line (which `ps` shows)."""
+                  cors_origins: tuple[str, ...] = (), agent_runs: bool = False) -> int:
+    """Start the gateway in the background and wait until it answers on its address, as itself (a
+    port another server holds would answer too); its pid. The API key goes through the
+    environment, never the command line (which `ps` shows)."""
     layout.ensure()
     env = dict(os.environ)
     if api_key:
@@ -161,9 +172,11 @@ def start_gateway(layout: HomeLayout, host: str, port: int, *, api_key: str | No
     log = open(layout.gateway_log, "ab")  # noqa: SIM115 - handed to the child
     with log:
         process = subprocess.Popen(
-            gateway_command(host, port, pid_file=str(layout.gateway_pid_file), cors_origins=cors_origins),
+            gateway_command(host, port, pid_file=str(layout.gateway_pid_file), cors_origins=cors_origins,
+                            agent_runs=agent_runs),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True, env=env,
         )  # fmt: skip
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/health"
     deadline = time.monotonic() + _GATEWAY_START_TIMEOUT_S
     while True:
         returncode = process.poll()
@@ -171,23 +184,37 @@ def start_gateway(layout: HomeLayout, host: str, port: int, *, api_key: str | No
             raise ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE,
                               f"the HTTP gateway exited with code {returncode} while starting:\n"
                               f"{_tail(layout.gateway_log)}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return process.pid
-        except OSError:
-            pass
+        if _answers_as(url, process.pid, api_key):
+            return process.pid
         if time.monotonic() > deadline:
             process.terminate()
             raise ClientError(ErrorCode.SUPERVISOR_UNAVAILABLE,
-                              f"the HTTP gateway did not listen on {host}:{port} within "
+                              f"the HTTP gateway did not answer on {host}:{port} within "
                               f"{_GATEWAY_START_TIMEOUT_S:.0f} s; see {layout.gateway_log}")
         time.sleep(0.1)
 
 
+def _answers_as(url: str, pid: int, api_key: str | None) -> bool:
+    """Whether the gateway at `url` is process `pid` (its /health says which process answers)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=1) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:  # 503: up, but no supervisor yet
+        body = error.read()
+    except (OSError, ValueError):
+        return False
+    try:
+        return json.loads(body).get("gateway_pid") == pid
+    except (ValueError, AttributeError):
+        return False
+
+
 def stop_gateway(layout: HomeLayout, timeout_s: float) -> bool:
-    """Stop the gateway started beside the supervisor, if one runs; False if it would not stop."""
+    """Stop the gateway serving this home, if one runs; False if it would not stop."""
     pid = gateway_pid(layout)
     if not pid:
+        layout.gateway_pid_file.unlink(missing_ok=True)
         return True
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)

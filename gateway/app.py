@@ -22,15 +22,17 @@ the route belongs to (OpenAI's error object, or Ollama's `{"error": ...}`).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+from pydantic import Field, StrictBool
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -39,10 +41,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.gateway import ollama_api, openai_api
+from bastion.gateway.bodies import Lenient, parse_body
 from bastion.gateway.errors import ApiError
 from bastion.gateway.link import LinkError, SupervisorLink
 from bastion.gateway.service import Gateway, GatewaySettings, json_body, respond
 from bastion.protocol.control import CatalogEntry, GetStatus, StatusReport
+from bastion.protocol.network import is_loopback
 from bastion.protocol.trust import ApprovalList, ApprovalResolved, ListApprovals, ResolveApproval
 
 log = logging.getLogger(__name__)
@@ -54,15 +58,18 @@ log = logging.getLogger(__name__)
 
 async def chat_completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    body = openai_api.parse_body(openai_api.ChatRequest, await json_body(request, gateway.settings))
+    body = parse_body(openai_api.ChatRequest, await json_body(request, gateway.settings))
     model, agent_tools = await gateway.agent_model(body.model)
     session = request.headers.get("x-bastion-session")
     if session is not None:
+        if not session.strip():
+            raise ApiError(400, "X-Bastion-Session: give the session's name", param="X-Bastion-Session")
         body.bastion = (body.bastion or openai_api.BastionRun()).model_copy(update={"session": session})
-    if body.bastion is not None and agent_tools is None:
-        agent_tools = tuple(body.bastion.tools)
-    elif body.bastion is not None and agent_tools is not None:
-        agent_tools = (*agent_tools, *body.bastion.tools)
+    if body.bastion is not None:
+        agent_tools = (*(agent_tools or ()), *body.bastion.tools)
+    if agent_tools is not None:
+        require_agent_runs(gateway)
+    check_model(gateway, model)
     control = openai_api.chat_control_request(body, gateway.link.new_id("chat"), agent_tools, model)
     exchange = gateway.exchange(control)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -71,9 +78,26 @@ async def chat_completions(request: Request) -> Response:
                          media_type="text/event-stream")
 
 
+def require_agent_runs(gateway: Gateway) -> None:
+    if not gateway.settings.agent_runs:
+        raise ApiError(403, "bastion's agent runs, sessions and approvals are off on this gateway; start it with "
+                            "--agent-runs (`bastion up --http PORT --agent-runs`) to serve them",
+                       code="agent_runs_disabled")
+
+
+def check_model(gateway: Gateway, model: str | None) -> None:
+    """Off loopback, a client names registry models only: no files of this machine by path."""
+    if model is None or gateway.settings.loopback_only:
+        return
+    if model.startswith("scripted:") or "/" in model or model.endswith(".gguf"):
+        raise ApiError(400, "this gateway serves registry models by name only (see GET /v1/models)",
+                       param="model")
+
+
 async def completions(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    body = openai_api.parse_body(openai_api.CompletionRequest, await json_body(request, gateway.settings))
+    body = parse_body(openai_api.CompletionRequest, await json_body(request, gateway.settings))
+    check_model(gateway, body.model)
     control = openai_api.completion_control_request(body, gateway.link.new_id("text"), body.model)
     exchange = gateway.exchange(control)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -107,8 +131,15 @@ async def get_model(request: Request) -> Response:
 # --- bastion's own routes ------------------------------------------------------------------
 
 
+class ApprovalAnswer(Lenient):
+    approve: StrictBool  # "yes" is not an answer
+    ttl_s: Annotated[float, Field(gt=0, le=365 * 86400)] | None = None
+    uses: Annotated[int, Field(ge=1, le=1_000_000)] | None = 1
+
+
 async def list_approvals(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
+    require_agent_runs(gateway)
     listing = await gateway.ask(ListApprovals(request_id=gateway.link.new_id("approvals")))
     assert isinstance(listing, ApprovalList)
     return JSONResponse({"approvals": [_plain(approval) for approval in listing.approvals]})
@@ -116,18 +147,11 @@ async def list_approvals(request: Request) -> Response:
 
 async def resolve_approval(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    body = await json_body(request, gateway.settings)
-    approve = body.get("approve")
-    if not isinstance(approve, bool):
-        raise ApiError(400, "approve: true or false", param="approve")
-    ttl_s, uses = body.get("ttl_s"), body.get("uses", 1)
-    if ttl_s is not None and (not isinstance(ttl_s, int | float) or isinstance(ttl_s, bool)):
-        raise ApiError(400, "ttl_s: a number of seconds the grant stays valid", param="ttl_s")
-    if uses is not None and (not isinstance(uses, int) or isinstance(uses, bool)):
-        raise ApiError(400, "uses: how many identical calls the grant covers (a whole number)", param="uses")
+    require_agent_runs(gateway)
+    answer = parse_body(ApprovalAnswer, await json_body(request, gateway.settings))
     resolved = await gateway.ask(ResolveApproval(request_id=gateway.link.new_id("approve"),
-                                                 approval_id=request.path_params["approval_id"], approve=approve,
-                                                 ttl_s=None if ttl_s is None else float(ttl_s), uses=uses))
+                                                 approval_id=request.path_params["approval_id"],
+                                                 approve=answer.approve, ttl_s=answer.ttl_s, uses=answer.uses))
     assert isinstance(resolved, ApprovalResolved)
     return JSONResponse({"approval_id": resolved.approval_id, "approved": resolved.approved})
 
@@ -142,20 +166,22 @@ def _plain(value: Any) -> Any:
 async def health(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
-        status = await asyncio.wait_for(gateway.link.ask(GetStatus(request_id=gateway.link.new_id("health"))), 5)
+        status = await gateway.link.ask(GetStatus(request_id=gateway.link.new_id("health")), 5)
     except (LinkError, TimeoutError) as exc:
         message = exc.message if isinstance(exc, LinkError) else "the supervisor did not answer"
-        return JSONResponse({"status": "unavailable", "error": message}, status_code=503)
+        return JSONResponse({"status": "unavailable", "error": message, "gateway_pid": os.getpid()},
+                            status_code=503)
     if not isinstance(status, StatusReport):
-        return JSONResponse({"status": "unavailable"}, status_code=503)
-    return JSONResponse({"status": "ok", "supervisor_pid": status.pid, "version": status.version,
-                         "models_loaded": status.models_loaded, "runs_active": status.runs_active})
+        return JSONResponse({"status": "unavailable", "gateway_pid": os.getpid()}, status_code=503)
+    return JSONResponse({"status": "ok", "gateway_pid": os.getpid(), "supervisor_pid": status.pid,
+                         "version": status.version, "models_loaded": status.models_loaded,
+                         "runs_active": status.runs_active})
 
 
 async def metrics(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     try:
-        _, loaded = await gateway.models(fresh=True)
+        loaded = await gateway.loaded()
     except ApiError:
         loaded = []
     return PlainTextResponse(gateway.metrics.render(loaded), media_type="text/plain; version=0.0.4")
@@ -169,7 +195,11 @@ async def root(request: Request) -> Response:
 
 
 async def api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    if isinstance(exc, HTTPException):  # no such route, or the wrong method
+        exc = ApiError(exc.status_code, exc.detail or "not found")
+    elif not isinstance(exc, ApiError):
+        log.exception("%s %s failed", request.method, request.url.path)
+        exc = ApiError(500, f"internal error: {type(exc).__name__}: {exc}")
     ollama = request.url.path.startswith("/api/")
     body = exc.ollama_body() if ollama else exc.openai_body()
     return JSONResponse(body, status_code=exc.status, headers=exc.headers())
@@ -194,21 +224,48 @@ class Guard:
                 status_seen.append(message["status"])
             await send(message)
 
-        key = self._gateway.settings.api_key
-        if key is not None and path != "/health" and scope["method"] != "OPTIONS" and not _authorized(scope, key):
-            error = ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`",
-                             code="invalid_api_key")
-            body = error.ollama_body() if path.startswith("/api/") else error.openai_body()
-            response = JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            await response(scope, receive, counting_send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            body = refusal.ollama_body() if path.startswith("/api/") else refusal.openai_body()
+            headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else {}
+            await JSONResponse(body, status_code=refusal.status, headers=headers)(scope, receive, counting_send)
         else:
             await self._app(scope, receive, counting_send)
         self._gateway.metrics.request(_route_label(path), status_seen[0] if status_seen else 499)
 
 
-def _authorized(scope: Scope, key: str) -> bool:
-    headers = dict(scope["headers"])
-    given = headers.get(b"authorization", b"").decode("latin-1")
+    def _refusal(self, scope: Scope) -> ApiError | None:
+        """Why a request is refused before any route sees it, or None.
+
+        - Bound to loopback, the Host must be a loopback name: a web page that rebinds its own
+          domain to 127.0.0.1 cannot reach the gateway.
+        - A browser's request from an origin not listed (`--cors-origin`) is refused: a web page
+          cannot post to the gateway even where CORS would let the request through unread.
+        - With an API key, every route but /health wants it."""
+        settings = self._gateway.settings
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        if settings.loopback_only and not is_loopback(_hostname(headers.get("host", "localhost"))):
+            return ApiError(403, "this gateway answers requests to a loopback address only", code="bad_host")
+        origin = headers.get("origin")
+        if origin is not None and origin not in settings.cors_origins:
+            return ApiError(403, f"requests from {origin} are not allowed; list it with --cors-origin",
+                            code="origin_not_allowed")
+        key = settings.api_key
+        if key is not None and scope["path"] != "/health" and scope["method"] != "OPTIONS" \
+                and not _authorized(headers, key):
+            return ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY`", code="invalid_api_key")
+        return None
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header, without its port (`[::1]:11435` -> `::1`)."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _authorized(headers: dict[str, str], key: str) -> bool:
+    given = headers.get("authorization", "")
     scheme, _, token = given.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
@@ -248,7 +305,8 @@ def build_app(settings: GatewaySettings, link: SupervisorLink | None = None) -> 
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(settings.cors_origins),
                                      allow_methods=["GET", "POST", "OPTIONS"],
                                      allow_headers=["Authorization", "Content-Type"]))  # fmt: skip
-    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {ApiError: api_error}
+    handlers: dict[Any, Callable[[Request, Exception], Awaitable[Response]]] = {
+        ApiError: api_error, HTTPException: api_error, Exception: api_error}
     app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
     app.state.gateway = gateway
     return app

@@ -27,7 +27,7 @@ from bastion.gateway.errors import ApiError, from_failure
 from bastion.gateway.link import LinkError, SupervisorLink
 from bastion.gateway.metrics import Metrics
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
-from bastion.protocol.agent_events import ContextBudget, ReasoningDelta, TurnStarted
+from bastion.protocol.agent_events import ContextBudget, ReasoningDelta, RunWarning, TurnStarted
 from bastion.protocol.completion import Complete
 from bastion.protocol.control import ControlEvent, LoadProgress, Run, RunFinished, RunStarted
 
@@ -111,7 +111,7 @@ class Exchange:
                     self.stop_reason = reason
                     raise ApiError(499 if reason is StopReason.CANCELLED else 500,
                                    f"the request ended ({reason.value}) before it started")
-                case ContextBudget() | TurnStarted():
+                case ContextBudget() | TurnStarted() | RunWarning():  # sent before the generation is queued
                     self._early.append(event)
                 case _:
                     self._early.append(event)
@@ -119,7 +119,8 @@ class Exchange:
                         return started
 
     async def events(self) -> AsyncIterator[ControlEvent | None]:
-        """Every event after `run_start`, up to and including `run_end`; None when idle for `ping_s`."""
+        """Every event after `run_start`, up to and including `run_end`; None when nothing a client
+        would see came for `ping_s` (no event, or only the empty deltas of text held back)."""
         assert self._queue is not None
         while self._early:
             event = self._early.popleft()
@@ -127,9 +128,18 @@ class Exchange:
             yield event
             if isinstance(event, RunFinished):
                 return
+        shown_at = time.monotonic()
         async for waited in self._link.events(self._queue, idle_s=self._ping_s):
-            if waited is not None:
-                self._observe(waited)
+            now = time.monotonic()
+            if waited is None or (isinstance(waited, TokenDelta) and not waited.text):
+                if waited is not None:
+                    self._observe(waited)
+                if now - shown_at >= self._ping_s:
+                    shown_at = now
+                    yield None
+                continue
+            shown_at = now
+            self._observe(waited)
             yield waited
 
     def _observe(self, event: ControlEvent) -> None:
@@ -151,8 +161,17 @@ class Exchange:
             case _:
                 pass
 
+    @property
+    def failed(self) -> bool:
+        """Whether the request ended without its answer: an error, or a cancel nobody on this side
+        asked for (the supervisor shutting down)."""
+        return self.stop_reason in (StopReason.ERROR, StopReason.CANCELLED)
+
     def error(self) -> ApiError:
-        """What went wrong, for a request that ended in an error."""
+        """What went wrong, for a request that `failed`."""
         if self.failure is not None:
             return from_failure(self.failure)
+        if self.stop_reason is StopReason.CANCELLED:
+            return ApiError(503, "the request was cancelled before it finished (is the supervisor shutting down?)",
+                            code="cancelled", retry_after_s=2, retryable=True)
         return ApiError(500, "the request ended with an error", code=ErrorCode.INTERNAL.value)

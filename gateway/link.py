@@ -35,7 +35,7 @@ from bastion.protocol import (
     client_codec,
 )
 from bastion.protocol.common import Cancel
-from bastion.protocol.control import ControlEvent, ControlRequest, RunFinished
+from bastion.protocol.control import ControlEvent, ControlRequest, LoadProgress, RunFinished
 from bastion.protocol.home import same_supervisor_running, supervisor_running
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,9 @@ class SupervisorLink:
     # --- lifecycle ------------------------------------------------------------
 
     async def close(self) -> None:
+        """Cancel what is still in flight (its HTTP clients are gone with the gateway), then close."""
+        for request_id in list(self._queues):
+            await self.cancel(request_id)
         for task in (self._reader, self._watcher):
             if task is not None:
                 task.cancel()
@@ -152,7 +155,7 @@ class SupervisorLink:
             async with asyncio.timeout(timeout_s):
                 while True:
                     event = await queue.get()
-                    if type(event).__name__ not in ("LoadProgress", "ApprovalRequired"):
+                    if not isinstance(event, LoadProgress):
                         return event
 
     async def cancel(self, request_id: str) -> None:

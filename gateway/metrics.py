@@ -20,6 +20,11 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
+def _label(value: str) -> str:
+    """A label value as Prometheus' text format quotes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 class Histogram:
     def __init__(self, buckets: Sequence[float]) -> None:
         self.buckets = tuple(buckets)
@@ -75,24 +80,24 @@ class Metrics:
             "# TYPE bastion_time_to_first_token_seconds histogram",
         ]  # fmt: skip
         for model, histogram in sorted(self.ttft.items()):
-            out += histogram.lines("bastion_time_to_first_token_seconds", f'model="{model}"')
+            out += histogram.lines("bastion_time_to_first_token_seconds", f'model="{_label(model)}"')
         out += ["# HELP bastion_inter_token_seconds Time between two streamed tokens.",
                 "# TYPE bastion_inter_token_seconds histogram"]  # fmt: skip
         for model, histogram in sorted(self.inter_token.items()):
-            out += histogram.lines("bastion_inter_token_seconds", f'model="{model}"')
+            out += histogram.lines("bastion_inter_token_seconds", f'model="{_label(model)}"')
         out += ["# HELP bastion_tokens_total Tokens by kind: prompt, cached (of the prompt), completion.",
                 "# TYPE bastion_tokens_total counter",
-                *(f'bastion_tokens_total{{model="{model}",kind="{kind}"}} {n}'
+                *(f'bastion_tokens_total{{model="{_label(model)}",kind="{kind}"}} {n}'
                   for (model, kind), n in sorted(self.tokens.items())),
                 "# HELP bastion_kv_cache_generations_total Generations by where their reused KV prefix came from.",
                 "# TYPE bastion_kv_cache_generations_total counter",
-                *(f'bastion_kv_cache_generations_total{{model="{model}",source="{source}"}} {n}'
+                *(f'bastion_kv_cache_generations_total{{model="{_label(model)}",source="{source}"}} {n}'
                   for (model, source), n in sorted(self.cache.items())),
                 "# HELP bastion_model_queue_depth Generations waiting for the model's worker.",
                 "# TYPE bastion_model_queue_depth gauge",
-                *(f'bastion_model_queue_depth{{model="{m.name}"}} {m.queued}' for m in models),
+                *(f'bastion_model_queue_depth{{model="{_label(m.name)}"}} {m.queued}' for m in models),
                 "# HELP bastion_model_busy_workers Workers generating right now (0 or 1 per model).",
                 "# TYPE bastion_model_busy_workers gauge",
-                *(f'bastion_model_busy_workers{{model="{m.name}"}} {int(m.state is WorkerState.BUSY)}'
+                *(f'bastion_model_busy_workers{{model="{_label(m.name)}"}} {int(m.state is WorkerState.BUSY)}'
                   for m in models)]  # fmt: skip
         return "\n".join(out) + "\n"

@@ -25,16 +25,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bastion.gateway.bodies import FunctionName, Lenient, Seed, TopK, parse_body
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
-from bastion.gateway.openai_api import DEFAULT_MAX_TOKENS, _Lenient, parse_body
+from bastion.gateway.openai_api import DEFAULT_MAX_TOKENS
 from bastion.gateway.service import Gateway, json_body, respond
 from bastion.protocol import StopReason, TokenDelta
 from bastion.protocol.agent_events import ReasoningDelta, ToolCallParsed
-from bastion.protocol.common import RequestFailed
 from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
-    CatalogEntry,
     LoadModel,
     ModelStatus,
     RunFinished,
@@ -47,13 +46,13 @@ from bastion.protocol.sessions import ChatRole
 _VERSION = "0.1.0"
 
 
-class Options(_Lenient):
-    num_predict: int | None = None
+class Options(Lenient):
+    num_predict: Annotated[int, Field(ge=-2, le=1_000_000)] | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: TopK | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: list[str] | str | None = None
     repeat_penalty: Annotated[float, Field(gt=0)] | None = None
 
@@ -65,17 +64,17 @@ class Options(_Lenient):
                                seed=self.seed, stop=stop)  # fmt: skip
 
 
-class OllamaFunctionCall(_Lenient):
+class OllamaFunctionCall(Lenient):
     name: str
     arguments: dict[str, Any] | str = {}
 
 
-class OllamaToolCall(_Lenient):
+class OllamaToolCall(Lenient):
     id: str | None = None
     function: OllamaFunctionCall
 
 
-class OllamaMessage(_Lenient):
+class OllamaMessage(Lenient):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     thinking: str | None = None
@@ -84,18 +83,18 @@ class OllamaMessage(_Lenient):
     tool_name: str | None = None
 
 
-class OllamaFunction(_Lenient):
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+class OllamaFunction(Lenient):
+    name: FunctionName
     description: str = ""
     parameters: dict[str, Any] = {}
 
 
-class OllamaTool(_Lenient):
+class OllamaTool(Lenient):
     type: Literal["function"] = "function"
     function: OllamaFunction
 
 
-class _Common(_Lenient):
+class _Common(Lenient):
     model: str
     format: Literal["json", ""] | dict[str, Any] | None = None
     options: Options = Options()
@@ -130,13 +129,17 @@ class GenerateBody(_Common):
     images: list[str] | None = None
 
 
-class ShowBody(_Lenient):
+class ShowBody(Lenient):
     model: str | None = None
     name: str | None = None
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+# "Never unloaded", as a date ten years ahead (a datetime cannot hold an arbitrary keep_alive).
+_FAR_S = 10 * 365 * 86400.0
 
 
 def _iso(unix: float) -> str:
@@ -201,9 +204,9 @@ class OllamaResponder:
                     yield json.dumps(self._piece(thinking=text)) + "\n"
                 case ToolCallParsed():
                     calls.append(event)
-                case RequestFailed():
+                case RunFinished() if self._exchange.failed:
                     yield json.dumps({"error": self._exchange.error().message}) + "\n"
-                case RunFinished(stop_reason=reason) if reason is not StopReason.ERROR:
+                case RunFinished():
                     if calls:
                         yield json.dumps(self._piece(calls=calls)) + "\n"
                     yield json.dumps(self._final(self._piece())) + "\n"
@@ -222,7 +225,7 @@ class OllamaResponder:
                     calls.append(event)
                 case _:
                     pass
-        if self._exchange.stop_reason is StopReason.ERROR:
+        if self._exchange.failed:
             raise self._exchange.error()
         return self._final(self._piece("".join(text), "".join(thinking), calls))
 
@@ -285,7 +288,7 @@ async def _load_or_unload(gateway: Gateway, body: _Common, *, chat: bool) -> Res
     return JSONResponse(line)
 
 
-def _details(entry: CatalogEntry | None, status: ModelStatus | None) -> dict[str, Any]:
+def _details(status: ModelStatus | None) -> dict[str, Any]:
     return {"format": "gguf", "family": status.architecture if status else "", "families": None,
             "parameter_size": "", "quantization_level": "", "parent_model": ""}  # fmt: skip
 
@@ -296,19 +299,20 @@ async def tags(request: Request) -> Response:
     by_name = {status.name: status for status in loaded}
     return JSONResponse({"models": [
         {"name": entry.name, "model": entry.name, "modified_at": _iso(entry.modified_at), "size": entry.file_size,
-         "digest": "", "details": _details(entry, by_name.get(entry.name))}
+         "digest": "", "details": _details(by_name.get(entry.name))}
         for entry in catalog
     ]})  # fmt: skip
 
 
 async def ps(request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
-    _, loaded = await gateway.models(fresh=True)
+    loaded = await gateway.loaded()
     now = datetime.now(UTC).timestamp()
     return JSONResponse({"models": [
         {"name": status.name, "model": status.name, "size": status.memory_estimate_bytes or status.rss_bytes,
-         "size_vram": 0, "digest": "", "details": _details(None, status),
-         "expires_at": _iso(now + status.expires_in_s) if status.expires_in_s is not None else _iso(now + 10**8),
+         "size_vram": 0, "digest": "", "details": _details(status),
+         "expires_at": _iso(now + min(status.expires_in_s, _FAR_S)) if status.expires_in_s is not None
+         else _iso(now + _FAR_S),
          "context_length": status.n_ctx}
         for status in loaded
     ]})  # fmt: skip
@@ -329,7 +333,7 @@ async def show(request: Request) -> Response:
     architecture = status.architecture if status else ""
     return JSONResponse({
         "modelfile": "", "parameters": "", "template": status.chat_template if status else "",
-        "details": _details(entry, status),
+        "details": _details(status),
         "model_info": {"general.architecture": architecture, f"{architecture or 'general'}.context_length": n_ctx},
         "capabilities": ["completion", "tools"],
         "modified_at": _iso(entry.modified_at if entry else 0),

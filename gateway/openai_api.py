@@ -36,8 +36,9 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from bastion.gateway.bodies import FunctionName, Lenient, Seed, TokenCount, TopK
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
 from bastion.protocol import StopReason, TokenDelta
@@ -60,30 +61,23 @@ from bastion.protocol.sessions import ChatRole
 DEFAULT_MAX_TOKENS = 1024
 # OpenAI's own default for the legacy completions route.
 DEFAULT_COMPLETION_TOKENS = 16
-_FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
-
-
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class ContentPart(_Lenient):
+class ContentPart(Lenient):
     type: str
     text: str | None = None
 
 
-class FunctionCallIn(_Lenient):
+class FunctionCallIn(Lenient):
     name: str
     arguments: str | dict[str, Any] = "{}"
 
 
-class ToolCallIn(_Lenient):
+class ToolCallIn(Lenient):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCallIn
 
 
-class MessageIn(_Lenient):
+class MessageIn(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -92,42 +86,42 @@ class MessageIn(_Lenient):
     reasoning_content: str | None = None
 
 
-class FunctionDef(_Lenient):
-    name: Annotated[str, Field(pattern=_FUNCTION_NAME)]
+class FunctionDef(Lenient):
+    name: FunctionName
     description: str = ""
     parameters: dict[str, Any] = {}
 
 
-class ToolIn(_Lenient):
+class ToolIn(Lenient):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class NamedFunction(_Lenient):
+class NamedFunction(Lenient):
     name: str
 
 
-class NamedToolChoice(_Lenient):
+class NamedToolChoice(Lenient):
     type: Literal["function"] = "function"
     function: NamedFunction
 
 
-class JsonSchemaIn(_Lenient):
+class JsonSchemaIn(Lenient):
     name: str = "response"
     schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None
     strict: bool | None = None
 
 
-class ResponseFormatIn(_Lenient):
+class ResponseFormatIn(Lenient):
     type: Literal["text", "json_object", "json_schema"] = "text"
     json_schema: JsonSchemaIn | None = None
 
 
-class StreamOptions(_Lenient):
+class StreamOptions(Lenient):
     include_usage: bool = False
 
 
-class BastionRun(_Lenient):
+class BastionRun(Lenient):
     """bastion's extension: run its own agent loop with its own tools."""
 
     tools: list[str] = []
@@ -140,16 +134,16 @@ class BastionRun(_Lenient):
     template: str | None = None
 
 
-class Sampling(_Lenient):
+class Sampling(Lenient):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=0)] | None = None
+    top_k: TopK | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     repeat_penalty: Annotated[float, Field(gt=0)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False  # as llama.cpp's server: generate max_tokens whatever the model says
-    n: Annotated[int, Field(ge=1)] = 1
+    n: Annotated[int, Field(ge=1, le=128)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -167,8 +161,8 @@ class Sampling(_Lenient):
 class ChatRequest(Sampling):
     model: str | None = None
     messages: Annotated[list[MessageIn], Field(min_length=1)]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
+    max_completion_tokens: TokenCount | None = None
     response_format: ResponseFormatIn | None = None
     tools: list[ToolIn] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
@@ -178,18 +172,9 @@ class ChatRequest(Sampling):
 class CompletionRequest(Sampling):
     model: str | None = None
     prompt: str | list[str]
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     echo: bool = False
     suffix: str | None = None
-
-
-def parse_body(model: type[BaseModel], body: object) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None) from exc
 
 
 # --- chat requests into control requests -------------------------------------------------
@@ -337,11 +322,10 @@ class ChatResponder:
                     yield self._chunk({"tool_calls": [{"index": index, "id": event.call_id, "type": "function",
                                                        "function": {"name": event.name, "arguments": ""}}]})
                     yield self._chunk({"tool_calls": [{"index": index, "function": {"arguments": event.arguments}}]})
-                case RequestFailed():
-                    error = self._exchange.error()
-                    yield f"data: {json.dumps(error.openai_body())}\n\n"
                 case RunFinished(stop_reason=reason):
-                    if reason is not StopReason.ERROR:
+                    if self._exchange.failed:
+                        yield f"data: {json.dumps(self._exchange.error().openai_body())}\n\n"
+                    else:
                         yield self._chunk({}, finish_reason(reason, bool(self.calls)))
                         if self._include_usage:
                             yield self._chunk(None, usage=self._exchange.usage.openai())
@@ -364,7 +348,7 @@ class ChatResponder:
                     self.extensions.append(event_object(event))
                 case _:
                     pass
-        if self._exchange.stop_reason is StopReason.ERROR:
+        if self._exchange.failed:
             raise self._exchange.error()
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) or None}
         if self.reasoning:
@@ -406,10 +390,10 @@ class TextResponder:
                     yield ": keep-alive\n\n"
                 case TokenDelta(text=text) if text:
                     yield f"data: {json.dumps(self._object(text, None), ensure_ascii=False)}\n\n"
-                case RequestFailed():
-                    yield f"data: {json.dumps(self._exchange.error().openai_body())}\n\n"
                 case RunFinished(stop_reason=reason):
-                    if reason is not StopReason.ERROR:
+                    if self._exchange.failed:
+                        yield f"data: {json.dumps(self._exchange.error().openai_body())}\n\n"
+                    else:
                         last = self._object("", finish_reason(reason, False))
                         if self._include_usage:
                             last["usage"] = self._exchange.usage.openai()
@@ -422,7 +406,7 @@ class TextResponder:
         async for event in self._exchange.events():
             if isinstance(event, TokenDelta):
                 self.text.append(event.text)
-        if self._exchange.stop_reason is StopReason.ERROR:
+        if self._exchange.failed:
             raise self._exchange.error()
         return self._object("".join(self.text), finish_reason(self._exchange.stop_reason, False),
                             usage=self._exchange.usage.openai())

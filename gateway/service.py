@@ -38,6 +38,11 @@ class GatewaySettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_messages: int = 1024
     ping_s: float = 15.0
+    # Bound to loopback: requests must name a loopback host (no DNS rebinding), and models may be
+    # given as GGUF paths or scripted:FILE. Off loopback, registry names only.
+    loopback_only: bool = True
+    # bastion's agent runs, sessions and approvals over HTTP (off: a plain model server).
+    agent_runs: bool = False
 
 
 @dataclass
@@ -49,24 +54,33 @@ class Gateway:
     metrics: Metrics = field(default_factory=Metrics)
     _catalog: tuple[float, list[CatalogEntry], list[ModelStatus]] | None = None
 
-    async def ask(self, request: Any) -> Any:
+    async def ask(self, request: Any, timeout_s: float = 30.0) -> Any:
         try:
-            answer = await self.link.ask(request)
+            answer = await self.link.ask(request, timeout_s)
         except LinkError as exc:
             raise ApiError(503, exc.message, code=exc.code.value, retry_after_s=2, retryable=True) from exc
+        except TimeoutError as exc:
+            raise ApiError(504, f"the supervisor did not answer within {timeout_s:.0f} s", retryable=True,
+                           retry_after_s=5) from exc
         if isinstance(answer, RequestFailed):
             raise from_failure(answer)
         return answer
 
-    async def models(self, *, fresh: bool = False) -> tuple[list[CatalogEntry], list[ModelStatus]]:
+    async def models(self) -> tuple[list[CatalogEntry], list[ModelStatus]]:
         """The registry's models and the loaded ones (cached for a moment: clients poll)."""
         now = time.monotonic()
-        if not fresh and self._catalog is not None and now - self._catalog[0] < _CATALOG_TTL_S:
+        if self._catalog is not None and now - self._catalog[0] < _CATALOG_TTL_S:
             return self._catalog[1], self._catalog[2]
         listing = await self.ask(ListModels(request_id=self.link.new_id("models"), catalog=True))
         assert isinstance(listing, ModelList)
         self._catalog = (now, listing.catalog, listing.models)
         return listing.catalog, listing.models
+
+    async def loaded(self) -> list[ModelStatus]:
+        """The loaded models, as they are now."""
+        listing = await self.ask(ListModels(request_id=self.link.new_id("loaded")))
+        assert isinstance(listing, ModelList)
+        return listing.models
 
     async def agent_model(self, model: str | None) -> tuple[str | None, tuple[str, ...] | None]:
         """`MODEL+TOOL,TOOL` is a server-side agent run with those tools, unless a model has that name."""
@@ -96,6 +110,8 @@ async def json_body(request: Request, settings: GatewaySettings) -> Any:
         body = json.loads(b"".join(chunks) or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the body nests too deeply") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     messages = body.get("messages")
@@ -135,8 +151,9 @@ async def respond(
     collect: Callable[[], Awaitable[dict[str, Any]]],
     media_type: str,
 ) -> Response:
-    """The answer to one exchange. Streamed: once its `run_start` came (an early failure is an
-    HTTP error), the lines as they come. Otherwise: one JSON object at the end."""
+    """The answer to one exchange. Streamed: once the generation was accepted (an early failure is
+    an HTTP error), the lines as they come. Otherwise: one JSON object at the end. A client that
+    leaves at any point cancels the request."""
     if not stream:
 
         async def answer() -> Response:
@@ -145,22 +162,21 @@ async def respond(
                 return JSONResponse(await collect())
 
         return await until_disconnected(request, answer())
-    await exchange.__aenter__()
+    held = contextlib.AsyncExitStack()
+    await held.enter_async_context(exchange)
     try:
-        await exchange.opening()
-    except BaseException as exc:
-        await exchange.__aexit__(type(exc), exc, exc.__traceback__)
+        opened = await until_disconnected(request, exchange.opening())
+    except BaseException:
+        await held.aclose()
         raise
+    if isinstance(opened, Response):  # the client left while the model loaded or the request queued
+        await held.aclose()
+        return opened
 
     async def body() -> AsyncIterator[str]:
-        try:
+        async with held:  # closing it (normally, on an error, or when the client leaves) ends the request
             async for line in lines():
                 yield line
-        except BaseException as exc:  # the client went away (cancelled), or a bug
-            await exchange.__aexit__(type(exc), exc, exc.__traceback__)
-            raise
-        else:
-            await exchange.__aexit__(None, None, None)
 
     return StreamingResponse(body(), media_type=media_type,
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

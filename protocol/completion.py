@@ -6,13 +6,13 @@ offers tools it will execute itself, and gets back the reply and the calls the
 model made, parsed from whatever format it wrote them in:
 
     client -> Complete {messages | prompt, tools, tool_choice, response_format, sampling}
-    supervisor -> LoadProgress* RunStarted (TokenDelta | ReasoningDelta)* GenerationStats
-                  ToolCallParsed* RunWarning* RunFinished
+    supervisor -> LoadProgress* RunStarted ContextBudget (TokenDelta | ReasoningDelta)*
+                  GenerationStats ToolCallParsed* RunWarning* TokenDelta? RunFinished
                   (RequestFailed before RunFinished when something fails)
 
 Nothing is executed and nothing is stored. `TokenDelta`s carry only the
 answer's prose: once the reply may be opening a call, text is held back and
-whatever prose is left after parsing comes in one last delta; the calls come as
+whatever prose is left after parsing comes in one last delta, after the calls; they come as
 `tool_call` events with ids the client sends back in the assistant message, so
 the supervisor can put the reply into the next prompt exactly as the model
 wrote it (and the worker's KV cache keeps matching).

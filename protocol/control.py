@@ -46,10 +46,13 @@ from bastion.protocol.common import (
     TokenDelta,
     WorkerState,
 )
-from bastion.protocol.completion import Complete, Turn
-from bastion.protocol.control_options import SamplingRequest, ToolChoice, ToolChoiceMode
 
-__all__ = ["Complete", "SamplingRequest", "ToolChoice", "ToolChoiceMode"]  # re-exported for clients
+# `X as X`: re-exported, clients know these as part of the control protocol.
+from bastion.protocol.completion import Complete as Complete
+from bastion.protocol.completion import Turn
+from bastion.protocol.control_options import SamplingRequest as SamplingRequest
+from bastion.protocol.control_options import ToolChoice as ToolChoice
+from bastion.protocol.control_options import ToolChoiceMode as ToolChoiceMode
 from bastion.protocol.sessions import (
     ClearSession,
     DeleteSession,

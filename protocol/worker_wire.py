@@ -12,6 +12,8 @@ The worker's DEALER connects to the supervisor's workers ROUTER and speaks first
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import msgspec
@@ -52,6 +54,50 @@ class CallGrammar(msgspec.Struct, frozen=True, kw_only=True):
     def start(self) -> str:
         """The text whose appearance switches a lazy grammar on."""
         return self.trigger or self.prefix
+
+    def problem(self) -> str | None:
+        """Why a worker must refuse to build this grammar, or None. A grammar grows with the
+        schema's bounds: `maxItems: 10**7` alone writes hundreds of megabytes of rules."""
+        return schema_problem(self.schema)
+
+
+# The largest schema a grammar is built from, and the largest count or repeat it may ask for.
+GRAMMAR_SCHEMA_BYTES = 64 * 1024
+GRAMMAR_SCHEMA_DEPTH = 32
+GRAMMAR_REPEAT_LIMIT = 4096
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties")
+_PATTERN_REPEAT = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def schema_problem(schema: Any) -> str | None:
+    """Why a JSON schema is too large to become a grammar, or None."""
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError):
+        return "the schema is not plain JSON"
+    if size > GRAMMAR_SCHEMA_BYTES:
+        return f"the schema is {size} bytes; at most {GRAMMAR_SCHEMA_BYTES}"
+    return _bounds_problem(schema, 0)
+
+
+def _bounds_problem(node: Any, depth: int) -> str | None:
+    if depth > GRAMMAR_SCHEMA_DEPTH:
+        return f"the schema nests deeper than {GRAMMAR_SCHEMA_DEPTH} levels"
+    if isinstance(node, list):
+        return next((found for item in node if (found := _bounds_problem(item, depth + 1))), None)
+    if not isinstance(node, dict):
+        return None
+    for key in _REPEAT_KEYS:
+        value = node.get(key)
+        if isinstance(value, int | float) and value > GRAMMAR_REPEAT_LIMIT:
+            return f"{key} {value} is more than a grammar can spell out (at most {GRAMMAR_REPEAT_LIMIT})"
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        for repeat in _PATTERN_REPEAT.finditer(pattern):
+            counts = [int(number) for number in repeat.groups() if number]
+            if any(count > GRAMMAR_REPEAT_LIMIT for count in counts):
+                return f"the pattern repeats {max(counts)} times (at most {GRAMMAR_REPEAT_LIMIT})"
+    return next((found for value in node.values() if (found := _bounds_problem(value, depth + 1))), None)
 
 
 class Generate(Message, frozen=True, tag="generate"):

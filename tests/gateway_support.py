@@ -24,7 +24,7 @@ from bastion.protocol import PROTOCOL_VERSION, Cancel, Hello, Role
 from bastion.protocol.control import ControlEvent, ControlRequest
 from tests.inprocess import InProcessSupervisor
 
-BASE_URL = "http://gateway.test"
+BASE_URL = "http://127.0.0.1:11435"  # a loopback Host: the gateway refuses others (DNS rebinding)
 
 
 class InProcessLink(SupervisorLink):

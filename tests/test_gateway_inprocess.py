@@ -206,7 +206,7 @@ def test_a_server_side_agent_run_streams_bastion_s_tool_activity_as_extension_ch
     model = script(tmp_path, call, "It is 42.", call, "It is 42.")
 
     async def test(sup: InProcessSupervisor) -> None:
-        async with gateway_client(sup) as http:
+        async with gateway_client(sup, agent_runs=True) as http:
             response = await http.post("/v1/chat/completions", json={
                 "model": f"{model}+calculator", "stream": True,
                 "messages": [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "6*7?"}]})
@@ -308,7 +308,7 @@ def test_a_session_header_persists_the_conversation_in_bastion(supervised, tmp_p
     model = script(tmp_path, "Hello, Ada.", "Your name is Ada.")
 
     async def test(sup: InProcessSupervisor) -> None:
-        async with gateway_client(sup) as http:
+        async with gateway_client(sup, agent_runs=True) as http:
             client = openai_client(http, default_headers={"X-Bastion-Session": "ada"})
             messages: list[Any] = [{"role": "system", "content": "Be brief."},
                                    {"role": "user", "content": "My name is Ada."}]  # fmt: skip
@@ -337,7 +337,7 @@ def test_an_agent_run_that_asks_is_approved_through_the_gateway(supervised, tmp_
     model = script(tmp_path, write, "Written.")
 
     async def test(sup: InProcessSupervisor) -> None:
-        async with gateway_client(sup) as http:
+        async with gateway_client(sup, agent_runs=True) as http:
             run = asyncio.ensure_future(http.post("/v1/chat/completions", json={
                 "model": model, "messages": [{"role": "user", "content": "Write it."}],
                 "bastion": {"tools": ["files"], "allow_write": True, "workspace": str(workspace)}}))  # fmt: skip
@@ -395,5 +395,84 @@ def test_sampling_fields_reach_the_worker(supervised, tmp_path: Path) -> None:
         [sampling] = sup.workers.samplings()
         assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
             5, 0.3, 0.5, 7, ("9",))
+
+    supervised(test)
+
+
+def test_web_pages_other_hosts_and_agent_features_are_refused_by_default(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello.")
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            # A web page posting from its origin (no preflight needed for text/plain), or one that
+            # rebound its domain to 127.0.0.1, is refused; curl and SDKs send neither header.
+            page = await http.post("/v1/chat/completions", json=chat, headers={"Origin": "http://evil.example"})
+            rebound = await http.post("/v1/chat/completions", json=chat, headers={"Host": "evil.example:11435"})
+            assert (page.status_code, page.json()["error"]["code"]) == (403, "origin_not_allowed")
+            assert (rebound.status_code, rebound.json()["error"]["code"]) == (403, "bad_host")
+            for host in ("localhost:11435", "[::1]:11435", "127.0.0.1"):
+                assert (await http.get("/v1/models", headers={"Host": host})).status_code == 200, host
+            # bastion's own tools, sessions and approvals wait for --agent-runs.
+            refused = [
+                await http.post("/v1/chat/completions", json={**chat, "bastion": {"tools": ["calculator"]}}),
+                await http.post("/v1/chat/completions", json={**chat, "model": f"{model}+calculator"}),
+                await http.post("/v1/chat/completions", json=chat, headers={"X-Bastion-Session": "s"}),
+                await http.get("/v1/bastion/approvals"),
+            ]
+            assert [r.status_code for r in refused] == [403] * 4
+            assert all("--agent-runs" in r.json()["error"]["message"] for r in refused)
+            assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
+        assert len(sup.workers.prompts()) == 1
+
+    supervised(test)
+
+
+def test_off_loopback_models_are_named_not_given_by_path(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "Hello.")
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup, loopback_only=False, api_key="k") as http:
+            key = {"Authorization": "Bearer k", "Host": "bastion.example"}
+            for name in (model, "/etc/passwd", "../x.gguf"):
+                refused = await http.post("/v1/chat/completions", headers=key,
+                                          json={"model": name, "messages": [{"role": "user", "content": "x"}]})
+                assert refused.status_code == 400 and refused.json()["error"]["param"] == "model", name
+            assert (await http.get("/v1/models", headers=key)).status_code == 200  # any Host, with the key
+        assert sup.workers.prompts() == []
+
+    supervised(test)
+
+
+def test_oversized_schemas_numbers_and_nesting_are_400s_not_crashes(supervised, tmp_path: Path) -> None:
+    model = script(tmp_path, "unused")
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+    nested: dict[str, Any] = {}
+    inner = nested
+    for _ in range(40):
+        inner["items"] = {}
+        inner = inner["items"]
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_client(sup) as http:
+            cases = [
+                {**chat, "response_format": {"type": "json_schema", "json_schema": {
+                    "name": "x", "schema": {"type": "array", "maxItems": 10**7}}}},
+                {**chat, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested}}},
+                {**chat, "tools": [{"type": "function", "function": {
+                    "name": "f", "parameters": {"type": "object", "properties": {
+                        "s": {"type": "string", "pattern": "a{100000}"}}}}}]},
+                {**chat, "seed": 2**70},
+                {**chat, "max_tokens": 10**12},
+                {**chat, "tool_choice": "required"},  # nothing to choose from
+            ]  # fmt: skip
+            for body in cases:
+                response = await http.post("/v1/chat/completions", json=body)
+                assert response.status_code == 400, (body, response.text)
+            deep = await http.post("/v1/chat/completions", content=b"[" * 5000 + b"]" * 5000)
+            assert deep.status_code == 400
+            unknown_route = await http.get("/v1/nothing")
+            assert unknown_route.status_code == 404 and unknown_route.json()["error"]["message"]
+        assert sup.workers.prompts() == []
 
     supervised(test)

@@ -37,8 +37,15 @@ class GrammarError(Exception):
     """The call's schema cannot be expressed as a grammar (or llama.cpp refused it)."""
 
 
+# A grammar this long is a schema that asked for too much (the protocol bounds it first).
+MAX_GBNF_BYTES = 4 * 1024 * 1024
+
+
 def call_gbnf(spec: CallGrammar) -> str:
     """The GBNF of `prefix`, one JSON value matching `schema`, then `suffix`."""
+    problem = spec.problem()
+    if problem is not None:
+        raise GrammarError(f"the schema is too large for a grammar: {problem}")
     converter = SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
     try:
         schema = converter.resolve_refs(json.loads(json.dumps(spec.schema)), "bastion://tools")
@@ -47,7 +54,10 @@ def call_gbnf(spec: CallGrammar) -> str:
         raise GrammarError(f"the tool schema cannot be turned into a grammar: {exc}") from exc
     parts = [_literal(spec.prefix), call_rule, _literal(spec.suffix)]
     root = "root ::= " + " ".join(part for part in parts if part)
-    return root + "\n" + converter.format_grammar()
+    gbnf = root + "\n" + converter.format_grammar()
+    if len(gbnf) > MAX_GBNF_BYTES:
+        raise GrammarError(f"the schema's grammar is {len(gbnf)} bytes; at most {MAX_GBNF_BYTES}")
+    return gbnf
 
 
 def trigger_pattern(trigger: str) -> str:

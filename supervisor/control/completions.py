@@ -42,8 +42,9 @@ from bastion.supervisor.tools.reasoning import guess_reasoning_format
 
 log = logging.getLogger(__name__)
 
-# More messages than this in one request is a client bug, not a conversation.
+# More messages or tools than this in one request is a client bug, not a conversation.
 MAX_MESSAGES = 4096
+MAX_TOOLS = 128
 
 
 class CompletionService:
@@ -90,7 +91,8 @@ class CompletionService:
         else:
             key = conversation_key(spec.name, request.messages)
             conversation = EphemeralConversation(key)
-            for message in chat_messages(request.messages, self._memory, syntax, fenced_results=syntax is FENCED):
+            for message in chat_messages(request.messages, self._memory, syntax, fenced_results=syntax is FENCED,
+                                         conversation=key):
                 conversation.append(message)
             prompts = PromptBuilder(run=run, conversation=conversation, formatter=formatter,
                                     n_ctx=loaded.handle.n_ctx, counter=await self._access.counter(loaded),
@@ -114,6 +116,11 @@ def _check(request: Complete) -> None:
         raise InvalidRequestError("a raw prompt goes alone: no messages and no tools with it")
     if len(request.messages) > MAX_MESSAGES:
         raise InvalidRequestError(f"{len(request.messages)} messages; at most {MAX_MESSAGES} in one request")
+    if len(request.tools) > MAX_TOOLS:
+        raise InvalidRequestError(f"{len(request.tools)} tools; at most {MAX_TOOLS} in one request")
+    forced = request.tool_choice.mode in (ToolChoiceMode.REQUIRED, ToolChoiceMode.FUNCTION)
+    if forced and not request.tools:
+        raise InvalidRequestError(f"tool choice {request.tool_choice.mode.value} needs tools to choose from")
     names = [tool.name for tool in request.tools]
     if len(set(names)) != len(names):
         raise InvalidRequestError(f"tool names must be unique: {', '.join(names)}")

@@ -37,13 +37,14 @@ from bastion.protocol.common import SamplingParams, TokenDelta
 from bastion.protocol.completion import CallRecord, FunctionTool, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import ToolChoice, ToolChoiceMode
 from bastion.protocol.sessions import ChatRole
-from bastion.protocol.worker_wire import CallGrammar
+from bastion.protocol.worker_wire import CallGrammar, schema_problem
 from bastion.supervisor.errors import InvalidRequestError, ToolSchemaError
 from bastion.supervisor.harness.constraints import FENCED, CallConstraint, CallSyntax
 from bastion.supervisor.harness.model_calls import ModelCalls
 from bastion.supervisor.harness.prompt_builder import PromptBuilder
 from bastion.supervisor.runs import ActiveRun, GenerationOutcome
 from bastion.supervisor.templates.formatter import ChatMessage
+from bastion.supervisor.tools.call_hold import remainder_after
 from bastion.supervisor.tools.calls import parse_tool_calls
 from bastion.supervisor.tools.reasoning import ReasoningFormat, prompt_opens_reasoning, split_reasoning
 from bastion.supervisor.tools.registry import ToolSpec
@@ -55,26 +56,28 @@ _REMEMBERED_REPLIES = 1024
 
 class ReplyMemory:
     """Replies that held tool calls, by the ids given to their calls and by the calls themselves
-    (name and arguments: Ollama's clients send calls back without ids); least recently used out."""
+    (name and arguments: Ollama's clients send calls back without ids), each kept for the
+    conversation it belongs to, so one client's reply never lands in another's prompt; least
+    recently used out."""
 
     def __init__(self, capacity: int = _REMEMBERED_REPLIES) -> None:
         self._capacity = capacity
-        self._replies: OrderedDict[str, str] = OrderedDict()
+        self._replies: OrderedDict[tuple[str, str], str] = OrderedDict()
 
-    def remember(self, calls: Sequence[CallRecord], reply: str) -> None:
+    def remember(self, conversation: str, calls: Sequence[CallRecord], reply: str) -> None:
         for key in (*(call.id for call in calls), _signature(calls)):
-            self._replies[key] = reply
-            self._replies.move_to_end(key)
+            self._replies[(conversation, key)] = reply
+            self._replies.move_to_end((conversation, key))
         while len(self._replies) > self._capacity:
             self._replies.popitem(last=False)
 
-    def reply_for(self, calls: Sequence[CallRecord]) -> str | None:
-        """The reply that made exactly these calls, when bastion gave them; None otherwise."""
+    def reply_for(self, conversation: str, calls: Sequence[CallRecord]) -> str | None:
+        """The reply of this conversation that made exactly these calls; None otherwise."""
         if all(call.id for call in calls):
-            replies = {self._replies.get(call.id) for call in calls}
+            replies = {self._replies.get((conversation, call.id)) for call in calls}
             if len(replies) == 1 and None not in replies:
                 return replies.pop()
-        return self._replies.get(_signature(calls))
+        return self._replies.get((conversation, _signature(calls)))
 
 
 def _signature(calls: Sequence[CallRecord]) -> str:
@@ -101,8 +104,12 @@ def conversation_key(model: str, messages: Sequence[Turn]) -> str:
 def client_tool(tool: FunctionTool) -> ToolSpec:
     """A tool the client offers, as the parser and templates see it. Arguments are checked against
     its schema where the schema uses what bastion's validator enforces; parts it cannot enforce
-    (a `$ref`, a `format`) are left unchecked rather than refused: the client runs the tool."""
+    (a `$ref`, a `format`) are left unchecked rather than refused: the client runs the tool. A
+    schema too large or too deep to handle is refused."""
     parameters = tool.parameters or {"type": "object", "properties": {}}
+    problem = schema_problem(parameters)
+    if problem is not None:
+        raise InvalidRequestError(f"tool {tool.name}: {problem}")
     return ToolSpec(name=tool.name, description=tool.description, parameters=_checkable(parameters),
                     read_only=True)
 
@@ -140,7 +147,7 @@ def written_calls(calls: Sequence[CallRecord], syntax: CallSyntax) -> str:
 
 
 def chat_messages(
-    messages: Sequence[Turn], memory: ReplyMemory, syntax: CallSyntax, *, fenced_results: bool
+    messages: Sequence[Turn], memory: ReplyMemory, syntax: CallSyntax, *, fenced_results: bool, conversation: str = ""
 ) -> list[ChatMessage]:
     """The client's conversation as the template renders it (see the module docstring)."""
     names: dict[str, str] = {}  # call id -> tool name, from the assistant turns
@@ -149,7 +156,7 @@ def chat_messages(
         match turn.role:
             case ChatRole.ASSISTANT if turn.tool_calls:
                 names.update((call.id, call.name) for call in turn.tool_calls)
-                written = memory.reply_for(turn.tool_calls)
+                written = memory.reply_for(conversation, turn.tool_calls)
                 if written is None:
                     prose = turn.content.strip()
                     written = (prose + "\n" if prose else "") + written_calls(turn.tool_calls, syntax)
@@ -171,6 +178,9 @@ def output_grammar(response_format: ResponseFormat) -> CallGrammar | None:
         case OutputKind.JSON_SCHEMA:
             if not isinstance(response_format.schema, dict):
                 raise InvalidRequestError("response_format json_schema needs a schema (an object)")
+            problem = schema_problem(response_format.schema)
+            if problem is not None:
+                raise InvalidRequestError(f"response_format: {problem}")
             return CallGrammar(schema=response_format.schema)
         case _:
             return None
@@ -248,9 +258,9 @@ class Completion:
             self._run.send(RunWarning(request_id=self._run.request_id, code=WarningCode.TOOL_CALL_INVALID,
                                       message=problem.message, resembled=problem.resembled))
         if records:
-            self._memory.remember(records, reply.content)
+            self._memory.remember(self._session_id, records, reply.content)
         prose = parsed.prose if parsed.calls else reply.content
-        rest = _remainder(outcome.streamed, prose)
+        rest = remainder_after(outcome.streamed, prose)
         if rest:
             self._run.send(TokenDelta(request_id=self._run.request_id, text=rest, n=outcome.tokens,
                                       tokens_per_s=outcome.stats.decode_tokens_per_s if outcome.stats else 0.0))
@@ -266,8 +276,3 @@ class Completion:
 
     def _warn(self, code: WarningCode, message: str) -> None:
         self._run.send(RunWarning(request_id=self._run.request_id, code=code, message=message))
-
-
-def _remainder(streamed: str, prose: str) -> str:
-    """The prose not streamed yet: nothing when parsing rewrote what was already shown."""
-    return prose[len(streamed) :] if prose.startswith(streamed) else ""

@@ -80,7 +80,10 @@ class CallHold:
         return released
 
     def remainder(self, prose: str) -> str:
-        """What to send after the stream, once parsing says the answer's prose is `prose`: the part
-        not streamed yet (nothing, when parsing rewrote what was already shown)."""
-        streamed = self.streamed
-        return prose[len(streamed) :] if prose.startswith(streamed) else ""
+        """What to send after the stream, once parsing says the answer's prose is `prose`."""
+        return remainder_after(self.streamed, prose)
+
+
+def remainder_after(streamed: str, prose: str) -> str:
+    """The prose not streamed yet: nothing when parsing rewrote what was already shown."""
+    return prose[len(streamed) :] if prose.startswith(streamed) else ""

@@ -73,7 +73,8 @@ async def chat_completions(request: Request) -> Response:
     control = openai_api.chat_control_request(body, gateway.link.new_id("chat"), agent_tools, model)
     exchange = gateway.exchange(control)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    responder = openai_api.ChatResponder(exchange, agent=agent_tools is not None, include_usage=include_usage)
+    responder = openai_api.ChatResponder(exchange, agent=agent_tools is not None, include_usage=include_usage,
+                                         logprobs=body.logprobs)
     return await respond(request, exchange, stream=body.stream, lines=responder.stream, collect=responder.collect,
                          media_type="text/event-stream")
 
@@ -101,7 +102,7 @@ async def completions(request: Request) -> Response:
     control = openai_api.completion_control_request(body, gateway.link.new_id("text"), body.model)
     exchange = gateway.exchange(control)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    responder = openai_api.TextResponder(exchange, include_usage=include_usage)
+    responder = openai_api.TextResponder(exchange, include_usage=include_usage, logprobs=body.logprobs is not None)
     return await respond(request, exchange, stream=body.stream, lines=responder.stream, collect=responder.collect,
                          media_type="text/event-stream")
 

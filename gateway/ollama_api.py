@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import msgspec
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -28,10 +29,12 @@ from starlette.routing import Route
 from bastion.gateway.bodies import FunctionName, Lenient, Seed, TopK, parse_body
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
+from bastion.gateway.logprobs import LogprobTrail, ollama
 from bastion.gateway.openai_api import DEFAULT_MAX_TOKENS
 from bastion.gateway.service import Gateway, json_body, respond
-from bastion.protocol import StopReason, TokenDelta
+from bastion.protocol import StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.agent_events import ReasoningDelta, ToolCallParsed
+from bastion.protocol.common import MAX_TOP_LOGPROBS
 from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
     LoadModel,
@@ -100,6 +103,13 @@ class _Common(Lenient):
     options: Options = Options()
     stream: bool = True
     keep_alive: float | str | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def sampling(self) -> SamplingRequest:
+        """`options` as sampling, with the log-probabilities asked for beside them."""
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return msgspec.structs.replace(self.options.sampling(), logprobs=logprobs)
 
     def keep_alive_s(self) -> float | None:
         if self.keep_alive is None:
@@ -163,9 +173,11 @@ def _turns(messages: list[OllamaMessage]) -> tuple[Turn, ...]:
 class OllamaResponder:
     """One exchange as Ollama's NDJSON lines, or as one object."""
 
-    def __init__(self, exchange: Exchange, *, chat: bool) -> None:
+    def __init__(self, exchange: Exchange, *, chat: bool, logprobs: bool = False) -> None:
         self._exchange = exchange
         self._chat = chat
+        self._logprobs = logprobs
+        self.trail = LogprobTrail()
 
     def _piece(self, text: str = "", thinking: str = "", calls: list[ToolCallParsed] | None = None) -> dict[str, Any]:
         line: dict[str, Any] = {"model": self._exchange.model, "created_at": _now()}
@@ -181,6 +193,8 @@ class OllamaResponder:
             line["response"] = text
             if thinking:
                 line["thinking"] = thinking
+        if self._logprobs:
+            line["logprobs"] = ollama(self.trail.take())
         line["done"] = False
         return line
 
@@ -198,6 +212,8 @@ class OllamaResponder:
         calls: list[ToolCallParsed] = []
         async for event in self._exchange.events():
             match event:
+                case TokenLogprobs():
+                    self.trail.add(event)
                 case TokenDelta(text=text) if text:
                     yield json.dumps(self._piece(text)) + "\n"
                 case ReasoningDelta(text=text) if text:
@@ -217,6 +233,8 @@ class OllamaResponder:
         text, thinking, calls = [], [], []
         async for event in self._exchange.events():
             match event:
+                case TokenLogprobs():
+                    self.trail.add(event)
                 case TokenDelta(text=piece):
                     text.append(piece)
                 case ReasoningDelta(text=piece):
@@ -233,7 +251,7 @@ class OllamaResponder:
 async def _respond(request: Request, control: Complete, *, chat: bool, stream: bool) -> Response:
     gateway: Gateway = request.app.state.gateway
     exchange = gateway.exchange(control)
-    responder = OllamaResponder(exchange, chat=chat)
+    responder = OllamaResponder(exchange, chat=chat, logprobs=control.sampling.logprobs is not None)
     return await respond(request, exchange, stream=stream, lines=responder.stream, collect=responder.collect,
                          media_type="application/x-ndjson")
 
@@ -246,7 +264,7 @@ async def chat(request: Request) -> Response:
     tools = tuple(FunctionTool(name=t.function.name, description=t.function.description,
                                parameters=t.function.parameters) for t in body.tools or ())  # fmt: skip
     control = Complete(request_id=gateway.link.new_id("ochat"), model=body.model, messages=_turns(body.messages),
-                       tools=tools, response_format=body.response_format(), sampling=body.options.sampling(),
+                       tools=tools, response_format=body.response_format(), sampling=body.sampling(),
                        keep_alive_s=body.keep_alive_s())  # fmt: skip
     return await _respond(request, control, chat=True, stream=body.stream)
 
@@ -261,12 +279,12 @@ async def generate(request: Request) -> Response:
     request_id = gateway.link.new_id("ogen")
     if body.raw:
         control = Complete(request_id=request_id, model=body.model, prompt=body.prompt,
-                           sampling=body.options.sampling(), keep_alive_s=body.keep_alive_s())
+                           sampling=body.sampling(), keep_alive_s=body.keep_alive_s())
     else:
         messages = ((Turn(role=ChatRole.SYSTEM, content=body.system),) if body.system else ()) + (
             Turn(role=ChatRole.USER, content=body.prompt),)
         control = Complete(request_id=request_id, model=body.model, messages=messages,
-                           response_format=body.response_format(), sampling=body.options.sampling(),
+                           response_format=body.response_format(), sampling=body.sampling(),
                            keep_alive_s=body.keep_alive_s())  # fmt: skip
     return await _respond(request, control, chat=False, stream=body.stream)
 

@@ -41,9 +41,10 @@ from pydantic import Field
 from bastion.gateway.bodies import FunctionName, Lenient, Seed, TokenCount, TopK
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
-from bastion.protocol import StopReason, TokenDelta
+from bastion.gateway.logprobs import LogprobTrail, openai_chat, openai_legacy
+from bastion.protocol import StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.agent_events import ReasoningDelta, RunWarning, ToolCallParsed
-from bastion.protocol.common import GenerationStats, RequestFailed
+from bastion.protocol.common import MAX_TOP_LOGPROBS, GenerationStats, RequestFailed
 from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
     ControlEvent,
@@ -147,7 +148,7 @@ class Sampling(Lenient):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    def sampling(self, max_tokens: int) -> SamplingRequest:
+    def sampling(self, max_tokens: int, logprobs: int | None = None) -> SamplingRequest:
         if self.n != 1:
             raise ApiError(400, "n must be 1: bastion generates one choice per request", param="n")
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -155,7 +156,10 @@ class Sampling(Lenient):
             raise ApiError(400, "at most 16 stop strings", param="stop")
         return SamplingRequest(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                top_k=self.top_k, min_p=self.min_p, repeat_penalty=self.repeat_penalty,
-                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos)  # fmt: skip
+                               seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)  # fmt: skip
+
+
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class ChatRequest(Sampling):
@@ -167,6 +171,14 @@ class ChatRequest(Sampling):
     tools: list[ToolIn] | None = None
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
     bastion: BastionRun | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None
+
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives to report per token; None: no log-probabilities."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(Sampling):
@@ -175,6 +187,7 @@ class CompletionRequest(Sampling):
     max_tokens: TokenCount | None = None
     echo: bool = False
     suffix: str | None = None
+    logprobs: TopLogprobs | None = None  # the legacy API's count of alternatives per token
 
 
 # --- chat requests into control requests -------------------------------------------------
@@ -232,7 +245,7 @@ def chat_control_request(body: ChatRequest, request_id: str, agent_tools: tuple[
                          model: str | None) -> Run | Complete:
     """The control request a chat request becomes: `complete`, or `run` for a server-side agent run."""
     max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS
-    sampling = body.sampling(max_tokens)
+    sampling = body.sampling(max_tokens, body.logprobs_asked())
     messages = turns(body.messages)
     if agent_tools is None:
         tools = tuple(FunctionTool(name=t.function.name, description=t.function.description,
@@ -278,10 +291,12 @@ def event_object(event: ControlEvent) -> dict[str, Any]:
 class ChatResponder:
     """Turns one exchange's events into OpenAI chat chunks, or into one chat completion."""
 
-    def __init__(self, exchange: Exchange, *, agent: bool, include_usage: bool) -> None:
+    def __init__(self, exchange: Exchange, *, agent: bool, include_usage: bool, logprobs: bool = False) -> None:
         self._exchange = exchange
         self._agent = agent  # tool calls are bastion's own: extension chunks, not `tool_calls`
         self._include_usage = include_usage
+        self._logprobs = logprobs
+        self.trail = LogprobTrail()
         self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.content: list[str] = []
@@ -293,13 +308,15 @@ class ChatResponder:
         """Whether an event travels as an extension chunk: an agent run's activity, or a warning."""
         if isinstance(event, RunWarning):
             return True
-        standard = (TokenDelta, ReasoningDelta, GenerationStats, RunStarted, RunFinished, LoadProgress, RequestFailed)
+        standard = (TokenDelta, TokenLogprobs, ReasoningDelta, GenerationStats, RunStarted, RunFinished, LoadProgress,
+                    RequestFailed)
         return self._agent and not isinstance(event, standard)
 
     def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> str:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self._exchange.model, "system_fingerprint": "bastion"}  # fmt: skip
-        body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+        logprobs = openai_chat(self.trail.take()) if self._logprobs and delta is not None else None
+        body["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
                                                       "finish_reason": finish}]  # fmt: skip
         body.update(extra)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -310,6 +327,8 @@ class ChatResponder:
             match event:
                 case None:
                     yield ": keep-alive\n\n"
+                case TokenLogprobs():
+                    self.trail.add(event)  # sent with the next chunk that carries text, a call or the end
                 case TokenDelta(text=text) if text:
                     self.content.append(text)
                     yield self._chunk({"content": text})
@@ -338,6 +357,8 @@ class ChatResponder:
     async def collect(self) -> dict[str, Any]:
         async for event in self._exchange.events():
             match event:
+                case TokenLogprobs():
+                    self.trail.add(event)
                 case TokenDelta(text=text):
                     self.content.append(text)
                 case ReasoningDelta(text=text):
@@ -360,7 +381,8 @@ class ChatResponder:
         body: dict[str, Any] = {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self._exchange.model,
             "system_fingerprint": "bastion",
-            "choices": [{"index": 0, "message": message, "logprobs": None,
+            "choices": [{"index": 0, "message": message,
+                         "logprobs": openai_chat(self.trail.all) if self._logprobs else None,
                          "finish_reason": finish_reason(self._exchange.stop_reason, bool(self.calls))}],
             "usage": self._exchange.usage.openai(),
         }  # fmt: skip
@@ -372,22 +394,32 @@ class ChatResponder:
 class TextResponder:
     """The legacy completions route: the same exchange, as `text_completion` objects."""
 
-    def __init__(self, exchange: Exchange, *, include_usage: bool) -> None:
+    def __init__(self, exchange: Exchange, *, include_usage: bool, logprobs: bool = False) -> None:
         self._exchange = exchange
         self._include_usage = include_usage
+        self._logprobs = logprobs
+        self.trail = LogprobTrail()
+        self._offset = 0  # characters of text sent so far, where the next token's text_offset starts
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.text: list[str] = []
 
     def _object(self, text: str, finish: str | None, **extra: Any) -> dict[str, Any]:
+        logprobs = None
+        if self._logprobs:
+            reports = self.trail.take()
+            logprobs = openai_legacy(reports, self._offset)
+            self._offset += sum(len(r.chosen.token) for r in reports)
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self._exchange.model,
-                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra}
+                "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}], **extra}
 
     async def stream(self) -> AsyncIterator[str]:
         async for event in self._exchange.events():
             match event:
                 case None:
                     yield ": keep-alive\n\n"
+                case TokenLogprobs():
+                    self.trail.add(event)
                 case TokenDelta(text=text) if text:
                     yield f"data: {json.dumps(self._object(text, None), ensure_ascii=False)}\n\n"
                 case RunFinished(stop_reason=reason):
@@ -406,6 +438,8 @@ class TextResponder:
         async for event in self._exchange.events():
             if isinstance(event, TokenDelta):
                 self.text.append(event.text)
+            elif isinstance(event, TokenLogprobs):
+                self.trail.add(event)
         if self._exchange.failed:
             raise self._exchange.error()
         return self._object("".join(self.text), finish_reason(self._exchange.stop_reason, False),
@@ -418,5 +452,5 @@ def completion_control_request(body: CompletionRequest, request_id: str, model: 
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise ApiError(400, "prompt: give one prompt (a string) per request", param="prompt")
-    sampling = body.sampling(body.max_tokens or DEFAULT_COMPLETION_TOKENS)
+    sampling = body.sampling(body.max_tokens or DEFAULT_COMPLETION_TOKENS, body.logprobs)
     return Complete(request_id=request_id, model=model, prompt=prompts[0], sampling=sampling)

@@ -34,7 +34,9 @@ from bastion.protocol.common import (
     SamplingParams,
     Shutdown,
     StopReason,
+    TokenChoice,
     TokenDelta,
+    TokenLogprobs,
     WorkerState,
 )
 from bastion.protocol.errors import ErrorCode, ProtocolError
@@ -57,7 +59,9 @@ __all__ = [
     "SamplingParams",
     "Shutdown",
     "StopReason",
+    "TokenChoice",
     "TokenDelta",
+    "TokenLogprobs",
     "WorkerState",
     "CacheSource",
     "client_codec",

@@ -9,6 +9,7 @@ tag names exactly one struct across the whole protocol.
 from __future__ import annotations
 
 import enum
+from typing import Annotated
 
 import msgspec
 
@@ -104,6 +105,11 @@ class Shutdown(Message, frozen=True, tag="shutdown"):
     request_id: str = ""
 
 
+# The most alternatives a token's log-probability report lists (OpenAI's limit too).
+MAX_TOP_LOGPROBS = 20
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]
+
+
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     max_tokens: int = 256
     temperature: float = 0.8
@@ -119,6 +125,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # Stop a reply that keeps repeating the same span (stop reason `repetition`);
     # never while ignore_eos asks for a fixed number of tokens.
     loop_guard: bool = True
+    # Report each sampled token's log-probability (a `token_logprobs` event per
+    # token) with this many most likely alternatives (0-20); None: not at all.
+    logprobs: TopLogprobs | None = None
 
 
 class GrammarUse(enum.Enum):
@@ -139,6 +148,26 @@ class TokenDelta(Message, frozen=True, tag="token"):
     text: str
     n: int
     tokens_per_s: float
+
+
+class TokenChoice(msgspec.Struct, frozen=True, kw_only=True):
+    """One token and its log-probability under the model (natural log, before
+    temperature and the other samplers reshape the distribution)."""
+
+    token: str  # its text; a piece of a multi-byte character decodes with U+FFFD
+    token_bytes: bytes
+    logprob: float
+
+
+class TokenLogprobs(Message, frozen=True, tag="token_logprobs"):
+    """The sampled token's log-probability and the most likely alternatives at
+    that step, sent just before the `token` event that carries its text, for
+    generations whose sampling asked for `logprobs`. The end-of-generation
+    token is not reported."""
+
+    request_id: str
+    chosen: TokenChoice
+    top: tuple[TokenChoice, ...] = ()
 
 
 class GenerationStats(Message, frozen=True, tag="generation_stats"):

@@ -44,6 +44,7 @@ from bastion.protocol.common import (
     Shutdown,
     StopReason,
     TokenDelta,
+    TokenLogprobs,
     WorkerState,
 )
 
@@ -298,6 +299,7 @@ ControlEvent = (
     | LoadProgress
     | RunStarted
     | TokenDelta
+    | TokenLogprobs
     | GenerationStats
     | RunFinished
     | RequestFailed

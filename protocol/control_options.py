@@ -6,6 +6,8 @@ import enum
 
 import msgspec
 
+from bastion.protocol.common import TopLogprobs
+
 
 class SamplingRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Sampling as a client asks for it. A sampler setting left None is the
@@ -23,6 +25,7 @@ class SamplingRequest(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     stop: tuple[str, ...] = ()
     loop_guard: bool = True
+    logprobs: TopLogprobs | None = None  # see SamplingParams.logprobs
 
 
 class ToolChoiceMode(enum.Enum):

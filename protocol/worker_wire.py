@@ -5,7 +5,7 @@ The worker's DEALER connects to the supervisor's workers ROUTER and speaks first
     worker  -> Hello(role=worker, name=<worker id>)
     supervisor -> HelloAccepted | RequestFailed(protocol_mismatch)
     worker  -> WorkerReady | WorkerLoadFailed        (after loading the GGUF)
-    supervisor -> Generate ...; worker -> TokenDelta* GenerationStats GenerationFinished
+    supervisor -> Generate ...; worker -> (TokenLogprobs? TokenDelta)* GenerationStats GenerationFinished
                                          | RequestFailed
     both ways  Heartbeat every second
 """
@@ -30,6 +30,7 @@ from bastion.protocol.common import (
     Shutdown,
     StopReason,
     TokenDelta,
+    TokenLogprobs,
 )
 from bastion.protocol.errors import ErrorCode
 
@@ -171,6 +172,7 @@ FromWorker = (
     | WorkerLoadFailed
     | Heartbeat
     | TokenDelta
+    | TokenLogprobs
     | GenerationStats
     | GenerationFinished
     | RequestFailed

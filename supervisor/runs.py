@@ -27,7 +27,15 @@ from typing import Protocol
 
 import msgspec
 
-from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
+from bastion.protocol import (
+    ErrorCode,
+    GenerationStats,
+    RequestFailed,
+    SamplingParams,
+    StopReason,
+    TokenDelta,
+    TokenLogprobs,
+)
 from bastion.protocol.agent_events import ReasoningDelta
 from bastion.protocol.control import ControlEvent, RunFinished
 from bastion.protocol.worker_wire import CallGrammar, FromWorker, GenerationFinished
@@ -155,6 +163,11 @@ class Generation:
                 self._tokens = n
                 if self.stream:
                     self._stream(message)
+            case TokenLogprobs():
+                # Passed on as they come: they describe tokens, which reasoning
+                # splitting and call holding never reorder.
+                if self.stream:
+                    self._emit(msgspec.structs.replace(message, request_id=self._client_request_id))
             case GenerationStats():
                 self._stats = message
                 if self.stream:

@@ -19,7 +19,9 @@ from bastion.protocol import (
     SamplingParams,
     Shutdown,
     StopReason,
+    TokenChoice,
     TokenDelta,
+    TokenLogprobs,
     WorkerState,
 )
 from bastion.protocol.agent_events import (
@@ -148,6 +150,9 @@ SAMPLES: list[msgspec.Struct] = [
     Shutdown(request_id="r"),
     SetThreads(threads=1),
     TokenDelta(request_id="r", text="hé", n=2, tokens_per_s=50.5),
+    TokenLogprobs(request_id="r", chosen=TokenChoice(token="\ufffd", token_bytes=b"\xc3", logprob=-0.25),
+                  top=(TokenChoice(token="\ufffd", token_bytes=b"\xc3", logprob=-0.25),
+                       TokenChoice(token=" a", token_bytes=b" a", logprob=-1.5))),
     STATS,
     Generate(request_id="r", session_id="s", prompt="p", sampling=SamplingParams(seed=3, stop=("\n",))),
     WorkerReady(model=DESCRIPTION),

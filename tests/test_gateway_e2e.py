@@ -83,6 +83,22 @@ def test_the_openai_sdk_chats_with_smollm2_streamed_and_not_and_the_cache_is_reu
 
 
 @pytest.mark.real_model
+def test_smollm2_s_log_probabilities_reach_the_openai_sdk(gateway: str) -> None:
+    """Greedy sampling picks the most likely token, so each token's report, read from SmolLM2's
+    logits in the worker, lists the chosen token first; the tokens spell the reply."""
+    client = client_of(gateway)
+    reply = client.chat.completions.create(model="smollm2-135m", messages=[{"role": "user", "content": "Name a colour."}],
+                                           max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)  # fmt: skip
+    tokens = reply.choices[0].logprobs.content
+    assert b"".join(bytes(t.bytes) for t in tokens).decode() == reply.choices[0].message.content
+    assert len(tokens) == reply.usage.completion_tokens
+    for token in tokens:
+        assert token.logprob <= 0 and len(token.top_logprobs) == 3
+        assert token.top_logprobs[0].token == token.token and token.top_logprobs[0].logprob == token.logprob
+    assert any(token.logprob < -1e-3 for token in tokens)  # a real distribution, not a replayed script
+
+
+@pytest.mark.real_model
 def test_interleaved_stateless_chats_each_find_their_own_cached_prefix(gateway: str) -> None:
     client = client_of(gateway)
     chats: dict[str, list[Any]] = {

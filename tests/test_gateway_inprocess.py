@@ -476,3 +476,47 @@ def test_oversized_schemas_numbers_and_nesting_are_400s_not_crashes(supervised, 
         assert sup.workers.prompts() == []
 
     supervised(test)
+
+
+def test_log_probabilities_come_per_token_in_each_api_s_shape(supervised, tmp_path: Path) -> None:
+    """A scripted model replays its text with certainty: every token has logprob 0 and is its own
+    only alternative, and the tokens' bytes spell the reply exactly, whichever route asked."""
+    reply = "Héllo, fox."  # é spans two tokens (bytes): a token's text may be half a character
+    model = script(tmp_path, *[reply] * 6)
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def test(sup: InProcessSupervisor) -> None:
+        async with gateway_transport(sup) as transport, httpx.AsyncClient(transport=transport, base_url=BASE_URL) as http:
+            client = openai_client(http)
+            whole = await client.chat.completions.create(**chat, logprobs=True, top_logprobs=1)
+            content = whole.choices[0].logprobs.content
+            assert b"".join(bytes(t.bytes) for t in content).decode() == whole.choices[0].message.content == reply
+            assert all(t.logprob == 0.0 and [a.token for a in t.top_logprobs] == [t.token] for t in content)
+
+            streamed = await client.chat.completions.create(**chat, logprobs=True, stream=True)
+            pieces = [c.choices[0] async for c in streamed if c.choices]
+            tokens = [t for p in pieces if p.logprobs for t in p.logprobs.content]
+            assert b"".join(bytes(t.bytes) for t in tokens).decode() == reply
+            assert all(t.top_logprobs == [] for t in tokens)  # logprobs without top_logprobs: no alternatives
+            assert "".join(p.delta.content or "" for p in pieces) == reply
+
+            plain = await client.chat.completions.create(**chat)
+            assert plain.choices[0].logprobs is None  # only when asked
+
+            legacy = (await client.completions.create(model=model, prompt="Once", logprobs=2)).choices[0].logprobs
+            assert len(legacy.tokens) == len(reply.encode()) and legacy.token_logprobs == [0.0] * len(legacy.tokens)
+            assert legacy.text_offset[:3] == [0, 1, 2]
+
+            ollama_client = ollama.AsyncClient(host=BASE_URL, transport=transport)
+            said = await ollama_client.chat(**chat, logprobs=True, top_logprobs=3)
+            assert said.logprobs is not None and len(said.logprobs) == len(reply.encode())
+            assert [len(t.top_logprobs or []) for t in said.logprobs] == [1] * len(said.logprobs)
+
+            orphan = await http.post("/v1/chat/completions", json={**chat, "top_logprobs": 2})
+            assert orphan.status_code == 400 and orphan.json()["error"]["param"] == "top_logprobs"
+            too_many = await http.post("/v1/chat/completions", json={**chat, "logprobs": True, "top_logprobs": 21})
+            assert too_many.status_code == 400
+        sent = [sampling.logprobs for sampling in sup.workers.samplings()]
+        assert sent[:2] == [1, 0] and sent[2] is None and sent[3:5] == [2, 3]
+
+    supervised(test)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
-from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta
+from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import WorkerCore
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
@@ -99,3 +102,32 @@ def test_eos_stops_generation(core: WorkerCore) -> None:
     _, stats, finished = generate(core, PROMPT, SamplingParams(temperature=0.0, max_tokens=400))
     assert finished.stop_reason is StopReason.STOP
     assert stats.completion_tokens < 400
+
+
+def test_log_probabilities_describe_the_step_each_token_was_sampled_at(core: WorkerCore) -> None:
+    """Greedy picks the most likely token, so a report read from the right logits has the chosen
+    token first among the alternatives; asking for them changes nothing in the reply, and a prompt
+    served from the cache gives the same figures as one evaluated afresh."""
+
+    def run(sampling: SamplingParams) -> tuple[str, list[TokenLogprobs], int]:
+        out: list[FromWorker] = []
+        core.generate(Generate(request_id="r", session_id="s", prompt=PROMPT, sampling=sampling), out.append,
+                      lambda: False)  # fmt: skip
+        # Each token's report comes just before the text it produced.
+        assert all(isinstance(after, TokenDelta) for report, after in itertools.pairwise(out)
+                   if isinstance(report, TokenLogprobs))  # fmt: skip
+        [stats] = [m for m in out if isinstance(m, GenerationStats)]
+        text = "".join(m.text for m in out if isinstance(m, TokenDelta))
+        return text, [m for m in out if isinstance(m, TokenLogprobs)], stats.completion_tokens
+
+    plain, none, _ = run(GREEDY)
+    text, reports, generated = run(msgspec.structs.replace(GREEDY, logprobs=5))
+    assert text == plain and none == [] and len(reports) == generated > 5
+    for report in reports:
+        assert len(report.top) == 5 and report.top[0].token_bytes == report.chosen.token_bytes
+        assert report.chosen.logprob == pytest.approx(report.top[0].logprob)
+        assert all(a.logprob >= b.logprob for a, b in itertools.pairwise(report.top))
+        assert report.top[-1].logprob < 0 and sum(math.exp(t.logprob) for t in report.top) <= 1.0 + 1e-6
+    assert "".join(r.chosen.token for r in reports) == text
+    _, cached, _ = run(msgspec.structs.replace(GREEDY, logprobs=5))  # the whole prompt is in the cache now
+    assert [r.chosen.logprob for r in cached] == pytest.approx([r.chosen.logprob for r in reports], abs=1e-3)

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
-from bastion.protocol.common import GrammarUse
+from bastion.protocol.common import MAX_TOP_LOGPROBS, GrammarUse, TokenChoice, TokenLogprobs
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, GrammarOutcome, common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore
@@ -351,6 +351,8 @@ class WorkerCore:
             if not sampling.ignore_eos and engine.is_end_of_generation(token):
                 return StopReason.STOP
             run.completion_tokens += 1
+            if sampling.logprobs is not None:
+                emit(self._logprobs(run, token, sampling.logprobs))
             piece, stopped = text.push(engine.token_bytes(token))
             self._stream(run, piece, now, emit)
             run.char_ends.append(run.chars)
@@ -382,6 +384,15 @@ class WorkerCore:
             n=run.completion_tokens,
             tokens_per_s=round(run.decode_speed(now), 2),
         )
+
+    def _logprobs(self, run: _Run, token: int, top: int) -> TokenLogprobs:
+        logprob, best = self._engine.token_logprobs(token, min(top, MAX_TOP_LOGPROBS))
+        return TokenLogprobs(request_id=run.request.request_id, chosen=self._choice(token, logprob),
+                             top=tuple(self._choice(t, p) for t, p in best))
+
+    def _choice(self, token: int, logprob: float) -> TokenChoice:
+        raw = self._engine.token_bytes(token)
+        return TokenChoice(token=raw.decode("utf-8", errors="replace"), token_bytes=raw, logprob=round(logprob, 6))
 
     def _recover(self) -> None:
         try:

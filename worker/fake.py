@@ -145,6 +145,10 @@ class FakeEngine:
         self._has_logits = False
         return token
 
+    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        # A script replays its replies with certainty: probability 1, no alternative.
+        return 0.0, [(token, 0.0)][:top]
+
     def end_sampling(self) -> None:
         self._reply = None
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import llama_cpp
 import msgspec
+import numpy as np
 from llama_cpp import _internals as internals
 
 from bastion.protocol import SamplingParams
@@ -250,6 +251,19 @@ class LlamaCppEngine:
         if self._llama._sampler is None:
             raise EngineError("sample() outside begin_sampling()/end_sampling()")
         return int(self._llama.sample())
+
+    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        # The logits of the step just sampled are still the context's last
+        # output: the sampler reads them into its own candidate array.
+        pointer = llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._info.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            candidates = np.argpartition(-logprobs, top - 1)[:top] if top < len(logprobs) else np.arange(len(logprobs))
+            best = sorted(((int(i), float(logprobs[i])) for i in candidates), key=lambda pair: -pair[1])
+        return float(logprobs[token]), best
 
     def end_sampling(self) -> None:
         sampler, self._llama._sampler = self._llama._sampler, None

@@ -99,7 +99,7 @@ def resolve(request: SamplingRequest, defaults: SamplingDefaults) -> tuple[Sampl
             chosen[name] = defaults.settings.get(name, getattr(base, name))
     chosen["top_k"] = int(chosen["top_k"])
     params = SamplingParams(max_tokens=request.max_tokens, seed=request.seed, ignore_eos=request.ignore_eos,
-                            stop=request.stop, loop_guard=request.loop_guard, **chosen)
+                            stop=request.stop, loop_guard=request.loop_guard, logprobs=request.logprobs, **chosen)
     if len(given) == len(_SETTINGS):
         return params, "flags"
     source = defaults.source if defaults.settings else "bastion"

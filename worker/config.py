@@ -24,6 +24,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     model_path: str
     n_ctx: int = 4096
     threads: int
+    flash_attn: bool = True
     parent_pid: int | None = None
     engine: EngineKind = EngineKind.LLAMA
     fake_script: tuple[str, ...] = ()

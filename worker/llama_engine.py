@@ -38,6 +38,9 @@ class LlamaEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     threads: int = 2
     # Tokens per llama_decode call; the core prefills in chunks of this size.
     n_batch: int = 256
+    # Flash attention: attention computed in tiles, never materialising the
+    # scores of every cached position; faster prefill on CPU, less memory.
+    flash_attn: bool = True
 
 
 class LlamaCppEngine:
@@ -54,6 +57,7 @@ class LlamaCppEngine:
                     n_ubatch=config.n_batch,
                     n_threads=config.threads,
                     n_threads_batch=config.threads,
+                    flash_attn=config.flash_attn,
                     verbose=False,
                 )
         except (ValueError, RuntimeError) as exc:
@@ -193,7 +197,7 @@ class LlamaCppEngine:
     def state_layout(self) -> str:
         return (
             f"llama.cpp {llama_cpp.__version__}; {self._info.architecture}; n_ctx {self._info.n_ctx};"
-            f" n_swa {self._n_swa}; kv f16; seq 0"
+            f" n_swa {self._n_swa}; kv f16; flash attention {'on' if self._config.flash_attn else 'off'}; seq 0"
         )
 
     def set_threads(self, threads: int) -> None:

@@ -56,6 +56,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     source: ModelSource
     n_ctx: int = DEFAULT_N_CTX
     threads: int | None = None  # None: the worker picks
+    # Flash attention in the worker (faster prefill, no per-position score buffers).
+    flash_attn: bool = True
     template: BuiltinTemplate | None = None  # None: the GGUF's own, else by architecture
     description: str = ""
     # Seconds idle before the model is unloaded; -1 never, 0 as soon as it is idle.
@@ -82,6 +84,7 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     path: str | UnsetType = UNSET
     n_ctx: Annotated[int, msgspec.Meta(ge=16)] | UnsetType = UNSET
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | UnsetType = UNSET
+    flash_attn: bool | UnsetType = UNSET
     template: BuiltinTemplate | UnsetType = UNSET
     description: str | UnsetType = UNSET
     keep_alive: str | int | float | UnsetType = UNSET
@@ -291,6 +294,7 @@ def _spec(name: str, entry: _Entry, layer: _Layer, memory: MemorySettings) -> Mo
         source=source,
         n_ctx=DEFAULT_N_CTX if entry.n_ctx is UNSET else entry.n_ctx,
         threads=None if entry.threads is UNSET else entry.threads,
+        flash_attn=True if isinstance(entry.flash_attn, UnsetType) else entry.flash_attn,
         template=None if entry.template is UNSET else entry.template,
         description="" if entry.description is UNSET else entry.description,
         keep_alive_s=(

@@ -85,6 +85,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     n_ctx: int
     threads: int
     engine: str = "llama"
+    flash_attn: bool = True
     kv_ram_bytes: int = 0
     kv_disk_bytes: int = 0
 
@@ -303,10 +304,10 @@ class WorkerPool:
 
     async def spawn(
         self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama",
-        kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
+        flash_attn: bool = True, kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
     ) -> WorkerHandle:
         launch = WorkerLaunch(
-            name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine,
+            name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine, flash_attn=flash_attn,
             kv_ram_bytes=self._config.kv_ram_bytes if kv_ram_bytes is None else kv_ram_bytes,
             kv_disk_bytes=self._config.kv_disk_bytes if kv_disk_bytes is None else kv_disk_bytes,
         )  # fmt: skip
@@ -334,6 +335,7 @@ class WorkerPool:
             "--model-path", str(launch.model_path),
             "--n-ctx", str(launch.n_ctx),
             "--threads", str(launch.threads),
+            "--flash-attn", "on" if launch.flash_attn else "off",
             "--parent-pid", str(os.getpid()),
             "--engine", launch.engine,
             "--heartbeat-interval", str(self._config.heartbeat_interval_s),

@@ -105,6 +105,14 @@ class Shutdown(Message, frozen=True, tag="shutdown"):
     request_id: str = ""
 
 
+class KvCacheType(enum.Enum):
+    """How a model worker stores its KV cache: llama.cpp's f16, or q8_0 (8-bit
+    blocks, about half the memory; needs flash attention)."""
+
+    F16 = "f16"
+    Q8_0 = "q8_0"
+
+
 # The most alternatives a token's log-probability report lists (OpenAI's limit too).
 MAX_TOP_LOGPROBS = 20
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]

@@ -191,6 +191,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     snapshots_disk: int = 0
     snapshot_disk_bytes: int = 0
     flash_attn: bool = False  # whether the worker computes attention with flash attention
+    kv_cache_type: str = "f16"  # how its KV cache is stored (KvCacheType's values)
 
 
 class RunStarted(Message, frozen=True, tag="run_start"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from bastion.protocol import HomeLayout
+from bastion.protocol import HomeLayout, KvCacheType
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import InsufficientMemoryError, ModelBusyError, RegistryError
 from bastion.supervisor.models.loaded import LoadedModels, status_of
@@ -97,6 +97,8 @@ def test_turning_flash_attention_off_replaces_the_worker_with_one_started_withou
         second, already = await models.ensure_loaded(spec(tmp_path, "a", flash_attn=False), nothing)
         assert not already and first.handle.exited.done() and second.reload_reason == "flash_attn true → false"
         assert pool.started[-1].launch.flash_attn is False
+        third, _ = await models.ensure_loaded(spec(tmp_path, "a", kv_cache_type=KvCacheType.Q8_0), nothing)
+        assert third.reload_reason == "flash_attn false → true, kv_cache_type f16 → q8_0"
 
     asyncio.run(scenario())
 

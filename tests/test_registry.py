@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.protocol import HomeLayout
+from bastion.protocol import HomeLayout, KvCacheType
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
 from bastion.supervisor.models.registry import DEFAULT_N_CTX, ModelRegistry
 from bastion.supervisor.models.sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf
@@ -109,6 +109,18 @@ def test_flash_attention_is_on_unless_an_entry_turns_it_off(layout: HomeLayout) 
     assert ModelRegistry.load(layout).lookup("smollm2-135m").flash_attn is False
     write_config(layout, '[models.smollm2-135m]\nflash_attn = "no"\n')
     with pytest.raises(RegistryError, match=r"models\.smollm2-135m\.flash_attn"):
+        ModelRegistry.load(layout)
+
+
+def test_a_quantized_kv_cache_is_chosen_per_model_and_needs_flash_attention(layout: HomeLayout) -> None:
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").kv_cache_type is KvCacheType.F16
+    write_config(layout, '[models.smollm2-135m]\nkv_cache_type = "q8_0"\n')
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").kv_cache_type is KvCacheType.Q8_0
+    write_config(layout, '[models.smollm2-135m]\nkv_cache_type = "q8_0"\nflash_attn = false\n')
+    with pytest.raises(RegistryError, match="needs flash_attn"):
+        ModelRegistry.load(layout)
+    write_config(layout, '[models.smollm2-135m]\nkv_cache_type = "q3"\n')
+    with pytest.raises(RegistryError, match=r"models\.smollm2-135m\.kv_cache_type"):
         ModelRegistry.load(layout)
 
 

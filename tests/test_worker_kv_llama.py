@@ -11,7 +11,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from bastion.protocol import CacheSource, GenerationStats, HomeLayout, SamplingParams, TokenDelta
+from bastion.protocol import CacheSource, GenerationStats, HomeLayout, KvCacheType, SamplingParams, TokenDelta
 from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.supervisor.models.registry import ModelRegistry
 from bastion.supervisor.models.sources import resolve_gguf
@@ -98,6 +98,32 @@ def test_switching_back_to_a_session_restores_its_snapshot_and_answers_the_same(
     assert stats.cached_tokens >= stats.prompt_tokens - len(new) - 1
     assert stats.kv_digest == token_digest(smol.tokenize(follow_up))
     assert text == fresh_reply(smol, follow_up)
+
+
+def test_a_q8_0_cache_restores_as_exactly_as_an_f16_one(tmp_path: Path) -> None:
+    """The quantized cache's snapshot restores the same bytes it saved: the follow-up answers
+    as a fresh prefill into that cache does, and an f16 worker refuses its snapshot."""
+    path = smollm2_gguf()
+    q8 = LlamaCppEngine(LlamaEngineConfig(model_path=str(path), n_ctx=1024, threads=2,
+                                          kv_cache_type=KvCacheType.Q8_0))  # fmt: skip
+    try:
+        assert "kv q8_0" in q8.state_layout()
+        core = WorkerCore(q8, snapshots=store_for(q8, path, tmp_path))
+        reply_a, _ = generate(core, "A", chatml([], QUESTION))
+        generate(core, "B", chatml([], OTHER, system="You answer in one short sentence."))
+        follow_up = chatml([(QUESTION, reply_a)], "Why that one?")
+        text, stats = generate(core, "A", follow_up)
+        assert stats.cache_source is CacheSource.RAM and stats.kv_digest == token_digest(q8.tokenize(follow_up))
+        assert text == fresh_reply(q8, follow_up)
+        store_for(q8, path, tmp_path).close()
+    finally:
+        q8.close()
+    f16 = LlamaCppEngine(LlamaEngineConfig(model_path=str(path), n_ctx=1024, threads=2))
+    try:
+        _, stats = generate(WorkerCore(f16, snapshots=store_for(f16, path, tmp_path)), "A", follow_up)
+        assert stats.cache_source is CacheSource.NONE and "other context settings" in stats.cache_note
+    finally:
+        f16.close()
 
 
 def test_a_new_worker_restores_the_session_from_disk_and_answers_the_same(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from bastion.protocol import KvCacheType
 from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.engine import Engine
 from bastion.worker.lifecycle import ExitCode
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-ctx", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on", help="flash attention (llama engine)")
+    parser.add_argument("--kv-cache-type", choices=[kind.value for kind in KvCacheType], default="f16",
+                        help="how the KV cache is stored (llama engine; q8_0 needs flash attention)")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit at once if this is not our parent")
     engines = [kind.value for kind in EngineKind]
     parser.add_argument("--engine", choices=engines, default=EngineKind.LLAMA.value)
@@ -60,6 +63,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         script = tuple(replies)
     if args.n_ctx < 1 or args.threads < 1 or args.heartbeat_interval <= 0 or args.heartbeat_timeout <= 0:
         parser.error("--n-ctx, --threads and the heartbeat settings must be positive")
+    if args.kv_cache_type != KvCacheType.F16.value and args.flash_attn == "off":
+        parser.error(f"--kv-cache-type {args.kv_cache_type} needs flash attention (llama.cpp stores V quantized only then)")
     if args.kv_ram_bytes < 0 or args.kv_disk_bytes < 0:
         parser.error("--kv-ram-bytes and --kv-disk-bytes must not be negative")
     return WorkerConfig(
@@ -70,6 +75,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         n_ctx=args.n_ctx,
         threads=args.threads,
         flash_attn=args.flash_attn == "on",
+        kv_cache_type=KvCacheType(args.kv_cache_type),
         parent_pid=args.parent_pid,
         engine=EngineKind(args.engine),
         fake_script=script,
@@ -109,7 +115,7 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
         from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 
         llama = LlamaEngineConfig(model_path=config.model_path, n_ctx=config.n_ctx, threads=config.threads,
-                                  flash_attn=config.flash_attn)
+                                  flash_attn=config.flash_attn, kv_cache_type=config.kv_cache_type)
         return LlamaCppEngine(llama)
 
     return build

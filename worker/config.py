@@ -10,6 +10,8 @@ import enum
 
 import msgspec
 
+from bastion.protocol import KvCacheType
+
 
 class EngineKind(enum.Enum):
     LLAMA = "llama"
@@ -25,6 +27,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     n_ctx: int = 4096
     threads: int
     flash_attn: bool = True
+    kv_cache_type: KvCacheType = KvCacheType.F16
     parent_pid: int | None = None
     engine: EngineKind = EngineKind.LLAMA
     fake_script: tuple[str, ...] = ()

@@ -22,7 +22,7 @@ import msgspec
 import numpy as np
 from llama_cpp import _internals as internals
 
-from bastion.protocol import SamplingParams
+from bastion.protocol import KvCacheType, SamplingParams
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import CallGrammar
 from bastion.worker.engine import EngineError, EngineInfo, GrammarOutcome, InvalidModelFile, reusable_prefix
@@ -30,6 +30,9 @@ from bastion.worker.grammar import GrammarCache, GrammarError
 
 _PIECE_BUFFER = 64
 _GGUF_MAGIC = b"GGUF"
+
+
+_GGML_TYPES = {KvCacheType.F16: llama_cpp.GGML_TYPE_F16, KvCacheType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
 
 
 class LlamaEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -41,6 +44,7 @@ class LlamaEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Flash attention: attention computed in tiles, never materialising the
     # scores of every cached position; faster prefill on CPU, less memory.
     flash_attn: bool = True
+    kv_cache_type: KvCacheType = KvCacheType.F16
 
 
 class LlamaCppEngine:
@@ -58,6 +62,8 @@ class LlamaCppEngine:
                     n_threads=config.threads,
                     n_threads_batch=config.threads,
                     flash_attn=config.flash_attn,
+                    type_k=_GGML_TYPES[config.kv_cache_type],
+                    type_v=_GGML_TYPES[config.kv_cache_type],
                     verbose=False,
                 )
         except (ValueError, RuntimeError) as exc:
@@ -197,7 +203,7 @@ class LlamaCppEngine:
     def state_layout(self) -> str:
         return (
             f"llama.cpp {llama_cpp.__version__}; {self._info.architecture}; n_ctx {self._info.n_ctx};"
-            f" n_swa {self._n_swa}; kv f16; flash attention {'on' if self._config.flash_attn else 'off'}; seq 0"
+            f" n_swa {self._n_swa}; kv {self._config.kv_cache_type.value}; flash attention {'on' if self._config.flash_attn else 'off'}; seq 0"
         )
 
     def set_threads(self, threads: int) -> None:

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import msgspec
 
+from bastion.protocol import KvCacheType
 from bastion.protocol.control import MemoryBudgetSource
 from bastion.protocol.quantities import format_bytes, parse_size
 from bastion.supervisor.errors import InsufficientMemoryError, InvalidModelFileError
@@ -64,8 +65,9 @@ ATTENTION_BYTES_PER_SCORE = 7
 FLASH_ATTENTION_BYTES_PER_SCORE = 1
 # The worker's n_batch and n_ubatch (worker/llama_engine.py): tokens evaluated per step.
 WORKER_UBATCH = 256
-# KV cache cells are f16 (llama.cpp's default type_k/type_v).
-KV_BYTES_PER_VALUE = 2
+# KV cache cells are f16 (llama.cpp's default type_k/type_v), or q8_0: blocks
+# of 32 values in 34 bytes (the values and an f16 scale).
+KV_BYTES_PER_VALUE = {KvCacheType.F16: 2.0, KvCacheType.Q8_0: 34 / 32}
 # A scripted worker is a Python process with no model: ~29 MiB measured.
 SCRIPTED_BYTES = 32 * MiB
 
@@ -149,7 +151,8 @@ def _window_layers(metadata: GgufMetadata, arch: str, n_layer: int) -> list[bool
     return [period > 1 and layer % period < period - 1 for layer in range(n_layer)]
 
 
-def estimate(shape: ModelShape, n_ctx: int, flash_attn: bool = True) -> MemoryEstimate:
+def estimate(shape: ModelShape, n_ctx: int, flash_attn: bool = True,
+             kv_cache_type: KvCacheType = KvCacheType.F16) -> MemoryEstimate:
     """Resident bytes of a worker serving `shape` with `n_ctx` once its context is full.
 
     Weights are mmap'd and count in full (every page is touched by a forward
@@ -157,10 +160,11 @@ def estimate(shape: ModelShape, n_ctx: int, flash_attn: bool = True) -> MemoryEs
     llama.cpp's swa_full on, so window layers allocate n_ctx cells too. Their
     snapshot holds only the cells still in the window (llama.cpp prunes the
     rest), which is why Gemma's is small."""
-    kv_cache = n_ctx * shape.kv_values_per_token * KV_BYTES_PER_VALUE
+    value_bytes = KV_BYTES_PER_VALUE[kv_cache_type]
+    kv_cache = int(n_ctx * shape.kv_values_per_token * value_bytes)
     window_cells = min(n_ctx, shape.sliding_window + WORKER_UBATCH)
     global_values = shape.kv_values_per_token - shape.window_kv_values_per_token
-    snapshot = (n_ctx * global_values + window_cells * shape.window_kv_values_per_token) * KV_BYTES_PER_VALUE
+    snapshot = int((n_ctx * global_values + window_cells * shape.window_kv_values_per_token) * value_bytes)
     scores = n_ctx * min(n_ctx, WORKER_UBATCH) * shape.n_head_max
     return MemoryEstimate(
         weights_bytes=shape.weights_bytes,
@@ -187,11 +191,12 @@ class Estimator:
     def __init__(self) -> None:
         self._facts: dict[tuple[str, int, int], tuple[ModelShape, SamplingDefaults]] = {}
 
-    def of_gguf(self, path: Path, n_ctx: int, flash_attn: bool = True) -> MemoryEstimate:
+    def of_gguf(self, path: Path, n_ctx: int, flash_attn: bool = True,
+                kv_cache_type: KvCacheType = KvCacheType.F16) -> MemoryEstimate:
         facts = self._read(path)
         if facts is None:
             return estimate_from_file_size(path.stat().st_size)
-        return estimate(facts[0], n_ctx, flash_attn)
+        return estimate(facts[0], n_ctx, flash_attn, kv_cache_type)
 
     def sampling_of(self, path: Path) -> SamplingDefaults:
         """The model's recommended sampler settings (sampling.py)."""

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from bastion.protocol import HomeLayout
+from bastion.protocol import HomeLayout, KvCacheType
 from bastion.protocol.quantities import parse_duration, parse_size
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
 from bastion.supervisor.models.memory import BudgetSetting, parse_budget
@@ -58,6 +58,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     threads: int | None = None  # None: the worker picks
     # Flash attention in the worker (faster prefill, no per-position score buffers).
     flash_attn: bool = True
+    # f16, or q8_0: about half the KV memory (and snapshot bytes), needs flash attention.
+    kv_cache_type: KvCacheType = KvCacheType.F16
     template: BuiltinTemplate | None = None  # None: the GGUF's own, else by architecture
     description: str = ""
     # Seconds idle before the model is unloaded; -1 never, 0 as soon as it is idle.
@@ -85,6 +87,7 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     n_ctx: Annotated[int, msgspec.Meta(ge=16)] | UnsetType = UNSET
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | UnsetType = UNSET
     flash_attn: bool | UnsetType = UNSET
+    kv_cache_type: KvCacheType | UnsetType = UNSET
     template: BuiltinTemplate | UnsetType = UNSET
     description: str | UnsetType = UNSET
     keep_alive: str | int | float | UnsetType = UNSET
@@ -289,12 +292,18 @@ def _spec(name: str, entry: _Entry, layer: _Layer, memory: MemorySettings) -> Mo
         source = LocalPath(path=entry.path)
     else:
         raise RegistryError(f"{where}: models.{name}: no `source` or `path` says where its GGUF is")
+    flash_attn = True if isinstance(entry.flash_attn, UnsetType) else entry.flash_attn
+    kv_cache_type = KvCacheType.F16 if isinstance(entry.kv_cache_type, UnsetType) else entry.kv_cache_type
+    if kv_cache_type is not KvCacheType.F16 and not flash_attn:
+        raise RegistryError(f"{where}: models.{name}: kv_cache_type {kv_cache_type.value!r} needs flash_attn "
+                            "(llama.cpp stores V quantized only with flash attention); drop one of the two")
     return ModelSpec(
         name=name,
         source=source,
         n_ctx=DEFAULT_N_CTX if entry.n_ctx is UNSET else entry.n_ctx,
         threads=None if entry.threads is UNSET else entry.threads,
-        flash_attn=True if isinstance(entry.flash_attn, UnsetType) else entry.flash_attn,
+        flash_attn=flash_attn,
+        kv_cache_type=kv_cache_type,
         template=None if entry.template is UNSET else entry.template,
         description="" if entry.description is UNSET else entry.description,
         keep_alive_s=(

@@ -38,6 +38,7 @@ from bastion.protocol import (
     Hello,
     HelloAccepted,
     HomeLayout,
+    KvCacheType,
     RequestFailed,
     Role,
     Shutdown,
@@ -86,6 +87,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     threads: int
     engine: str = "llama"
     flash_attn: bool = True
+    kv_cache_type: KvCacheType = KvCacheType.F16
     kv_ram_bytes: int = 0
     kv_disk_bytes: int = 0
 
@@ -304,10 +306,12 @@ class WorkerPool:
 
     async def spawn(
         self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama",
-        flash_attn: bool = True, kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
+        flash_attn: bool = True, kv_cache_type: KvCacheType = KvCacheType.F16, kv_ram_bytes: int | None = None,
+        kv_disk_bytes: int | None = None,
     ) -> WorkerHandle:
         launch = WorkerLaunch(
             name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine, flash_attn=flash_attn,
+            kv_cache_type=kv_cache_type,
             kv_ram_bytes=self._config.kv_ram_bytes if kv_ram_bytes is None else kv_ram_bytes,
             kv_disk_bytes=self._config.kv_disk_bytes if kv_disk_bytes is None else kv_disk_bytes,
         )  # fmt: skip
@@ -336,6 +340,7 @@ class WorkerPool:
             "--n-ctx", str(launch.n_ctx),
             "--threads", str(launch.threads),
             "--flash-attn", "on" if launch.flash_attn else "off",
+            "--kv-cache-type", launch.kv_cache_type.value,
             "--parent-pid", str(os.getpid()),
             "--engine", launch.engine,
             "--heartbeat-interval", str(self._config.heartbeat_interval_s),

@@ -205,7 +205,7 @@ def model_table(models: list[ModelStatus]) -> str:
             _state(model),
             f"{model.rss_bytes / 2**20:.0f} MiB",
             memory_cell(model),
-            str(model.n_ctx),
+            _context(model),
             str(model.kv_tokens),
             _snapshots(model),
             str(model.threads),
@@ -223,6 +223,11 @@ def model_table(models: list[ModelStatus]) -> str:
         elif model.state is WorkerState.RESTARTING and model.failure:
             lines.append(f"{model.name} is restarting: {model.failure}")
     return "\n".join(lines)
+
+
+def _context(model: ModelStatus) -> str:
+    """`4096`, or `4096 (kv q8_0)` when the KV cache is stored other than in f16."""
+    return str(model.n_ctx) if model.kv_cache_type == "f16" else f"{model.n_ctx} (kv {model.kv_cache_type})"
 
 
 def _state(model: ModelStatus) -> str:

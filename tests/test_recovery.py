@@ -300,12 +300,13 @@ def test_ps_shows_restarts_failures_and_kv_snapshots() -> None:
 
     serving = ModelStatus(name="a", path="/a.gguf", state=WorkerState.IDLE, pid=42, restarts=2,
                           failure="was killed by SIGKILL", snapshots_ram=2, snapshot_ram_bytes=3 * 2**20,
-                          snapshots_disk=1, snapshot_disk_bytes=2**20)
+                          snapshots_disk=1, snapshot_disk_bytes=2**20, n_ctx=4096, kv_cache_type="q8_0")
     failed = ModelStatus(name="b", path="/b.gguf", state=WorkerState.FAILED, pid=0, restarts=2,
                          failure="crashed 3 times within 60 s; last: exited with code 1: out of memory")
     table = model_table([serving, failed]).splitlines()
     assert "KV SNAPSHOTS" in table[0]
     assert "idle (2 restarts)" in table[1] and "2, 3.0 MiB + 1 on disk, 1.0 MiB" in table[1]
+    assert "4096 (kv q8_0)" in table[1]
     assert table[2].split()[:3] == ["b", "-", "failed"]
     assert "b failed: crashed 3 times within 60 s; last: exited with code 1: out of memory" in table
     assert "  run `bastion load b` to try again" in table

@@ -177,7 +177,7 @@ def test_cancel_between_tokens() -> None:
     def cancelled() -> bool:
         nonlocal polls
         polls += 1
-        return polls > 4  # the prefill check, then three tokens
+        return polls > 5  # before the prompt's one chunk and inside it, then three tokens
 
     out = run(core, "q", cancelled=cancelled)
     stats, finished = ending(out)
@@ -201,6 +201,22 @@ def test_cancel_during_prefill_stops_between_chunks() -> None:
     assert stats.completion_tokens == 0 and finished.kv_tokens == 256
     # What was evaluated stays usable: the retry reuses it.
     assert ending(run(core, prompt))[0].cached_tokens == 256
+
+
+def test_a_cancel_noticed_inside_a_chunk_keeps_only_the_chunks_before_it() -> None:
+    """The engine is handed the cancel check for every prefill chunk (llama.cpp calls it between
+    graph nodes); a chunk interrupted that way leaves nothing, the ones before it stay."""
+    core, engine = make_core()
+    prompt = "x" * 700
+    inside_second = iter([False, False, False, True])  # chunk 1: before, inside; chunk 2: before, inside
+
+    out = run(core, prompt, cancelled=lambda: next(inside_second, True))
+    stats, finished = ending(out)
+    assert finished.stop_reason is StopReason.CANCELLED and engine.checked_cancel_inside == [True, True]
+    assert engine.evaluated_chunks == [256] and finished.kv_tokens == 256 and engine.kv_tokens() == 256
+    assert ending(run(core, prompt))[0].cached_tokens == 256
+    # Single-token decode steps are never handed the check (it would cost each step dearly).
+    assert engine.checked_cancel_inside[-1] is False
 
 
 def test_prompt_longer_than_context_is_refused() -> None:

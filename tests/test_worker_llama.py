@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
+import time
 from collections.abc import Iterator
 
 import msgspec
@@ -131,3 +133,42 @@ def test_log_probabilities_describe_the_step_each_token_was_sampled_at(core: Wor
     assert "".join(r.chosen.token for r in reports) == text
     _, cached, _ = run(msgspec.structs.replace(GREEDY, logprobs=5))  # the whole prompt is in the cache now
     assert [r.chosen.logprob for r in cached] == pytest.approx([r.chosen.logprob for r in reports], abs=1e-3)
+
+
+def test_a_cancel_during_a_long_prefill_stops_inside_the_chunk_and_keeps_the_state_exact(
+    core: WorkerCore, engine: LlamaCppEngine
+) -> None:
+    """llama.cpp checks the cancel between graph nodes while the worker prefills, so a cancel
+    waits for no chunk to finish; the interrupted chunk leaves nothing in the cache."""
+    facts = " ".join(f"Fact {i}: the number {i} is odd or even." for i in range(60))
+    prompt = f"<|im_start|>user\n{facts}\nWhich fact is first?<|im_end|>\n<|im_start|>assistant\n"
+    tokens = engine.tokenize(prompt)
+    assert 3 * 256 < len(tokens) < 1000
+    engine.reset()
+    started = time.perf_counter()
+    engine.evaluate(tokens[:256])
+    chunk_s = time.perf_counter() - started  # one chunk's time here, now
+    engine.reset()
+
+    cancel, fired = threading.Event(), []
+
+    def fire() -> None:
+        fired.append(time.perf_counter())
+        cancel.set()
+
+    out: list[FromWorker] = []
+    timer = threading.Timer(1.5 * chunk_s, fire)  # inside the second chunk
+    timer.start()
+    try:
+        core.generate(Generate(request_id="r", session_id="s", prompt=prompt, sampling=GREEDY), out.append,
+                      cancel.is_set)  # fmt: skip
+    finally:
+        timer.cancel()
+    stopped = time.perf_counter()
+    assert isinstance(out[-1], GenerationFinished) and out[-1].stop_reason is StopReason.CANCELLED
+    assert fired and stopped - fired[0] < chunk_s / 3, (stopped - fired[0], chunk_s)
+    assert engine.kv_tokens() in (256, 512) and engine.kv_token_ids() == tokens[: engine.kv_tokens()]
+    resumed, stats, _ = generate(core, prompt)  # continues from what was kept, and answers as a fresh prefill
+    assert 0 < stats.cached_tokens <= 512
+    engine.reset()
+    assert resumed == generate(WorkerCore(engine), prompt)[0]

@@ -43,7 +43,14 @@ import msgspec
 from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
 from bastion.protocol.common import MAX_TOP_LOGPROBS, GrammarUse, TokenChoice, TokenLogprobs
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, GrammarOutcome, common_prefix_length
+from bastion.worker.engine import (
+    MIN_EVALUATED,
+    Engine,
+    EngineError,
+    EvaluationCancelled,
+    GrammarOutcome,
+    common_prefix_length,
+)
 from bastion.worker.kv_snapshots import SnapshotStore
 from bastion.worker.repetition import RepetitionGuard, keep_whole_words
 from bastion.worker.text import TextStream
@@ -317,7 +324,11 @@ class WorkerCore:
             if cancelled():
                 return False
             self._adjust_threads()
-            self._engine.evaluate(chunk)
+            try:
+                # A chunk of a long prompt can take a second: the engine checks for a cancel inside it.
+                self._engine.evaluate(chunk, cancelled)
+            except EvaluationCancelled:
+                return False
             self._progress += len(chunk)
             self._kv_tokens += len(chunk)
         return True

@@ -43,7 +43,7 @@ and are used from one thread at a time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import msgspec
@@ -55,6 +55,11 @@ from bastion.protocol.worker_wire import CallGrammar
 
 class EngineError(Exception):
     """The engine could not do what was asked (a failed load or decode, a full context)."""
+
+
+class EvaluationCancelled(Exception):
+    """`evaluate` stopped partway because its `cancelled` check said so; the KV state holds
+    what it held before the call (nothing of the interrupted tokens)."""
 
 
 class InvalidModelFile(EngineError):
@@ -97,7 +102,10 @@ class Engine(Protocol):
 
     def keep_prefix(self, tokens: Sequence[int]) -> int: ...
 
-    def evaluate(self, tokens: Sequence[int]) -> None: ...
+    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
+        """Extend the KV state with `tokens`. With `cancelled`, the engine checks it while it computes
+        (not only between calls) and raises EvaluationCancelled soon after it turns true."""
+        ...
 
     def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome: ...
 

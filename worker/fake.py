@@ -15,14 +15,20 @@ process, provoke an engine failure mid-request).
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import msgspec
 
 from bastion.protocol import SamplingParams
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import CallGrammar
-from bastion.worker.engine import EngineError, EngineInfo, GrammarOutcome, reusable_prefix
+from bastion.worker.engine import (
+    EngineError,
+    EngineInfo,
+    EvaluationCancelled,
+    GrammarOutcome,
+    reusable_prefix,
+)
 
 BOS = 256
 EOS = 257
@@ -60,6 +66,7 @@ class FakeEngine:
         self._position = 0
         self._fail = config.fail_marker.encode() if config.fail_marker else b""
         self.evaluated_chunks: list[int] = []  # sizes, for tests of the chunking policy
+        self.checked_cancel_inside: list[bool] = []  # per evaluate: whether it could be cancelled midway
         self.shifted: list[tuple[int, int]] = []  # context shifts, for tests
         self.grammars: list[CallGrammar | None] = []  # what each generation was asked to follow, for tests
         self.threads = 1
@@ -105,9 +112,12 @@ class FakeEngine:
         self._has_logits = False
         return keep
 
-    def evaluate(self, tokens: Sequence[int]) -> None:
+    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
         if not tokens:
             raise EngineError("evaluate() of no tokens")
+        self.checked_cancel_inside.append(cancelled is not None)
+        if cancelled is not None and cancelled():  # as llama.cpp's abort check, mid-computation
+            raise EvaluationCancelled
         if len(tokens) > self._config.n_batch:
             raise EngineError(f"chunk of {len(tokens)} exceeds n_batch {self._config.n_batch}")
         if len(self._kv) + len(tokens) > self._config.n_ctx:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import llama_cpp
 import msgspec
@@ -25,13 +25,21 @@ from llama_cpp import _internals as internals
 from bastion.protocol import KvCacheType, SamplingParams
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import CallGrammar
-from bastion.worker.engine import EngineError, EngineInfo, GrammarOutcome, InvalidModelFile, reusable_prefix
+from bastion.worker.engine import (
+    EngineError,
+    EngineInfo,
+    EvaluationCancelled,
+    GrammarOutcome,
+    InvalidModelFile,
+    reusable_prefix,
+)
 from bastion.worker.grammar import GrammarCache, GrammarError
 
 _PIECE_BUFFER = 64
 _GGUF_MAGIC = b"GGUF"
 
 
+_NO_ABORT_CHECK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: no check
 _GGML_TYPES = {KvCacheType.F16: llama_cpp.GGML_TYPE_F16, KvCacheType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
 
 
@@ -78,6 +86,10 @@ class LlamaCppEngine:
         self._n_swa = int(llama_cpp.llama_model_n_swa(self._llama.model))
         self._threads = config.threads
         self._shift_pending = False
+        self._cancel_check: Callable[[], bool] | None = None
+        self._aborted = False
+        # Kept referenced for as long as llama.cpp may call it.
+        self._abort_check = llama_cpp.ggml_abort_callback(self._should_abort)
         self._info = self._read_info()
 
     def _token_text(self, token: int) -> str:
@@ -211,14 +223,34 @@ class LlamaCppEngine:
             llama_cpp.llama_set_n_threads(self._llama.ctx, threads, threads)
             self._threads = threads
 
-    def evaluate(self, tokens: Sequence[int]) -> None:
+    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
         if self._llama.n_tokens + len(tokens) > self._info.n_ctx:
             raise EngineError(f"context full: {self._llama.n_tokens} + {len(tokens)} > {self._info.n_ctx}")
+        self._cancel_check, self._aborted = cancelled, False
+        if cancelled is not None:
+            # Only while asked: llama.cpp calls the check before every graph node, and
+            # entering Python that often would cost a single-token decode step dearly.
+            llama_cpp.llama_set_abort_callback(self._llama.ctx, self._abort_check, None)
         try:
             self._llama.eval(list(tokens))
         except RuntimeError as exc:
+            if self._aborted:
+                # Whatever of the interrupted batch reached the cache goes: the state is
+                # exactly the tokens evaluated before this call.
+                llama_cpp.llama_memory_seq_rm(self._memory(), -1, self._llama.n_tokens, -1)
+                raise EvaluationCancelled from None
             raise EngineError(str(exc)) from exc
+        finally:
+            if cancelled is not None:
+                llama_cpp.llama_set_abort_callback(self._llama.ctx, _NO_ABORT_CHECK, None)
+            self._cancel_check = None
         self._shift_pending = False
+
+    def _should_abort(self, _data: ctypes.c_void_p) -> bool:
+        check = self._cancel_check
+        if check is not None and check():
+            self._aborted = True
+        return self._aborted
 
     def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
         # Llama's sampler chain reads the seed when it is built.

@@ -11,7 +11,9 @@ Guarantees to a client, per request id:
 - a `Run` or a `Complete` gets exactly one `RunFinished`, preceded by a
   `RequestFailed` when its stop reason is `error`;
 - every other request gets exactly one answer (its result or a `RequestFailed`);
-- a request before the hello, or during shutdown, is refused with a typed error.
+- a request before the hello, or during shutdown, is refused with a typed error;
+- a client process that dies (its hello named its pid) has its runs cancelled
+  at once, so a killed `bastion run` does not leave its generation running.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Supervisor:
         self._send = sink
         self._request_shutdown = request_shutdown
         self._clients: set[bytes] = set()
+        self._client_watches: dict[bytes, int] = {}  # client -> pidfd of its process
         self._runs: dict[tuple[bytes, str], ActiveRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
@@ -153,7 +156,38 @@ class Supervisor:
             )  # fmt: skip
             return
         self._clients.add(client)
+        if hello.pid > 0:
+            self._watch_client(client, hello.pid)
         self._send(client, HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=os.getpid()))
+
+    def _watch_client(self, client: bytes, pid: int) -> None:
+        """Be told the moment the client's process exits (a pidfd turns readable): a client
+        killed mid-run sends no Cancel, and its socket's end is invisible to a ROUTER."""
+        self._unwatch_client(client)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (OSError, AttributeError) as exc:
+            # Already gone, in another pid namespace, or a kernel without pidfds: its runs
+            # then end as requests do, at their end or on Cancel.
+            log.info("cannot watch client %r (pid %d): %s", client, pid, exc)
+            return
+        self._client_watches[client] = pidfd
+        asyncio.get_running_loop().add_reader(pidfd, self._client_exited, client, pid)
+
+    def _unwatch_client(self, client: bytes) -> None:
+        pidfd = self._client_watches.pop(client, None)
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+
+    def _client_exited(self, client: bytes, pid: int) -> None:
+        self._unwatch_client(client)
+        self._clients.discard(client)
+        mine = [run for (owner, _), run in self._runs.items() if owner == client and not run.done]
+        if mine:
+            log.warning("client %r (pid %d) exited with %d run(s) in flight: cancelling them", client, pid, len(mine))
+        for run in mine:
+            run.request_cancel()
 
     def _reply_error(self, client: bytes, request_id: str, code: ErrorCode, message: str, *,
                      retryable: bool = False) -> None:
@@ -218,6 +252,8 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self._shutting_down = True
+        for client in list(self._client_watches):
+            self._unwatch_client(client)
         # Runs end as failed-and-retryable, not cancelled: nobody pressed Ctrl-C.
         for run in list(self._runs.values()):
             run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)

@@ -173,6 +173,26 @@ def test_ctrl_c_cancels_the_generation_in_the_worker(shared_bastion: Bastion) ->
     assert shared_bastion("run", "Hi", "--max-tokens", "3").returncode == 0
 
 
+def test_a_killed_client_s_generation_stops_in_the_worker(shared_bastion: Bastion) -> None:
+    """SIGKILL sends no Cancel: the supervisor watches the process the client's hello named."""
+    process, _events, first_token, reader = start_streaming(
+        shared_bastion, "Write a very long essay about the history of bread.", "--max-tokens", "3000",
+        "--ignore-eos", "-s", "killed-client")
+    assert first_token.wait(120)
+    assert shared_bastion.models()["smollm2-135m"].state is WorkerState.BUSY
+    process.kill()
+    killed = time.monotonic()
+    process.wait(10)
+    reader.join(10)
+    status = shared_bastion.wait_for_model("smollm2-135m", lambda m: m.state is WorkerState.IDLE, timeout=30)
+    idle_after = time.monotonic() - killed
+    assert status.state is WorkerState.IDLE and idle_after < 1.0, f"busy for {idle_after:.2f} s after the kill"
+    # The partial reply is kept, marked as cut short, and the session goes on.
+    code, (shown,) = shared_bastion.json("sessions", "show", "killed-client")
+    assert code == 0 and shown["messages"][-1]["role"] == "assistant"
+    assert shared_bastion("run", "Hi", "--max-tokens", "3", "-s", "killed-client").returncode == 0
+
+
 def test_down_stops_everything_and_removes_the_sockets(bastion: Bastion) -> None:
     assert bastion("run", "Hi", "--max-tokens", "2").returncode == 0
     assert len(bastion.processes()) == 2  # the supervisor and one worker

@@ -23,7 +23,7 @@ import ollama
 import openai
 import pytest
 
-from bastion.protocol import WorkerState
+from bastion.protocol import HomeLayout, WorkerState
 from bastion.protocol.control import GetStatus, StatusReport
 from tests.e2e_support import Bastion, wait_for_supervisor
 from tests.scripted import script
@@ -237,6 +237,25 @@ def test_an_api_key_is_required_off_loopback_and_checked_on_it(bastion: Bastion)
         assert http.get("/health").status_code == 200
     # The key never appears on a command line.
     assert not any("s3cret" in " ".join(p.cmdline()) for p in bastion.processes())
+
+
+@pytest.mark.real_model
+def test_a_killed_gateway_s_generations_stop_in_the_worker(bastion: Bastion) -> None:
+    """Its HTTP clients cannot cancel through a dead gateway: the supervisor sees the process go."""
+    base = serve_http(bastion)
+    gateway_pid = int(HomeLayout(bastion.home).gateway_pid_file.read_text())
+    with httpx.Client(base_url=base, timeout=60) as http, http.stream("POST", "/v1/chat/completions", json={
+            "model": "smollm2-135m", "messages": LONG_STORY, "max_tokens": 2000, "ignore_eos": True,
+            "stream": True}) as response:  # fmt: skip
+        for line in response.iter_lines():
+            if '"content": "' in line:
+                break
+        assert bastion.models()["smollm2-135m"].state is WorkerState.BUSY
+        os.kill(gateway_pid, signal.SIGKILL)
+        killed = time.monotonic()
+    status = bastion.wait_for_model("smollm2-135m", lambda m: m.state is WorkerState.IDLE, timeout=30)
+    idle_after = time.monotonic() - killed
+    assert status.state is WorkerState.IDLE and idle_after < 1.0, f"busy for {idle_after:.2f} s after the kill"
 
 
 def test_the_gateway_outlives_a_supervisor_restart(bastion: Bastion, tmp_path: Path) -> None:

@@ -18,12 +18,8 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-
-import psutil
 
 from bastion.client.connection import ClientError, ControlConnection
 from bastion.protocol import ErrorCode, HomeLayout
@@ -122,6 +118,8 @@ def wait_until_stopped(layout: HomeLayout, timeout_s: float, pid: int = 0) -> bo
 
 
 def _alive(pid: int) -> bool:
+    import psutil  # here, not at the top: every `bastion` command imports this module
+
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -152,6 +150,8 @@ def gateway_pid(layout: HomeLayout) -> int:
         pid = int(layout.gateway_pid_file.read_text().strip() or 0)
     except (OSError, ValueError):
         return 0
+    import psutil
+
     try:
         process = psutil.Process(pid)
         alive = process.status() != psutil.STATUS_ZOMBIE and "bastion.gateway" in " ".join(process.cmdline())
@@ -196,6 +196,9 @@ def start_gateway(layout: HomeLayout, host: str, port: int, *, api_key: str | No
 
 def _answers_as(url: str, pid: int, api_key: str | None) -> bool:
     """Whether the gateway at `url` is process `pid` (its /health says which process answers)."""
+    import urllib.error
+    import urllib.request
+
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     try:
         with urllib.request.urlopen(request, timeout=1) as response:

@@ -22,7 +22,7 @@ from bastion.protocol.sessions import (
     ShowSession,
 )
 
-sessions_app = typer.Typer(help="List, show, fork and remove sessions.", no_args_is_help=True)
+sessions_app = typer.Typer(help="List, show, fork and remove sessions.", no_args_is_help=True, rich_markup_mode=None)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 NameArgument = Annotated[str, typer.Argument(help="The session's name.")]
 

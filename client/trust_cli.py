@@ -46,9 +46,9 @@ from bastion.protocol.trust import (
     VerifyAudit,
 )
 
-tools_app = typer.Typer(help="List the tools, or run one through the gate and the sandbox.", no_args_is_help=True)
-policy_app = typer.Typer(help="Show or test the tool policy.", no_args_is_help=True)
-audit_app = typer.Typer(help="Check the audit log.", no_args_is_help=True)
+tools_app = typer.Typer(help="List the tools, or run one through the gate and the sandbox.", no_args_is_help=True, rich_markup_mode=None)
+policy_app = typer.Typer(help="Show or test the tool policy.", no_args_is_help=True, rich_markup_mode=None)
+audit_app = typer.Typer(help="Check the audit log.", no_args_is_help=True, rich_markup_mode=None)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 _SandboxedArgs = msgspec.json.Decoder(SandboxedArgs)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -358,3 +360,17 @@ def test_a_relative_model_path_is_resolved_against_the_callers_directory(shared_
     done = subprocess.run([BASTION, "run", "Hi", "--model", "./local.gguf", "--max-tokens", "2"],
                           cwd=workdir, env=shared_bastion.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.e2e
+def test_the_command_imports_nothing_heavy_before_it_is_needed(bastion: Bastion) -> None:
+    """`bastion status` and `--help` start in well under a fifth of a second only while the
+    command module leaves process tools, HTTP, pydantic and rich alone (bench/cli_latency.py)."""
+    heavy = ("psutil", "urllib.request", "http.client", "pydantic", "rich")
+    probe = ("import sys, bastion.client.cli as cli\n"
+             "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+             f"print('loaded:', *(m for m in {heavy!r} if m in sys.modules))")  # fmt: skip
+    for args in (["--help"], ["status"]):
+        done = subprocess.run([sys.executable, "-c", probe, *args], env=bastion.env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert done.stdout.splitlines()[-1] == "loaded:", (args, done.stdout[-200:], done.stderr[-500:])

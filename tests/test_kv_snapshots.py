@@ -14,7 +14,7 @@ import pytest
 from bastion.protocol import CacheSource, GenerationStats, SamplingParams
 from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.worker.core import WorkerCore, token_digest
-from bastion.worker.engine import EngineError
+from bastion.worker.engine import EngineError, common_prefix_length
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
 from bastion.worker.kv_snapshots import SnapshotHeader, SnapshotStore, model_fingerprint
 
@@ -213,6 +213,39 @@ def test_switching_sessions_restores_from_ram_instead_of_prefilling(tmp_path: Pa
     back = generate(core, "A", A1 + "ok</s> more" + "ok</s> and more")
     assert back.cache_source is CacheSource.RAM
     assert back.cached_tokens == len(engine.tokenize(A1 + "ok</s> moreok"))
+
+
+SHARED = "<s>You are the release assistant. Follow the checklist: " + "step, " * 40
+
+
+def test_a_new_session_reuses_another_session_s_snapshot_by_exact_token_prefix(tmp_path: Path) -> None:
+    """A stateless client (a new session name each time) or agents sharing a long system prompt:
+    the snapshot sharing the longest prefix is restored and cut back to what is shared."""
+    engine, store, core = fake_core(tmp_path)
+    generate(core, "A", SHARED + "first question")
+    generate(core, "B", B1)  # the live state is someone else's now
+    reused = generate(core, "C", SHARED + "another question")
+    shared = common_prefix_length(engine.tokenize(SHARED + "first question"), engine.tokenize(SHARED + "another"))
+    assert reused.cache_source is CacheSource.RAM and reused.cached_tokens == shared
+    # What the cache holds after the prefill is exactly the prompt, token for token.
+    assert reused.cache_note == "" and reused.kv_digest == token_digest(engine.tokenize(SHARED + "another question"))
+
+
+def test_a_near_miss_is_reused_only_up_to_where_it_differs(tmp_path: Path) -> None:
+    """A prompt that differs from a snapshot in one token gets exactly the tokens before it: the
+    state after the prefill is the new prompt's, never the snapshot's tail."""
+    engine, _store, core = fake_core(tmp_path)
+    generate(core, "A", SHARED + "first question")
+    generate(core, "B", B1)
+    near_miss = SHARED[:150] + "X" + SHARED[151:] + "first question"  # one byte-token changed
+    reused = generate(core, "C", near_miss)
+    before_the_change = common_prefix_length(engine.tokenize(SHARED + "first question"), engine.tokenize(near_miss))
+    assert reused.cache_source is CacheSource.RAM and reused.cached_tokens == before_the_change > 100
+    assert reused.kv_digest == token_digest(engine.tokenize(near_miss))
+    # A short shared prefix is not worth replacing the live state for.
+    generate(core, "D", B1 + "ok</s> more")
+    short = generate(core, "E", SHARED[:40] + "zzz")
+    assert short.cache_source is not CacheSource.RAM and short.cached_tokens <= 1
 
 
 def test_a_restarted_worker_restores_a_session_from_disk(tmp_path: Path) -> None:

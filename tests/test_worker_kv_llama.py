@@ -16,6 +16,7 @@ from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.supervisor.models.registry import ModelRegistry
 from bastion.supervisor.models.sources import resolve_gguf
 from bastion.worker.core import WorkerCore, token_digest
+from bastion.worker.engine import common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 from tests.real_models import smollm2_gguf
@@ -98,6 +99,22 @@ def test_switching_back_to_a_session_restores_its_snapshot_and_answers_the_same(
     assert stats.cached_tokens >= stats.prompt_tokens - len(new) - 1
     assert stats.kv_digest == token_digest(smol.tokenize(follow_up))
     assert text == fresh_reply(smol, follow_up)
+
+
+def test_a_new_session_with_a_known_system_prompt_starts_from_another_s_snapshot(
+    smol: LlamaCppEngine, tmp_path: Path
+) -> None:
+    system = "You are the support assistant of a bicycle shop. " + "Be precise and friendly. " * 20
+    smol.reset()
+    core = WorkerCore(smol, snapshots=store_for(smol, smollm2_gguf(), tmp_path))
+    generate(core, "A", chatml([], QUESTION, system=system))
+    generate(core, "B", chatml([], OTHER, system="You answer in one short sentence."))
+    prompt = chatml([], "Do you repair brakes?", system=system)
+    text, stats = generate(core, "C", prompt)
+    shared = common_prefix_length(smol.tokenize(chatml([], QUESTION, system=system)), smol.tokenize(prompt))
+    assert stats.cache_source is CacheSource.RAM and stats.cached_tokens == shared > 100
+    assert stats.kv_digest == token_digest(smol.tokenize(prompt))
+    assert text == fresh_reply(smol, prompt)
 
 
 def test_a_q8_0_cache_restores_as_exactly_as_an_f16_one(tmp_path: Path) -> None:

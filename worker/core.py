@@ -13,6 +13,10 @@ KV reuse, decided per request (`_prepare_kv`), best first:
   - the session's turn-boundary snapshot (`SnapshotStore`: RAM, then disk),
     when it covers more of the prompt than the live sequence does — after a
     session switch, a worker restart or an unload;
+  - another session's snapshot held in RAM whose tokens share a longer exact
+    prefix with the prompt (a stateless client that resends a conversation
+    under a new name, agents that share a long system prompt), cut back to
+    what is shared — worth a restore only for PREFIX_RESTORE_GAIN tokens more;
   - nothing: the whole prompt is evaluated.
 The stats say which (`cache_source`) and why reuse fell short (`cache_note`).
 Snapshots are taken at the end of each turn; for caches that cannot be cut
@@ -105,6 +109,9 @@ class _Run:
 # A context shift must save at least this many tokens of evaluation to be
 # worth moving the cache (and the small drift re-rotated keys bring).
 MIN_SHIFT_GAIN = 16
+# Restoring another session's snapshot replaces the live state and costs tens
+# of milliseconds: only worth it for this many more reused tokens.
+PREFIX_RESTORE_GAIN = 64
 
 
 @dataclass(frozen=True)
@@ -224,6 +231,8 @@ class WorkerCore:
                         plan, source = candidate, restored
                     elif touched:  # the live state is gone too
                         plan = ReusePlan(keep=0)
+        if self._snapshots is not None and plan.keep < len(tokens) - MIN_EVALUATED:
+            plan, source = self._reuse_shared_prefix(tokens, session, plan, source, notes)
         if plan.drop:
             try:
                 engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
@@ -239,6 +248,22 @@ class WorkerCore:
         run.cache_source = source
         run.cache_notes = tuple(notes)
         self._live_session = session
+
+    def _reuse_shared_prefix(self, tokens: Sequence[int], session: str, plan: ReusePlan, source: CacheSource,
+                             notes: list[str]) -> tuple[ReusePlan, CacheSource]:
+        """Another session's snapshot, when its tokens share more of the prompt (exactly, token for token)."""
+        assert self._snapshots is not None
+        found = self._snapshots.longest_prefix(tokens)
+        if found is None or found[0] == session or found[2] < plan.keep + PREFIX_RESTORE_GAIN:
+            return plan, source
+        other, other_tokens, _shared = found
+        candidate = self.plan_reuse(other_tokens, tokens, live=False)
+        if candidate.keep < plan.keep + PREFIX_RESTORE_GAIN or candidate.drop:
+            return plan, source
+        restored, touched = self._restore(other, notes)
+        if restored is None:
+            return (ReusePlan(keep=0) if touched else plan), source
+        return ReusePlan(keep=candidate.keep, common=candidate.common), restored
 
     def _start_over(self) -> int:
         self._engine.reset()

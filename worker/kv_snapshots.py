@@ -35,6 +35,8 @@ from pathlib import Path
 
 import msgspec
 
+from bastion.worker.engine import common_prefix_length
+
 log = logging.getLogger(__name__)
 
 _MAGIC = b"BASTIONKV1\n"
@@ -185,6 +187,21 @@ class SnapshotStore:
         if problem:
             return Lookup(tokens=None, note=self._discard(path, problem))
         return Lookup(tokens=tuple(header.tokens), on_disk_only=True)
+
+    def longest_prefix(self, tokens: Sequence[int]) -> tuple[str, tuple[int, ...], int] | None:
+        """Of the snapshots held in RAM or waiting to be written, the one whose tokens share the
+        longest exact prefix with `tokens`, whatever its session: (session, its tokens, shared
+        length); None when none shares a token. Disk-only snapshots are found by session name only."""
+        with self._cond:
+            held = [*self._ram.values(), *self._pending.values()]
+            if self._in_flight is not None:
+                held.append(self._in_flight)
+        best: tuple[str, tuple[int, ...], int] | None = None
+        for snapshot in held:
+            shared = common_prefix_length(snapshot.tokens, tokens)
+            if shared and (best is None or shared > best[2]):
+                best = (snapshot.session, snapshot.tokens, shared)
+        return best
 
     def load(self, session: str) -> tuple[Snapshot | None, bool, str]:
         """(snapshot, came from disk, note). RAM first; a disk snapshot is

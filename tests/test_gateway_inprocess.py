@@ -283,7 +283,12 @@ def test_metrics_count_requests_tokens_and_cache_use(supervised, tmp_path: Path)
         assert 'bastion_http_requests_total{route="/v1/chat/completions",status="400"} 1' in text
         assert "bastion_time_to_first_token_seconds_count" in text
         assert 'kind="completion"' in text and "bastion_kv_cache_generations_total" in text
-        assert "bastion_model_queue_depth" in text
+        assert "bastion_model_queue_depth" in text and "bastion_model_busy_workers" in text
+        assert "bastion_inter_token_seconds_count" in text
+        # The first request read its prompt afresh, the second (the same conversation start) found it.
+        sources = {line.split('source="')[1].split('"')[0]: line.rsplit(" ", 1)[1]
+                   for line in text.splitlines() if line.startswith("bastion_kv_cache_generations_total{")}  # fmt: skip
+        assert sum(int(n) for n in sources.values()) == 2 and set(sources) <= {"live", "ram", "disk", "none"}
 
     supervised(test)
 

@@ -33,7 +33,7 @@ from bastion.client.connection import ControlConnection
 from bastion.client.launcher import ensure_supervisor, wait_until_stopped
 from bastion.protocol import GenerationStats, HomeLayout, RequestFailed, Shutdown, TokenDelta
 from bastion.protocol.control import LoadModel, ModelLoaded, Run, RunFinished, SamplingRequest
-from bastion.worker.llama_engine import _amx_weights_off
+from bastion.worker.llama_engine import amx_weights_off
 
 PROMPT = "Pair {i}. Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 
@@ -60,7 +60,7 @@ class InProcess:
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
         # As bastion's worker loads it: flash attention on, and on an AMX build no extra weight
         # buffers (they crash there, llama.cpp #20824).
-        with _amx_weights_off():
+        with amx_weights_off():
             self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                                        flash_attn=True, verbose=False)  # fmt: skip
         template = self.llm.metadata["tokenizer.chat_template"]

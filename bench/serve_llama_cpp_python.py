@@ -16,26 +16,10 @@ from __future__ import annotations
 
 import runpy
 
-import llama_cpp
-
-from bastion.worker.llama_engine import built_with_amx
-
-
-def _load_weights_without_extra_buffers() -> None:
-    # `Llama` builds its model parameters from this function inside its
-    # constructor and takes no argument for the field.
-    native = llama_cpp.llama_cpp
-    default = native.llama_model_default_params
-
-    def without_extra_buffers() -> llama_cpp.llama_model_params:
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    native.llama_model_default_params = without_extra_buffers
-
+from bastion.worker.llama_engine import amx_weights_off
 
 if __name__ == "__main__":
-    if built_with_amx():
-        _load_weights_without_extra_buffers()
-    runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+    # The server builds its `Llama` inside run_module: the swapped default is in place for it
+    # (and changes nothing on a build without AMX kernels).
+    with amx_weights_off():
+        runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)

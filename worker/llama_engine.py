@@ -61,7 +61,7 @@ class LlamaCppEngine:
         self._stack = contextlib.ExitStack()
         _check_gguf(config.model_path)
         try:
-            with _amx_weights_off():
+            with amx_weights_off():
                 self._llama = llama_cpp.Llama(
                     model_path=config.model_path,
                     n_ctx=config.n_ctx,
@@ -340,7 +340,7 @@ def built_with_amx() -> bool:
 
 
 @contextlib.contextmanager
-def _amx_weights_off() -> Iterator[None]:
+def amx_weights_off() -> Iterator[None]:
     """Load weights into plain CPU buffers when the build has AMX kernels.
 
     llama.cpp's AMX path (weights repacked into an "extra buffer") crashes with

@@ -99,7 +99,9 @@ class Supervisor:
         self._send = sink
         self._request_shutdown = request_shutdown
         self._clients: set[bytes] = set()
-        self._client_watches: dict[bytes, int] = {}  # client -> pidfd of its process
+        # Client processes watched for their exit: pid -> (pidfd, its connections), and back.
+        self._watched: dict[int, tuple[int, set[bytes]]] = {}
+        self._client_pids: dict[bytes, int] = {}
         self._runs: dict[tuple[bytes, str], ActiveRun] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._shutting_down = False
@@ -162,32 +164,44 @@ class Supervisor:
 
     def _watch_client(self, client: bytes, pid: int) -> None:
         """Be told the moment the client's process exits (a pidfd turns readable): a client
-        killed mid-run sends no Cancel, and its socket's end is invisible to a ROUTER."""
-        self._unwatch_client(client)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (OSError, AttributeError) as exc:
-            # Already gone, in another pid namespace, or a kernel without pidfds: its runs
-            # then end as requests do, at their end or on Cancel.
-            log.info("cannot watch client %r (pid %d): %s", client, pid, exc)
+        killed mid-run sends no Cancel, and its socket's end is invisible to a ROUTER. One
+        pidfd per process, however many connections it opens."""
+        previous = self._client_pids.get(client)
+        if previous == pid:
             return
-        self._client_watches[client] = pidfd
-        asyncio.get_running_loop().add_reader(pidfd, self._client_exited, client, pid)
+        if previous is not None:
+            self._watched[previous][1].discard(client)
+        watched = self._watched.get(pid)
+        if watched is None:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except (OSError, AttributeError) as exc:
+                # Already gone, in another pid namespace, or a kernel without pidfds: its runs
+                # then end as requests do, at their end or on Cancel.
+                log.info("cannot watch client %r (pid %d): %s", client, pid, exc)
+                return
+            watched = self._watched[pid] = (pidfd, set())
+            asyncio.get_running_loop().add_reader(pidfd, self._process_exited, pid)
+        watched[1].add(client)
+        self._client_pids[client] = pid
 
-    def _unwatch_client(self, client: bytes) -> None:
-        pidfd = self._client_watches.pop(client, None)
-        if pidfd is not None:
-            asyncio.get_running_loop().remove_reader(pidfd)
-            os.close(pidfd)
+    def _unwatch(self, pid: int) -> set[bytes]:
+        pidfd, clients = self._watched.pop(pid)
+        asyncio.get_running_loop().remove_reader(pidfd)
+        os.close(pidfd)
+        for client in clients:
+            self._client_pids.pop(client, None)
+        return clients
 
-    def _client_exited(self, client: bytes, pid: int) -> None:
-        self._unwatch_client(client)
-        self._clients.discard(client)
-        mine = [run for (owner, _), run in self._runs.items() if owner == client and not run.done]
-        if mine:
-            log.warning("client %r (pid %d) exited with %d run(s) in flight: cancelling them", client, pid, len(mine))
-        for run in mine:
-            run.request_cancel()
+    def _process_exited(self, pid: int) -> None:
+        for client in self._unwatch(pid):
+            self._clients.discard(client)
+            mine = [run for (owner, _), run in self._runs.items() if owner == client and not run.done]
+            if mine:
+                log.warning("client %r (pid %d) exited with %d run(s) in flight: cancelling them", client, pid,
+                            len(mine))  # fmt: skip
+            for run in mine:
+                run.request_cancel()
 
     def _reply_error(self, client: bytes, request_id: str, code: ErrorCode, message: str, *,
                      retryable: bool = False) -> None:
@@ -252,8 +266,8 @@ class Supervisor:
 
     async def shutdown(self) -> None:
         self._shutting_down = True
-        for client in list(self._client_watches):
-            self._unwatch_client(client)
+        for pid in list(self._watched):
+            self._unwatch(pid)
         # Runs end as failed-and-retryable, not cancelled: nobody pressed Ctrl-C.
         for run in list(self._runs.values()):
             run.fail(ErrorCode.SHUTTING_DOWN, "the supervisor is shutting down", retryable=True)

@@ -8,6 +8,8 @@ whatever the session.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bastion.protocol import (
@@ -308,5 +310,27 @@ def test_every_non_run_request_gets_exactly_one_answer(supervised, tmp_path) -> 
         assert counts == {r.request_id: 1 for r in requests}
         failed = {r.request_id for r in requests if isinstance(answers(r.request_id)[0], RequestFailed)}
         assert failed == {"q-unload", "q-show", "q-cancel"}
+
+    supervised(test)
+
+
+# --- clients that die --------------------------------------------------------------------
+
+
+def test_a_process_s_connections_share_one_watch_of_it(supervised) -> None:
+    """Every connection names its process in its hello; the supervisor holds one pidfd per
+    process however many connections it opens (a long-lived script must not exhaust its fds).
+    The process exiting is tested end to end (test_cli_e2e.py, test_gateway_e2e.py)."""
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def test(sup: InProcessSupervisor) -> None:
+        before = open_fds()
+        for k in range(20):
+            sup.send(Hello(protocol_version=PROTOCOL_VERSION, role=Role.CLIENT, pid=os.getpid()), f"conn-{k}".encode())
+        await sup.wait_for(lambda: any(client == b"conn-19" and isinstance(event, HelloAccepted)
+                                       for client, event in sup.events))  # fmt: skip
+        assert open_fds() - before == 1
 
     supervised(test)

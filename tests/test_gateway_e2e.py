@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,19 @@ def serve_http(bastion: Bastion, *extra: str) -> str:
 @pytest.fixture(scope="module")
 def gateway(shared_bastion: Bastion) -> str:
     return serve_http(shared_bastion)
+
+
+def read_until_content(response: httpx.Response) -> Iterator[str]:
+    """Read the stream up to its first content chunk; the line iterator, for the caller to hold.
+
+    A `for` over a temporary `iter_lines()` that breaks lets the iterator be finalised at once,
+    and closing it can close the connection: the server would see the client leave there and
+    then, instead of where the test means it to."""
+    lines = response.iter_lines()
+    for line in lines:  # ends with the stream at the latest
+        if '"content": "' in line:
+            break
+    return lines
 
 
 def client_of(base: str, **options: Any) -> openai.OpenAI:
@@ -209,9 +223,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(shared_bastio
         with http.stream("POST", "/v1/chat/completions", json={
                 "model": "smollm2-135m", "messages": LONG_STORY, "max_tokens": 2000, "ignore_eos": True,
                 "stream": True}) as response:
-            for line in response.iter_lines():  # ends with the stream at the latest
-                if '"content": "' in line:
-                    break
+            _held = read_until_content(response)
             assert shared_bastion.models()["smollm2-135m"].state is WorkerState.BUSY
         closed = time.monotonic()
     status = shared_bastion.wait_for_model("smollm2-135m", lambda m: m.state is WorkerState.IDLE, timeout=10)
@@ -247,9 +259,7 @@ def test_a_killed_gateway_s_generations_stop_in_the_worker(bastion: Bastion) -> 
     with httpx.Client(base_url=base, timeout=60) as http, http.stream("POST", "/v1/chat/completions", json={
             "model": "smollm2-135m", "messages": LONG_STORY, "max_tokens": 2000, "ignore_eos": True,
             "stream": True}) as response:  # fmt: skip
-        for line in response.iter_lines():
-            if '"content": "' in line:
-                break
+        _held = read_until_content(response)
         assert bastion.models()["smollm2-135m"].state is WorkerState.BUSY
         os.kill(gateway_pid, signal.SIGKILL)
         killed = time.monotonic()

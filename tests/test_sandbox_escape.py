@@ -180,12 +180,13 @@ def test_busy_loop_is_killed_by_the_wall_clock(report: ConfinementReport, worksp
 
 
 def test_setsid_grandchild_does_not_outlive_the_call(report: ConfinementReport, workspace: Path) -> None:
-    envelope = sh("setsid sleep 100 & (setsid sh -c 'trap \"\" HUP TERM; sleep 101' &) ; echo bye",
+    # Durations no other process on the machine is likely to sleep for: the check looks at all of them.
+    envelope = sh("setsid sleep 3917 & (setsid sh -c 'trap \"\" HUP TERM; sleep 3919' &) ; echo bye",
                   report, workspace)  # fmt: skip
     assert envelope.ok and envelope.content == "bye\n"
     assert sandbox_processes() == []
-    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in (["sleep", "100"],
-                                                                                      ["sleep", "101"])]  # fmt: skip
+    assert not [p for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] in (["sleep", "3917"],
+                                                                                      ["sleep", "3919"])]  # fmt: skip
 
 
 # --- the supervisor and the host --------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 import gateway_vs_peers_report as report
+import vs_peer
 from gateway_vs_peers_scenarios import QUICK, SCENARIOS, Bench, Profile
 from gateway_vs_peers_servers import NATIVE_ADVICE, SERVERS, ServerSettings, default_servers, missing_packages
 from vs_peer import machine, say
@@ -67,22 +68,8 @@ OVERRIDES = {
 }
 
 
-class Outputs:
-    def __init__(self, directory: Path, quick: bool) -> None:
-        suffix = ".quick" if quick else ""
-        self.json = directory / f"gateway_vs_peers{suffix}.json"
-        self.markdown = directory / f"gateway_vs_peers{suffix}.md"
-
-    def load(self) -> dict[str, Any]:
-        if self.json.exists():
-            return json.loads(self.json.read_text())
-        return {"scenarios": {}}
-
-    def save(self, results: dict[str, Any]) -> None:
-        self.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.json.with_suffix(".json.partial")
-        partial.write_text(json.dumps(results, indent=1) + "\n")
-        partial.replace(self.json)
+class Outputs(vs_peer.Outputs):
+    stem = "gateway_vs_peers"
 
     def render(self, results: dict[str, Any]) -> None:
         for name, scenario in results["scenarios"].items():

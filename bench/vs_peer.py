@@ -77,10 +77,15 @@ def say(message: str) -> None:
 
 
 class Outputs:
+    """A benchmark's result files: raw JSON (each scenario replaces its own entry, written whole
+    or not at all) and the Markdown made from it; `--quick` runs get `.quick` files."""
+
+    stem = "vs_peer"
+
     def __init__(self, directory: Path, quick: bool) -> None:
         suffix = ".quick" if quick else ""
-        self.json = directory / f"vs_peer{suffix}.json"
-        self.markdown = directory / f"vs_peer{suffix}.md"
+        self.json = directory / f"{self.stem}{suffix}.json"
+        self.markdown = directory / f"{self.stem}{suffix}.md"
         self.chart = directory / f"ttft{suffix}.png"
 
     def load(self) -> dict[str, Any]:

@@ -258,6 +258,17 @@ def test_a_restarted_worker_restores_a_session_from_disk(tmp_path: Path) -> None
     assert stats.cached_tokens == len(engine2.tokenize(A1 + "ok"))
 
 
+def test_a_restarted_worker_finds_another_session_s_snapshot_on_disk_by_prefix(tmp_path: Path) -> None:
+    engine, store, core = fake_core(tmp_path)
+    generate(core, "A", SHARED + "first question")
+    store.close()  # a new worker: nothing in RAM, the files on disk
+    engine2, _store2, core2 = fake_core(tmp_path)
+    stats = generate(core2, "C", SHARED + "another question")
+    shared = common_prefix_length(engine2.tokenize(SHARED + "first question"), engine2.tokenize(SHARED + "another"))
+    assert stats.cache_source is CacheSource.DISK and stats.cached_tokens == shared
+    assert stats.kv_digest == token_digest(engine2.tokenize(SHARED + "another question"))
+
+
 def test_one_shot_calls_leave_no_snapshot(tmp_path: Path) -> None:
     _engine, s, core = fake_core(tmp_path)
     generate(core, "oneshot-1", A1, snapshot=False)

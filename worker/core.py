@@ -13,7 +13,7 @@ KV reuse, decided per request (`_prepare_kv`), best first:
   - the session's turn-boundary snapshot (`SnapshotStore`: RAM, then disk),
     when it covers more of the prompt than the live sequence does — after a
     session switch, a worker restart or an unload;
-  - another session's snapshot held in RAM whose tokens share a longer exact
+  - another session's snapshot (RAM, then disk) whose tokens share a longer exact
     prefix with the prompt (a stateless client that resends a conversation
     under a new name, agents that share a long system prompt), cut back to
     what is shared — worth a restore only for PREFIX_RESTORE_GAIN tokens more;

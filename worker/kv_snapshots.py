@@ -106,6 +106,8 @@ class SnapshotStore:
         self._disk_cap = disk_bytes
         self._dir = disk_dir / model[:16] if disk_dir is not None and disk_bytes > 0 else None
         self._disk_sizes: dict[str, int] = {}  # file name -> bytes
+        # file name -> (session, tokens) of the usable snapshots on disk, for prefix lookups
+        self._disk_tokens: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.disk_bytes = 0
         self._disk_lock = threading.Lock()  # the writer and the engine thread both account
         self._pending: dict[str, Snapshot] = {}
@@ -189,18 +191,20 @@ class SnapshotStore:
         return Lookup(tokens=tuple(header.tokens), on_disk_only=True)
 
     def longest_prefix(self, tokens: Sequence[int]) -> tuple[str, tuple[int, ...], int] | None:
-        """Of the snapshots held in RAM or waiting to be written, the one whose tokens share the
-        longest exact prefix with `tokens`, whatever its session: (session, its tokens, shared
-        length); None when none shares a token. Disk-only snapshots are found by session name only."""
+        """Of every snapshot held (RAM, waiting to be written, on disk), the one whose tokens share
+        the longest exact prefix with `tokens`, whatever its session: (session, its tokens, shared
+        length); None when none shares a token."""
         with self._cond:
-            held = [*self._ram.values(), *self._pending.values()]
+            held = [(s.session, s.tokens) for s in (*self._ram.values(), *self._pending.values())]
             if self._in_flight is not None:
-                held.append(self._in_flight)
+                held.append((self._in_flight.session, self._in_flight.tokens))
+        with self._disk_lock:
+            held += self._disk_tokens.values()
         best: tuple[str, tuple[int, ...], int] | None = None
-        for snapshot in held:
-            shared = common_prefix_length(snapshot.tokens, tokens)
+        for session, held_tokens in held:
+            shared = common_prefix_length(held_tokens, tokens)
             if shared and (best is None or shared > best[2]):
-                best = (snapshot.session, snapshot.tokens, shared)
+                best = (session, held_tokens, shared)
         return best
 
     def load(self, session: str) -> tuple[Snapshot | None, bool, str]:
@@ -301,6 +305,7 @@ class SnapshotStore:
         for entry in self._dir.iterdir():
             if entry.suffix == _SUFFIX and entry.is_file():
                 self._disk_sizes[entry.name] = entry.stat().st_size
+                self._index_tokens(entry)
             elif entry.name.endswith(".tmp") and time.time() - _mtime(entry) > _STALE_TEMPORARY_S:
                 # A write cut short by a crash; a recent one may be another
                 # worker's (two models on one file) still writing.
@@ -357,6 +362,7 @@ class SnapshotStore:
                 size = path.stat().st_size
                 self.disk_bytes += size - self._disk_sizes.get(path.name, 0)
                 self._disk_sizes[path.name] = size
+                self._disk_tokens[path.name] = (snapshot.session, snapshot.tokens)
                 self._enforce_disk_cap(keep=path.name)
         except OSError as exc:
             # A full or failing disk costs the spill, never the session or the worker.
@@ -377,6 +383,18 @@ class SnapshotStore:
                 return
             (self._dir / name).unlink(missing_ok=True)
             self.disk_bytes -= self._disk_sizes.pop(name)
+            self._disk_tokens.pop(name, None)
+
+    def _index_tokens(self, path: Path) -> None:
+        """Remember which tokens a snapshot file covers (its header only), if this store could
+        restore it; a file that is not, or is for another model or layout, is left for the
+        session-name lookup to judge and discard."""
+        try:
+            header, _offset = self._read_header(path)
+        except (_Unusable, OSError):
+            return
+        if header.model == self._model and header.layout == self._layout:
+            self._disk_tokens[path.name] = (header.session, tuple(header.tokens))
 
     def _read_header(self, path: Path) -> tuple[SnapshotHeader, int]:
         with open(path, "rb") as f:
@@ -423,6 +441,7 @@ class SnapshotStore:
             path.unlink()
         with self._disk_lock:
             self.disk_bytes -= self._disk_sizes.pop(path.name, 0)
+            self._disk_tokens.pop(path.name, None)
         return note
 
 

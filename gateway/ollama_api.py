@@ -26,7 +26,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bastion.gateway.bodies import FunctionName, Lenient, Seed, TopK, parse_body
+from bastion.gateway.bodies import (
+    Lenient,
+    Seed,
+    ToolIn,
+    TopK,
+    TopLogprobs,
+    function_tools,
+    parse_body,
+)
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
 from bastion.gateway.logprobs import LogprobTrail, ollama
@@ -34,8 +42,7 @@ from bastion.gateway.openai_api import DEFAULT_MAX_TOKENS
 from bastion.gateway.service import Gateway, json_body, respond
 from bastion.protocol import StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.agent_events import ReasoningDelta, ToolCallParsed
-from bastion.protocol.common import MAX_TOP_LOGPROBS
-from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
+from bastion.protocol.completion import CallRecord, Complete, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
     LoadModel,
     ModelStatus,
@@ -86,17 +93,6 @@ class OllamaMessage(Lenient):
     tool_name: str | None = None
 
 
-class OllamaFunction(Lenient):
-    name: FunctionName
-    description: str = ""
-    parameters: dict[str, Any] = {}
-
-
-class OllamaTool(Lenient):
-    type: Literal["function"] = "function"
-    function: OllamaFunction
-
-
 class _Common(Lenient):
     model: str
     format: Literal["json", ""] | dict[str, Any] | None = None
@@ -104,7 +100,7 @@ class _Common(Lenient):
     stream: bool = True
     keep_alive: float | str | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    top_logprobs: TopLogprobs | None = None
 
     def sampling(self) -> SamplingRequest:
         """`options` as sampling, with the log-probabilities asked for beside them."""
@@ -129,7 +125,7 @@ class _Common(Lenient):
 
 class ChatBody(_Common):
     messages: list[OllamaMessage] = []
-    tools: list[OllamaTool] | None = None
+    tools: list[ToolIn] | None = None
 
 
 class GenerateBody(_Common):
@@ -261,10 +257,8 @@ async def chat(request: Request) -> Response:
     body = parse_body(ChatBody, await json_body(request, gateway.settings))
     if not body.messages:
         return await _load_or_unload(gateway, body, chat=True)
-    tools = tuple(FunctionTool(name=t.function.name, description=t.function.description,
-                               parameters=t.function.parameters) for t in body.tools or ())  # fmt: skip
     control = Complete(request_id=gateway.link.new_id("ochat"), model=body.model, messages=_turns(body.messages),
-                       tools=tools, response_format=body.response_format(), sampling=body.sampling(),
+                       tools=function_tools(body.tools), response_format=body.response_format(), sampling=body.sampling(),
                        keep_alive_s=body.keep_alive_s())  # fmt: skip
     return await _respond(request, control, chat=True, stream=body.stream)
 

@@ -38,14 +38,22 @@ from typing import Annotated, Any, Literal
 import msgspec
 from pydantic import Field
 
-from bastion.gateway.bodies import FunctionName, Lenient, Seed, TokenCount, TopK
+from bastion.gateway.bodies import (
+    Lenient,
+    Seed,
+    TokenCount,
+    ToolIn,
+    TopK,
+    TopLogprobs,
+    function_tools,
+)
 from bastion.gateway.errors import ApiError
 from bastion.gateway.exchange import Exchange
 from bastion.gateway.logprobs import LogprobTrail, openai_chat, openai_legacy
 from bastion.protocol import StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.agent_events import ReasoningDelta, RunWarning, ToolCallParsed
-from bastion.protocol.common import MAX_TOP_LOGPROBS, GenerationStats, RequestFailed
-from bastion.protocol.completion import CallRecord, Complete, FunctionTool, OutputKind, ResponseFormat, Turn
+from bastion.protocol.common import GenerationStats, RequestFailed
+from bastion.protocol.completion import CallRecord, Complete, OutputKind, ResponseFormat, Turn
 from bastion.protocol.control import (
     ControlEvent,
     LoadProgress,
@@ -85,17 +93,6 @@ class MessageIn(Lenient):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
-
-
-class FunctionDef(Lenient):
-    name: FunctionName
-    description: str = ""
-    parameters: dict[str, Any] = {}
-
-
-class ToolIn(Lenient):
-    type: Literal["function"] = "function"
-    function: FunctionDef
 
 
 class NamedFunction(Lenient):
@@ -157,9 +154,6 @@ class Sampling(Lenient):
         return SamplingRequest(max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
                                top_k=self.top_k, min_p=self.min_p, repeat_penalty=self.repeat_penalty,
                                seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, logprobs=logprobs)  # fmt: skip
-
-
-TopLogprobs = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class ChatRequest(Sampling):
@@ -248,9 +242,7 @@ def chat_control_request(body: ChatRequest, request_id: str, agent_tools: tuple[
     sampling = body.sampling(max_tokens, body.logprobs_asked())
     messages = turns(body.messages)
     if agent_tools is None:
-        tools = tuple(FunctionTool(name=t.function.name, description=t.function.description,
-                                   parameters=t.function.parameters) for t in body.tools or ())  # fmt: skip
-        return Complete(request_id=request_id, model=model, messages=messages, tools=tools,
+        return Complete(request_id=request_id, model=model, messages=messages, tools=function_tools(body.tools),
                         tool_choice=tool_choice_of(body.tool_choice),
                         response_format=response_format_of(body.response_format), sampling=sampling)
     extension = body.bastion or BastionRun()

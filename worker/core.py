@@ -253,8 +253,8 @@ class WorkerCore:
                              notes: list[str]) -> tuple[ReusePlan, CacheSource]:
         """Another session's snapshot, when its tokens share more of the prompt (exactly, token for token)."""
         assert self._snapshots is not None
-        found = self._snapshots.longest_prefix(tokens)
-        if found is None or found[0] == session or found[2] < plan.keep + PREFIX_RESTORE_GAIN:
+        found = self._snapshots.longest_prefix(tokens, at_least=plan.keep + PREFIX_RESTORE_GAIN)
+        if found is None or found[0] == session:
             return plan, source
         other, other_tokens, _shared = found
         candidate = self.plan_reuse(other_tokens, tokens, live=False)

@@ -190,10 +190,13 @@ class SnapshotStore:
             return Lookup(tokens=None, note=self._discard(path, problem))
         return Lookup(tokens=tuple(header.tokens), on_disk_only=True)
 
-    def longest_prefix(self, tokens: Sequence[int]) -> tuple[str, tuple[int, ...], int] | None:
+    def longest_prefix(self, tokens: Sequence[int], at_least: int = 1) -> tuple[str, tuple[int, ...], int] | None:
         """Of every snapshot held (RAM, waiting to be written, on disk), the one whose tokens share
         the longest exact prefix with `tokens`, whatever its session: (session, its tokens, shared
-        length); None when none shares a token."""
+        length); None when none shares `at_least` tokens. It runs before most prefills, so the
+        snapshots that cannot reach `at_least` are ruled out by one slice comparison each."""
+        wanted = tuple(tokens)
+        floor = max(at_least, 1)
         with self._cond:
             held = [(s.session, s.tokens) for s in (*self._ram.values(), *self._pending.values())]
             if self._in_flight is not None:
@@ -202,8 +205,10 @@ class SnapshotStore:
             held += self._disk_tokens.values()
         best: tuple[str, tuple[int, ...], int] | None = None
         for session, held_tokens in held:
-            shared = common_prefix_length(held_tokens, tokens)
-            if shared and (best is None or shared > best[2]):
+            if held_tokens[:floor] != wanted[:floor] or len(held_tokens) < floor:
+                continue
+            shared = floor + common_prefix_length(held_tokens[floor:], wanted[floor:])
+            if best is None or shared > best[2]:
                 best = (session, held_tokens, shared)
         return best
 

@@ -1,27 +1,13 @@
 """`WorkerCore`: serving one `Generate` over an `Engine`, with no sockets or threads.
 
-Owns the generation policy: prefix reuse, prefill in chunks, the decode loop
+Owns the generation policy: prefill in chunks, the decode loop
 and its cancellation points, stop conditions, streaming text and timing. The
 process shell feeds it requests and carries what it emits; tests drive it
 in-process with `FakeEngine`.
 
-KV reuse, decided per request (`_prepare_kv`), best first:
-  - the live sequence, cut back to the longest common prefix with the prompt;
-    when turns were dropped from the middle of a session (context pruning),
-    the dropped range is removed and the rest shifted down (context shift)
-    instead of evaluating everything after it again;
-  - the session's turn-boundary snapshot (`SnapshotStore`: RAM, then disk),
-    when it covers more of the prompt than the live sequence does — after a
-    session switch, a worker restart or an unload;
-  - another session's snapshot (RAM, then disk) whose tokens share a longer exact
-    prefix with the prompt (a stateless client that resends a conversation
-    under a new name, agents that share a long system prompt), cut back to
-    what is shared — worth a restore only for PREFIX_RESTORE_GAIN tokens more;
-  - nothing: the whole prompt is evaluated.
-The stats say which (`cache_source`) and why reuse fell short (`cache_note`).
-Snapshots are taken at the end of each turn; for caches that cannot be cut
-back (sliding windows), right after the prompt is evaluated instead, so that
-the next turn's prompt extends them exactly.
+KV reuse (the live sequence, a context shift, the session's snapshot or
+another session's with the same prefix) is `KvReuse`'s (kv_reuse.py): the core
+asks it, before each prefill, how much of the prompt the KV state already holds.
 
 What every `Generate` gets, in order (the supervisor relies on it):
 
@@ -50,11 +36,10 @@ from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinishe
 from bastion.worker.engine import (
     MIN_EVALUATED,
     Engine,
-    EngineError,
     EvaluationCancelled,
     GrammarOutcome,
-    common_prefix_length,
 )
+from bastion.worker.kv_reuse import KvReuse
 from bastion.worker.kv_snapshots import SnapshotStore
 from bastion.worker.repetition import RepetitionGuard, keep_whole_words
 from bastion.worker.text import TextStream
@@ -106,25 +91,6 @@ class _Run:
         return (self.completion_tokens - 1) / elapsed if self.first_token and elapsed > 0 else 0.0
 
 
-# A context shift must save at least this many tokens of evaluation to be
-# worth moving the cache (and the small drift re-rotated keys bring).
-MIN_SHIFT_GAIN = 16
-# Restoring another session's snapshot replaces the live state and costs tens
-# of milliseconds: only worth it for this many more reused tokens.
-PREFIX_RESTORE_GAIN = 64
-
-
-@dataclass(frozen=True)
-class ReusePlan:
-    """How much of a cached token sequence a prompt can reuse: keep `keep`
-    tokens after removing `drop` tokens at `drop_at` (a context shift)."""
-
-    keep: int
-    drop_at: int = 0
-    drop: int = 0
-    common: int = 0  # the plain common prefix, before any feasibility check
-
-
 class WorkerCore:
     def __init__(
         self,
@@ -139,8 +105,7 @@ class WorkerCore:
         self._info = engine.describe()
         self._chunk = max(1, min(config.prefill_chunk, self._info.n_batch))
         self._snapshots = snapshots if snapshots is not None and snapshots.enabled else None
-        self._can_shift = self._info.partial_reuse and engine.can_shift()
-        self._live_session = ""
+        self._reuse = KvReuse(engine, self._info, self._snapshots)
         # Plain ints written by the engine thread and read by the IO thread for
         # heartbeats; a torn read is impossible under the GIL.
         self._progress = 0
@@ -177,7 +142,7 @@ class WorkerCore:
         # applied, a reset): it must not replace the session's good snapshot.
         evaluated = self._progress > progress_before
         if self._info.partial_reuse and reason is not StopReason.ERROR and evaluated:
-            self._take_snapshot(request, durable=True)
+            self._reuse.keep_snapshot(request, durable=True)
         emit(self._finished(run, reason))
         log.info(
             "request %s: %s, prompt %d (cached %d), completion %d",
@@ -193,7 +158,9 @@ class WorkerCore:
         tokens = self._admit(run.request)
         run.prompt_tokens = len(tokens)
         self._adjust_threads()
-        self._prepare_kv(run, tokens)
+        reuse = self._reuse.prepare(run.request.session_id, tokens)
+        run.cached_tokens, run.cache_source = reuse.cached_tokens, reuse.source
+        run.shifted_tokens, run.cache_notes = reuse.shifted_tokens, reuse.notes
         self._kv_tokens = self._engine.kv_tokens()
         completed = self._prefill(tokens[run.cached_tokens :], cancelled)
         run.prefill_done = time.perf_counter()
@@ -202,124 +169,8 @@ class WorkerCore:
             return StopReason.CANCELLED
         run.kv_digest = token_digest(self._engine.kv_token_ids()[: run.prompt_tokens])
         if not self._info.partial_reuse:
-            self._take_snapshot(run.request)
+            self._reuse.keep_snapshot(run.request)
         return self._decode(run, emit, cancelled)
-
-    # --- KV reuse ---------------------------------------------------------
-
-    def _prepare_kv(self, run: _Run, tokens: Sequence[int]) -> None:
-        """Bring the KV state to the longest reusable prefix of `tokens`, from
-        the live sequence or the session's snapshot (see the module docstring)."""
-        engine, session = self._engine, run.request.session_id
-        notes: list[str] = []
-        live = engine.kv_token_ids()
-        plan = self.plan_reuse(live, tokens, live=True)
-        source = CacheSource.LIVE
-        if plan.common > plan.keep + plan.drop and not self._info.partial_reuse:
-            notes.append(
-                f"the sliding-window cache cannot be cut back to the {plan.common} tokens it shares with the prompt"
-            )
-        if self._snapshots is not None and session and plan.keep < len(tokens) - MIN_EVALUATED:
-            lookup = self._snapshots.tokens_of(session)
-            if lookup.note:
-                notes.append(lookup.note)
-            if lookup.tokens is not None:
-                candidate = self.plan_reuse(lookup.tokens, tokens, live=False)
-                if candidate.keep > plan.keep:
-                    restored, touched = self._restore(session, notes)
-                    if restored is not None:
-                        plan, source = candidate, restored
-                    elif touched:  # the live state is gone too
-                        plan = ReusePlan(keep=0)
-        if self._snapshots is not None and plan.keep < len(tokens) - MIN_EVALUATED:
-            plan, source = self._reuse_shared_prefix(tokens, session, plan, source, notes)
-        if plan.drop:
-            try:
-                engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
-                run.shifted_tokens = plan.drop
-            except EngineError as exc:  # an optimisation that cannot run costs a prefill, not the request
-                notes.append(f"context shift refused ({exc}); prefilled the whole prompt")
-                plan = ReusePlan(keep=0)
-        run.cached_tokens = engine.keep_prefix(tokens) if plan.keep else self._start_over()
-        if run.cached_tokens == 0:
-            source = CacheSource.NONE
-        if source is not CacheSource.LIVE and notes and not self._info.partial_reuse:
-            notes.append("restored the turn-boundary snapshot" if run.cached_tokens else "prefilled the whole prompt")
-        run.cache_source = source
-        run.cache_notes = tuple(notes)
-        self._live_session = session
-
-    def _reuse_shared_prefix(self, tokens: Sequence[int], session: str, plan: ReusePlan, source: CacheSource,
-                             notes: list[str]) -> tuple[ReusePlan, CacheSource]:
-        """Another session's snapshot, when its tokens share more of the prompt (exactly, token for token)."""
-        assert self._snapshots is not None
-        found = self._snapshots.longest_prefix(tokens, at_least=plan.keep + PREFIX_RESTORE_GAIN)
-        if found is None or found[0] == session:
-            return plan, source
-        other, other_tokens, _shared = found
-        candidate = self.plan_reuse(other_tokens, tokens, live=False)
-        if candidate.keep < plan.keep + PREFIX_RESTORE_GAIN or candidate.drop:
-            return plan, source
-        restored, touched = self._restore(other, notes)
-        if restored is None:
-            return (ReusePlan(keep=0) if touched else plan), source
-        return ReusePlan(keep=candidate.keep, common=candidate.common), restored
-
-    def _start_over(self) -> int:
-        self._engine.reset()
-        return 0
-
-    def _restore(self, session: str, notes: list[str]) -> tuple[CacheSource | None, bool]:
-        """(where the restored state came from, or None; whether the engine's
-        state was replaced — a refused restore leaves nothing live)."""
-        assert self._snapshots is not None
-        snapshot, from_disk, note = self._snapshots.load(session)
-        if note:
-            notes.append(note)
-        if snapshot is None:
-            return None, False
-        if not self._engine.restore_sequence(snapshot.data, snapshot.tokens):
-            notes.append(self._snapshots.discard(session, "the engine refused its state"))
-            return None, True
-        return (CacheSource.DISK if from_disk else CacheSource.RAM), True
-
-    def plan_reuse(self, cached: Sequence[int], wanted: Sequence[int], *, live: bool) -> ReusePlan:
-        """The best reuse of `cached` for prompt `wanted`: the common prefix,
-        or, when a context shift can save more, the prefix plus what follows a
-        range of `cached` that the prompt no longer has (pruned turns)."""
-        common = common_prefix_length(cached, wanted)
-        limit = len(wanted) - MIN_EVALUATED
-        keep = max(0, min(common, limit))
-        if keep < len(cached) and not self._can_cut(keep, live):
-            keep = 0
-        best = ReusePlan(keep=keep, common=common)
-        if not self._can_shift or common >= len(cached) or common >= limit or common == 0:
-            return best
-        for drop_at, drop, matched in _shift_candidates(cached, wanted, common):
-            reuse = min(common + matched, limit)
-            if reuse - best.keep >= MIN_SHIFT_GAIN and reuse > best.keep:
-                best = ReusePlan(keep=reuse, drop_at=drop_at, drop=drop, common=common)
-        return best
-
-    def _can_cut(self, keep: int, live: bool) -> bool:
-        if keep <= 0:
-            return False
-        if self._info.partial_reuse:
-            return True
-        # A sliding window: the live state knows how far back it still reaches;
-        # a snapshot was taken where the next prompt extends it, and no earlier.
-        return self._engine.can_truncate_to(keep) if live else False
-
-    def _take_snapshot(self, request: Generate, *, durable: bool = False) -> None:
-        """Keep the session's state for its next turn (a session switch, a
-        restart). Never fails the request: a snapshot is an optimisation."""
-        if self._snapshots is None or not request.snapshot or not request.session_id:
-            return
-        try:
-            data = self._engine.save_sequence()
-            self._snapshots.put(request.session_id, self._engine.kv_token_ids(), data, durable=durable)
-        except Exception:
-            log.exception("snapshot of session %r failed", request.session_id)
 
     def _admit(self, request: Generate) -> list[int]:
         if request.sampling.max_tokens < 0:
@@ -437,7 +288,6 @@ class WorkerCore:
         except Exception:
             log.exception("engine reset after a failure failed too")
         self._kv_tokens = 0
-        self._live_session = ""
 
     def _fail(self, run: _Run, emit: Emit, code: ErrorCode, message: str) -> StopReason:
         request_id = run.request.request_id
@@ -504,25 +354,5 @@ def token_digest(tokens: Sequence[int]) -> str:
 
 # Places tried for the end of a dropped range; the nearest first. Pruning
 # drops whole turns, so the right one is among the turn starts.
-MAX_SHIFT_CANDIDATES = 64
-
-
-def _shift_candidates(cached: Sequence[int], wanted: Sequence[int], common: int):
-    """(drop_at, drop, matched) for each place where `cached`, after skipping
-    a range that starts at `common`, goes on the way `wanted` does; matched is
-    how far it keeps agreeing. Compares in place: no copies per candidate."""
-    first, tried = wanted[common], 0
-    for start in range(common + 1, len(cached)):
-        if cached[start] != first:
-            continue
-        matched, limit = 0, min(len(cached) - start, len(wanted) - common)
-        while matched < limit and cached[start + matched] == wanted[common + matched]:
-            matched += 1
-        yield common, start - common, matched
-        tried += 1
-        if tried >= MAX_SHIFT_CANDIDATES:
-            return
-
-
 def _ms(seconds: float) -> float:
     return round(seconds * 1000.0, 3)

@@ -56,7 +56,7 @@ from bastion.supervisor.daemon import compose
 from bastion.supervisor.models.loaded import LoadedModels
 from bastion.supervisor.models.registry import RegistryWatcher
 from bastion.supervisor.models.tokenizer import TokenCounters
-from bastion.supervisor.processes.workers import WorkerHandle, WorkerLaunch
+from bastion.supervisor.processes.worker_handle import WorkerHandle, WorkerLaunch
 from bastion.supervisor.store.sessions import SessionStore, database_path
 from bastion.supervisor.trust.approvals import ApprovalStore
 from bastion.supervisor.trust.audit import AuditLog

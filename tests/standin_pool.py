@@ -9,7 +9,7 @@ import signal
 from bastion.protocol import PROTOCOL_VERSION, ErrorCode, Hello, Role, WorkerState
 from bastion.protocol.worker_wire import ModelDescription, WorkerLoadFailed, WorkerReady
 from bastion.supervisor.config import SupervisorConfig
-from bastion.supervisor.processes.workers import WorkerHandle, WorkerLaunch
+from bastion.supervisor.processes.worker_handle import WorkerHandle, WorkerLaunch
 
 DESCRIPTION = ModelDescription(
     name="m", path="", architecture="scripted", n_ctx=256, n_ctx_train=256, n_vocab=258, n_params=0, threads=1,

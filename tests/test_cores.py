@@ -14,7 +14,8 @@ from bastion.protocol import HomeLayout, SamplingParams, StopReason, WorkerState
 from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.processes.cores import available_cpus, cpu_sets, pin_process, share_cores
-from bastion.supervisor.processes.workers import WorkerHandle, WorkerLaunch, WorkerPool
+from bastion.supervisor.processes.worker_handle import WorkerHandle, WorkerLaunch
+from bastion.supervisor.processes.workers import WorkerPool
 from bastion.supervisor.runs import ActiveRun, Generation
 
 

@@ -59,7 +59,8 @@ from bastion.supervisor.models.sampling import SamplingDefaults
 from bastion.supervisor.models.sources import ScriptedReplies, resolve_gguf
 from bastion.supervisor.models.usage import ModelUsage
 from bastion.supervisor.models.worker_slot import WorkerSlot, failed_message
-from bastion.supervisor.processes.workers import WorkerHandle, WorkerPool
+from bastion.supervisor.processes.worker_handle import WorkerHandle
+from bastion.supervisor.processes.workers import WorkerPool
 from bastion.supervisor.templates.formatter import PromptFormatter
 
 log = logging.getLogger(__name__)

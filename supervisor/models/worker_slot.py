@@ -26,7 +26,7 @@ from bastion.supervisor.errors import (
     RestartTimeoutError,
 )
 from bastion.supervisor.models.restarts import CrashHistory
-from bastion.supervisor.processes.workers import WorkerHandle
+from bastion.supervisor.processes.worker_handle import WorkerHandle
 
 
 def failed_message(name: str, failure: str) -> str:

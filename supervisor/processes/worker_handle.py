@@ -1,0 +1,275 @@
+"""One model worker process as the supervisor sees it: `WorkerHandle`.
+
+Its state, what it reported when ready, the tail of its stderr, the
+generation it is serving and a bounded queue of generations waiting for it,
+and what it was started with (`WorkerLaunch`, so a restart starts the next
+one the same way). It turns the worker's messages into state and hands each
+generation's messages to that generation. A worker serves one generation at a
+time; it keeps that session's KV state warm for the next one. Spawning,
+watching and stopping workers is `WorkerPool`'s (workers.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from bastion.protocol import (
+    PROTOCOL_VERSION,
+    Cancel,
+    ErrorCode,
+    GenerationStats,
+    Heartbeat,
+    Hello,
+    HelloAccepted,
+    KvCacheType,
+    RequestFailed,
+    Role,
+    StopReason,
+    TokenDelta,
+    TokenLogprobs,
+    WorkerState,
+)
+from bastion.protocol.worker_wire import (
+    FromWorker,
+    Generate,
+    GenerationFinished,
+    ModelDescription,
+    SetThreads,
+    ToWorker,
+    WorkerLoadFailed,
+    WorkerReady,
+)
+from bastion.supervisor.config import SupervisorConfig
+from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError, QueueFullError, SupervisorError
+from bastion.supervisor.processes.liveness import failure_line
+from bastion.supervisor.runs import Generation
+
+log = logging.getLogger(__name__)
+
+SendToWorker = Callable[[bytes, ToWorker], None]
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
+    """What a worker was started with; a restart starts the next one the same way."""
+
+    name: str
+    model_path: Path
+    n_ctx: int
+    threads: int
+    engine: str = "llama"
+    flash_attn: bool = True
+    kv_cache_type: KvCacheType = KvCacheType.F16
+    kv_ram_bytes: int = 0
+    kv_disk_bytes: int = 0
+
+
+class WorkerHandle:
+    def __init__(
+        self,
+        *,
+        worker_id: str,
+        launch: WorkerLaunch,
+        send: SendToWorker,
+        config: SupervisorConfig,
+    ) -> None:
+        self.worker_id = worker_id
+        self.identity = worker_id.encode()
+        self.launch = launch
+        self.name = launch.name
+        self.model_path = launch.model_path
+        self.n_ctx = launch.n_ctx
+        self.threads = launch.threads
+        self.state = WorkerState.STARTING
+        self.process: asyncio.subprocess.Process | None = None
+        self.description: ModelDescription | None = None
+        self.ready: asyncio.Future[ModelDescription] = asyncio.get_running_loop().create_future()
+        self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stderr_tail: deque[str] = deque(maxlen=config.stderr_tail_lines)
+        self.current: Generation | None = None
+        self.queue: deque[Generation] = deque()
+        self.last_seen = time.monotonic()
+        self.kv_tokens = 0
+        self.progress = 0
+        # When `progress` last moved, or the current generation started if later.
+        self.progress_at = self.last_seen
+        self.snapshots_ram = 0
+        self.snapshot_ram_bytes = 0
+        self.snapshots_disk = 0
+        self.snapshot_disk_bytes = 0
+        self.template_source = ""
+        self.killed_as_hung = False
+        self.hang_reason = ""
+        # Set by `WorkerPool.stop`: the exit that follows was asked for, not a crash.
+        self.stop_requested = False
+        # After the exit: how it ended and the last thing it said, in one line
+        # (warnings and `bastion ps` quote it).
+        self.exit_line = ""
+        self.load_error = ""  # what a WorkerLoadFailed said
+        # Threads the worker decodes with now (it starts with its launch
+        # setting; SetThreads changes it), and who to tell when it starts or
+        # stops generating (the pool shares the cores among busy workers).
+        self.applied_threads = launch.threads
+        self.on_activity: Callable[[], None] = lambda: None
+        self._send = send
+        self._config = config
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid if self.process else 0
+
+    def send(self, message: ToWorker) -> None:
+        self._send(self.identity, message)
+
+    # --- runs -------------------------------------------------------------
+
+    def submit(self, generation: Generation) -> None:
+        """Start generation `generation` now if the worker is idle, else queue it (bounded)."""
+        if self.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            raise SupervisorError(f"model {self.name} is {self.state.value}, not serving")
+        if self.current is None:
+            self._start(generation)
+            return
+        if len(self.queue) >= self._config.max_queued_per_worker:
+            raise QueueFullError(
+                f"model {self.name} has {len(self.queue)} requests waiting; try again shortly"
+            )
+        self.queue.append(generation)
+
+    def cancel(self, generation: Generation) -> None:
+        if generation is self.current:
+            self.send(Cancel(request_id=generation.internal_id))
+        elif generation in self.queue:
+            self.queue.remove(generation)
+            generation.deliver(GenerationFinished(request_id=generation.internal_id, stop_reason=StopReason.CANCELLED,
+                                           completion_tokens=0, kv_tokens=self.kv_tokens))
+
+    def _start(self, generation: Generation) -> None:
+        self.current = generation
+        self.state = WorkerState.BUSY
+        self.progress_at = time.monotonic()
+        self.on_activity()  # the cores are shared anew before it starts
+        self.send(
+            Generate(
+                request_id=generation.internal_id,
+                session_id=generation.session_id,
+                prompt=generation.prompt,
+                sampling=generation.sampling,
+                snapshot=generation.snapshot,
+                grammar=generation.grammar,
+            )
+        )
+
+    def _next(self) -> None:
+        self.current = None
+        if self.state is WorkerState.BUSY:
+            self.state = WorkerState.IDLE
+        while self.queue and self.state is WorkerState.IDLE:
+            generation = self.queue.popleft()
+            if not generation.done:
+                self._start(generation)
+        if self.current is None:
+            self.on_activity()
+
+    def set_threads(self, threads: int) -> None:
+        """Ask the worker to decode with `threads` threads from its next step."""
+        if threads != self.applied_threads:
+            self.send(SetThreads(threads=threads))
+            self.applied_threads = threads
+
+    # --- messages from the worker -----------------------------------------
+
+    def on_message(self, message: FromWorker) -> None:
+        self.last_seen = time.monotonic()
+        match message:
+            case Hello():
+                self._on_hello(message)
+            case WorkerReady(model=description):
+                self.description = description
+                if self.state is WorkerState.LOADING:  # never revive a worker being stopped
+                    self.state = WorkerState.IDLE
+                if not self.ready.done():
+                    self.ready.set_result(description)
+                log.info("worker %s (%s, pid %d) ready in %.0f ms", self.worker_id, self.name, self.pid,
+                         description.load_ms)
+            case WorkerLoadFailed(code=code, message=text):
+                self.load_error = text
+                error_type = InvalidModelFileError if code is ErrorCode.INVALID_MODEL_FILE else ModelSourceError
+                if not self.ready.done():
+                    self.ready.set_exception(error_type(f"{self.name}: {text}"))
+            case Heartbeat():
+                self.kv_tokens = message.kv_tokens
+                if message.progress != self.progress:
+                    self.progress = message.progress
+                    self.progress_at = self.last_seen
+                self.snapshots_ram = message.snapshots_ram
+                self.snapshot_ram_bytes = message.snapshot_ram_bytes
+                self.snapshots_disk = message.snapshots_disk
+                self.snapshot_disk_bytes = message.snapshot_disk_bytes
+            case TokenDelta() | TokenLogprobs() | GenerationStats():
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+            case RequestFailed(request_id=""):
+                log.warning("worker %s reported: %s (%s)", self.worker_id, message.message, message.code.value)
+            case RequestFailed():
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+            case GenerationFinished():
+                self.kv_tokens = message.kv_tokens
+                if self.current and message.request_id == self.current.internal_id:
+                    self.current.deliver(message)
+                    self._next()
+
+    def _on_hello(self, hello: Hello) -> None:
+        if hello.protocol_version != PROTOCOL_VERSION or hello.role is not Role.WORKER:
+            self.send(
+                RequestFailed(
+                    code=ErrorCode.PROTOCOL_MISMATCH,
+                    message=f"supervisor speaks protocol {PROTOCOL_VERSION} to workers; "
+                    f"got {hello.role.value} protocol {hello.protocol_version}",
+                )
+            )
+            return
+        self.state = WorkerState.LOADING
+        self.send(HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=os.getpid()))
+
+    # --- exit -------------------------------------------------------------
+
+    def on_exit(self, returncode: int) -> None:
+        stopping = self.state is WorkerState.STOPPING
+        self.state = WorkerState.DEAD
+        tail = "\n".join(self.stderr_tail)
+        how = f"was killed as hung ({self.hang_reason})" if self.killed_as_hung else describe_exit(returncode)
+        self.exit_line = failure_line(f"worker for {self.name} (pid {self.pid}) {how}", list(self.stderr_tail))
+        report = f"{self.exit_line}\nlast stderr lines:\n{tail}" if tail else self.exit_line
+        if not self.ready.done():
+            self.ready.set_exception(ModelSourceError(f"model {self.name} failed to load: {report}"))
+        code = ErrorCode.SHUTTING_DOWN if stopping else ErrorCode.WORKER_DIED
+        if self.killed_as_hung:
+            code = ErrorCode.WORKER_UNRESPONSIVE
+        for generation in [self.current, *self.queue]:
+            if generation is not None:
+                generation.fail(code, report, retryable=not stopping)
+        self.current = None
+        self.queue.clear()
+        self.on_activity()  # its share of the cores goes to the others
+        if not self.exited.done():
+            self.exited.set_result(returncode)

@@ -226,8 +226,10 @@ def model_table(models: list[ModelStatus]) -> str:
 
 
 def _context(model: ModelStatus) -> str:
-    """`4096`, or `4096 (kv q8_0)` when the KV cache is stored other than in f16."""
-    return str(model.n_ctx) if model.kv_cache_type == "f16" else f"{model.n_ctx} (kv {model.kv_cache_type})"
+    """`4096`; `4096 (kv q8_0)` when the KV cache is stored other than in f16; `4 × 4096` when the
+    worker decodes 4 sequences together, each with its own 4096 positions."""
+    context = str(model.n_ctx) if model.parallel <= 1 else f"{model.parallel} × {model.n_ctx}"
+    return context if model.kv_cache_type == "f16" else f"{context} (kv {model.kv_cache_type})"
 
 
 def _state(model: ModelStatus) -> str:

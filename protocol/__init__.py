@@ -23,6 +23,7 @@ from bastion.protocol.codec import (
     worker_codec,
 )
 from bastion.protocol.common import (
+    MAX_PARALLEL,
     CacheSource,
     Cancel,
     GenerationStats,
@@ -60,6 +61,7 @@ __all__ = [
     "SamplingParams",
     "Shutdown",
     "StopReason",
+    "MAX_PARALLEL",
     "KvCacheType",
     "TokenChoice",
     "TokenDelta",

@@ -113,6 +113,12 @@ class KvCacheType(enum.Enum):
     Q8_0 = "q8_0"
 
 
+# The most requests one model worker decodes together (`parallel`), each in a
+# KV sequence of its own; past this the per-sequence memory outweighs what
+# batching gains on a CPU.
+MAX_PARALLEL = 16
+
+
 # The most alternatives a token's log-probability report lists (OpenAI's limit too).
 MAX_TOP_LOGPROBS = 20
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=MAX_TOP_LOGPROBS)]

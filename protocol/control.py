@@ -192,6 +192,8 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_disk_bytes: int = 0
     flash_attn: bool = False  # whether the worker computes attention with flash attention
     kv_cache_type: str = "f16"  # how its KV cache is stored (KvCacheType's values)
+    parallel: int = 1  # generations its worker decodes together, each with n_ctx positions
+    running: int = 0  # generations in flight now (at most `parallel`; more wait in `queued`)
 
 
 class RunStarted(Message, frozen=True, tag="run_start"):

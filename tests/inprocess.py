@@ -189,9 +189,8 @@ class InProcessWorkers:
         if handle.exited.done():
             return
         handle.stop_requested = True
-        for generation in [*handle.queue, handle.current]:
-            if generation is not None:
-                generation.fail(code, reason or "stopped", retryable=True)
+        for generation in [*handle.queue, *handle.running.values()]:
+            generation.fail(code, reason or "stopped", retryable=True)
         handle.queue.clear()
         handle.state = WorkerState.STOPPING
         self._workers[handle.identity].dead = True

@@ -151,10 +151,10 @@ def test_a_model_in_use_or_generating_is_never_unloaded_for_another(tmp_path: Pa
         await until(lambda: models.get("a").usage.users == 0)  # type: ignore[union-attr]
         # No request holds it now, but its worker is still generating (e.g. a cancelled run's reply).
         handle = models.get("a").handle  # type: ignore[union-attr]
-        handle.current = object()  # type: ignore[assignment]
+        handle.running["busy"] = object()  # type: ignore[assignment]
         with pytest.raises(InsufficientMemoryError):
             await models.ensure_loaded(spec(tmp_path, "b"), nothing)
-        handle.current = None
+        handle.running.clear()
         await models.ensure_loaded(spec(tmp_path, "b"), nothing)
         assert pool.alive_names() == {"b"}
 
@@ -220,11 +220,11 @@ def test_keep_alive_waits_while_the_worker_is_still_generating(tmp_path: Path) -
         clock = ManualClock()
         models, pool = models_with(tmp_path, clock=clock)
         model, _ = await models.ensure_loaded(spec(tmp_path, "a"), nothing, keep_alive_s=5)
-        model.handle.current = object()  # type: ignore[assignment]
+        model.handle.running["busy"] = object()  # type: ignore[assignment]
         clock.advance(60)  # long past keep_alive, but a generation is in flight
         assert pool.alive_names() == {"a"}
         assert clock.pending() == [pytest.approx(0.25)]  # it looks again shortly
-        model.handle.current = None
+        model.handle.running.clear()
         clock.advance(5)  # idle since the last check: keep_alive counts from there
         await until(lambda: not pool.alive_names(), what="the model unloaded")
 

@@ -328,7 +328,7 @@ def test_pruned_turns_are_shifted_out_instead_of_evaluating_what_followed(tmp_pa
     engine, _s, core = fake_core(tmp_path)
     system = "<s>system: be brief</s>"
     generate(core, "A", system + turns(6) + "<s>now</s>")
-    held = engine.kv_token_ids()
+    held = engine.sequences()[0].kv_token_ids()
     # Turns 0-2 leave the prompt; the system message stays pinned at the top.
     pruned_prompt = system + turns(3, first=3) + "<s>now</s>ok</s><s>next</s>"
     stats = generate(core, "A", pruned_prompt)
@@ -406,7 +406,7 @@ def test_a_refused_context_shift_costs_a_prefill_not_the_request(tmp_path: Path,
     def refuse(start: int, end: int) -> None:
         raise EngineError("no shifting today")
 
-    monkeypatch.setattr(engine, "shift_out", refuse)
+    monkeypatch.setattr(engine.sequences()[0], "shift_out", refuse)
     stats = generate(core, "A", system + turns(3, first=3) + "<s>next</s>")
     assert stats.cache_source is CacheSource.NONE and stats.cached_tokens == 0
     assert "context shift refused" in stats.cache_note

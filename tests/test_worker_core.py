@@ -120,7 +120,7 @@ def test_zero_max_tokens_only_prefills() -> None:
     core, engine = make_core()
     stats, finished = ending(run(core, "warm the cache", max_tokens=0))
     assert finished.stop_reason is StopReason.LENGTH and stats.completion_tokens == 0
-    assert engine.kv_tokens() == stats.prompt_tokens
+    assert engine.sequences()[0].kv_tokens() == stats.prompt_tokens
 
 
 def test_full_context_stops_with_length() -> None:
@@ -172,14 +172,13 @@ def test_text_stream_drops_an_unfinished_character_at_the_end() -> None:
 
 def test_cancel_between_tokens() -> None:
     core, _ = make_core(script=("abcdefghijklmnop",))
-    polls = 0
+    out: list[FromWorker] = []
 
     def cancelled() -> bool:
-        nonlocal polls
-        polls += 1
-        return polls > 5  # before the prompt's one chunk and inside it, then three tokens
+        return sum(isinstance(m, TokenDelta) for m in out) >= 3
 
-    out = run(core, "q", cancelled=cancelled)
+    core.generate(Generate(request_id="r1", session_id="s", prompt="q", sampling=SamplingParams()), out.append,
+                  cancelled)
     stats, finished = ending(out)
     assert finished.stop_reason is StopReason.CANCELLED
     assert text_of(out) == "abc" and stats.completion_tokens == 3
@@ -208,12 +207,14 @@ def test_a_cancel_noticed_inside_a_chunk_keeps_only_the_chunks_before_it() -> No
     graph nodes); a chunk interrupted that way leaves nothing, the ones before it stay."""
     core, engine = make_core()
     prompt = "x" * 700
-    inside_second = iter([False, False, False, True])  # chunk 1: before, inside; chunk 2: before, inside
 
-    out = run(core, prompt, cancelled=lambda: next(inside_second, True))
+    def inside_the_second_chunk() -> bool:
+        return len(engine.checked_cancel_inside) >= 2  # the fake notes each evaluation before it checks
+
+    out = run(core, prompt, cancelled=inside_the_second_chunk)
     stats, finished = ending(out)
     assert finished.stop_reason is StopReason.CANCELLED and engine.checked_cancel_inside == [True, True]
-    assert engine.evaluated_chunks == [256] and finished.kv_tokens == 256 and engine.kv_tokens() == 256
+    assert engine.evaluated_chunks == [256] and finished.kv_tokens == 256 and engine.sequences()[0].kv_tokens() == 256
     assert ending(run(core, prompt))[0].cached_tokens == 256
     # Single-token decode steps are never handed the check (it would cost each step dearly).
     assert engine.checked_cancel_inside[-1] is False
@@ -235,7 +236,7 @@ def test_engine_failure_is_reported_and_the_next_request_is_served() -> None:
     core, engine = make_core(script=("fine",))
     failed = failure(run(core, "please <<fail>> now"))
     assert failed.code is ErrorCode.INTERNAL and "scripted failure" in failed.message
-    assert engine.kv_tokens() == 0  # the half-written state was dropped
+    assert engine.sequences()[0].kv_tokens() == 0  # the half-written state was dropped
     out = run(core, "and now something else", request_id="r2")
     assert text_of(out) == "fine"
     assert ending(out)[1].stop_reason is StopReason.STOP

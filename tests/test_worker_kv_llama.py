@@ -49,7 +49,7 @@ def generate(
 
 def fresh_reply(engine: LlamaCppEngine, prompt: str) -> str:
     """The reply with nothing reused: the reference every cached path must match."""
-    engine.reset()
+    engine.sequences()[0].reset()
     text, stats = generate(WorkerCore(engine), "reference", prompt)
     assert stats.cached_tokens == 0
     return text
@@ -87,7 +87,7 @@ OTHER = "What is the boiling point of water at sea level, in degrees Celsius? An
 def test_switching_back_to_a_session_restores_its_snapshot_and_answers_the_same(
     smol: LlamaCppEngine, tmp_path: Path
 ) -> None:
-    smol.reset()
+    smol.sequences()[0].reset()
     core = WorkerCore(smol, snapshots=store_for(smol, smollm2_gguf(), tmp_path))
     reply_a, _ = generate(core, "A", chatml([], QUESTION))
     generate(core, "B", chatml([], OTHER, system="You answer in one short sentence."))
@@ -105,7 +105,7 @@ def test_a_new_session_with_a_known_system_prompt_starts_from_another_s_snapshot
     smol: LlamaCppEngine, tmp_path: Path
 ) -> None:
     system = "You are the support assistant of a bicycle shop. " + "Be precise and friendly. " * 20
-    smol.reset()
+    smol.sequences()[0].reset()
     core = WorkerCore(smol, snapshots=store_for(smol, smollm2_gguf(), tmp_path))
     generate(core, "A", chatml([], QUESTION, system=system))
     generate(core, "B", chatml([], OTHER, system="You answer in one short sentence."))
@@ -179,7 +179,7 @@ def test_a_new_worker_restores_the_session_from_disk_and_answers_the_same(tmp_pa
 def test_a_corrupt_snapshot_on_disk_is_discarded_and_the_answer_is_unchanged(
     smol: LlamaCppEngine, tmp_path: Path
 ) -> None:
-    smol.reset()
+    smol.sequences()[0].reset()
     store = store_for(smol, smollm2_gguf(), tmp_path)
     reply, _ = generate(WorkerCore(smol, snapshots=store), "A", chatml([], QUESTION))
     store.close()
@@ -187,7 +187,7 @@ def test_a_corrupt_snapshot_on_disk_is_discarded_and_the_answer_is_unchanged(
     raw = bytearray(snapshot.read_bytes())
     raw[len(raw) // 2] ^= 0x55  # inside the KV data: llama.cpp itself would accept it
     snapshot.write_bytes(bytes(raw))
-    smol.reset()
+    smol.sequences()[0].reset()
     follow_up = chatml([(QUESTION, reply)], "Why that one?")
     text, stats = generate(WorkerCore(smol, snapshots=store_for(smol, smollm2_gguf(), tmp_path)), "A", follow_up)
     assert stats.cache_source is CacheSource.NONE and "corrupt" in stats.cache_note
@@ -197,17 +197,17 @@ def test_a_corrupt_snapshot_on_disk_is_discarded_and_the_answer_is_unchanged(
 def test_the_engine_refuses_a_state_of_another_model_without_crashing(
     smol: LlamaCppEngine, gemma: LlamaCppEngine
 ) -> None:
-    gemma.reset()
+    gemma.sequences()[0].reset()
     generate(WorkerCore(gemma), "g", gemma_chat([], QUESTION))
-    foreign = gemma.save_sequence()
-    tokens = gemma.kv_token_ids()
-    assert smol.restore_sequence(foreign, tokens) is False
-    assert smol.kv_tokens() == 0
+    foreign = gemma.sequences()[0].save_sequence()
+    tokens = gemma.sequences()[0].kv_token_ids()
+    assert smol.sequences()[0].restore_sequence(foreign, tokens) is False
+    assert smol.sequences()[0].kv_tokens() == 0
     assert fresh_reply(smol, chatml([], OTHER))  # still serves
 
 
 def test_pruned_turns_are_shifted_out_and_the_kv_matches_a_fresh_render(smol: LlamaCppEngine) -> None:
-    smol.reset()
+    smol.sequences()[0].reset()
     core = WorkerCore(smol)
     turns: list[tuple[str, str]] = []
     for i in range(5):
@@ -223,15 +223,15 @@ def test_pruned_turns_are_shifted_out_and_the_kv_matches_a_fresh_render(smol: Ll
     assert stats.kv_digest == token_digest(wanted)
     memory = llama_cpp.llama_get_memory(smol._llama.ctx)
     assert llama_cpp.llama_memory_seq_pos_min(memory, 0) == 0
-    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == smol.kv_tokens() - 1
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == smol.sequences()[0].kv_tokens() - 1
     assert text  # the shifted state still produces an answer
 
 
 def test_gemma_sliding_window_restores_the_turn_boundary_snapshot_or_prefills_and_says_so(
     gemma: LlamaCppEngine, tmp_path: Path, gemma_path: Path
 ) -> None:
-    gemma.reset()
-    assert gemma.describe().partial_reuse is False and not gemma.can_shift()
+    gemma.sequences()[0].reset()
+    assert gemma.describe().partial_reuse is False and not gemma.sequences()[0].can_shift()
     core = WorkerCore(gemma, snapshots=store_for(gemma, gemma_path, tmp_path))
     # Long enough that the window (512 positions) no longer reaches the start.
     history = [(f"Tell me fact number {i} about the ocean, in detail please.", "The ocean is vast. " * 12)
@@ -257,7 +257,7 @@ def test_gemma_sliding_window_restores_the_turn_boundary_snapshot_or_prefills_an
 
 def test_gemma_switching_sessions_restores_and_answers_the_same(gemma: LlamaCppEngine, tmp_path: Path,
                                                                 gemma_path: Path) -> None:
-    gemma.reset()
+    gemma.sequences()[0].reset()
     core = WorkerCore(gemma, snapshots=store_for(gemma, gemma_path, tmp_path))
     reply, _ = generate(core, "A", gemma_chat([], QUESTION))
     generate(core, "B", gemma_chat([], OTHER))

@@ -34,7 +34,7 @@ def engine() -> Iterator[LlamaCppEngine]:
 
 @pytest.fixture
 def core(engine: LlamaCppEngine) -> WorkerCore:
-    engine.reset()
+    engine.sequences()[0].reset()
     return WorkerCore(engine)
 
 
@@ -144,11 +144,11 @@ def test_a_cancel_during_a_long_prefill_stops_inside_the_chunk_and_keeps_the_sta
     prompt = f"<|im_start|>user\n{facts}\nWhich fact is first?<|im_end|>\n<|im_start|>assistant\n"
     tokens = engine.tokenize(prompt)
     assert 3 * 256 < len(tokens) < 1000
-    engine.reset()
+    engine.sequences()[0].reset()
     started = time.perf_counter()
-    engine.evaluate(tokens[:256])
+    engine.sequences()[0].evaluate(tokens[:256])
     chunk_s = time.perf_counter() - started  # one chunk's time here, now
-    engine.reset()
+    engine.sequences()[0].reset()
 
     cancel, fired = threading.Event(), []
 
@@ -167,8 +167,8 @@ def test_a_cancel_during_a_long_prefill_stops_inside_the_chunk_and_keeps_the_sta
     stopped = time.perf_counter()
     assert isinstance(out[-1], GenerationFinished) and out[-1].stop_reason is StopReason.CANCELLED
     assert fired and stopped - fired[0] < chunk_s / 3, (stopped - fired[0], chunk_s)
-    assert engine.kv_tokens() in (256, 512) and engine.kv_token_ids() == tokens[: engine.kv_tokens()]
+    assert engine.sequences()[0].kv_tokens() in (256, 512) and engine.sequences()[0].kv_token_ids() == tokens[: engine.sequences()[0].kv_tokens()]
     resumed, stats, _ = generate(core, prompt)  # continues from what was kept, and answers as a fresh prefill
     assert 0 < stats.cached_tokens <= 512
-    engine.reset()
+    engine.sequences()[0].reset()
     assert resumed == generate(WorkerCore(engine), prompt)[0]

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from bastion.protocol import KvCacheType
+from bastion.protocol import MAX_PARALLEL, KvCacheType
 from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.engine import Engine
 from bastion.worker.lifecycle import ExitCode
@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--flash-attn", choices=["on", "off"], default="on", help="flash attention (llama engine)")
     parser.add_argument("--kv-cache-type", choices=[kind.value for kind in KvCacheType], default="f16",
                         help="how the KV cache is stored (llama engine; q8_0 needs flash attention)")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="requests decoded together, each with --n-ctx positions of its own")
     parser.add_argument("--parent-pid", type=int, default=None, help="exit at once if this is not our parent")
     engines = [kind.value for kind in EngineKind]
     parser.add_argument("--engine", choices=engines, default=EngineKind.LLAMA.value)
@@ -61,6 +63,8 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
             parser.error("--fake-script must hold a JSON list of strings")
         script = tuple(replies)
+    if not 1 <= args.parallel <= MAX_PARALLEL:
+        parser.error(f"--parallel must be between 1 and {MAX_PARALLEL}")
     if args.n_ctx < 1 or args.threads < 1 or args.heartbeat_interval <= 0 or args.heartbeat_timeout <= 0:
         parser.error("--n-ctx, --threads and the heartbeat settings must be positive")
     if args.kv_cache_type != KvCacheType.F16.value and args.flash_attn == "off":
@@ -76,6 +80,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         threads=args.threads,
         flash_attn=args.flash_attn == "on",
         kv_cache_type=KvCacheType(args.kv_cache_type),
+        parallel=args.parallel,
         parent_pid=args.parent_pid,
         engine=EngineKind(args.engine),
         fake_script=script,
@@ -100,14 +105,16 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
 
             return FakeEngine(
                 FakeEngineConfig(
-                    script=load_script(config.model_path), n_ctx=config.n_ctx, architecture="scripted", cycle=False
+                    script=load_script(config.model_path), n_ctx=config.n_ctx, architecture="scripted", cycle=False,
+                    n_seq=config.parallel,
                 )
             )
         if config.engine is EngineKind.FAKE:
             from bastion.worker.fake import FakeEngine, FakeEngineConfig
 
             fake = FakeEngineConfig(
-                n_ctx=config.n_ctx, token_delay=config.fake_token_delay, load_delay=config.fake_load_delay
+                n_ctx=config.n_ctx, token_delay=config.fake_token_delay, load_delay=config.fake_load_delay,
+                n_seq=config.parallel,
             )
             if config.fake_script:
                 fake = msgspec.structs.replace(fake, script=config.fake_script)
@@ -115,7 +122,8 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
         from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 
         llama = LlamaEngineConfig(model_path=config.model_path, n_ctx=config.n_ctx, threads=config.threads,
-                                  flash_attn=config.flash_attn, kv_cache_type=config.kv_cache_type)
+                                  flash_attn=config.flash_attn, kv_cache_type=config.kv_cache_type,
+                                  n_seq=config.parallel)
         return LlamaCppEngine(llama)
 
     return build

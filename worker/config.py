@@ -28,6 +28,8 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     threads: int
     flash_attn: bool = True
     kv_cache_type: KvCacheType = KvCacheType.F16
+    # Requests decoded together, each in a sequence of its own with n_ctx positions.
+    parallel: int = 1
     parent_pid: int | None = None
     engine: EngineKind = EngineKind.LLAMA
     fake_script: tuple[str, ...] = ()

@@ -1,9 +1,19 @@
-"""`WorkerCore`: serving one `Generate` over an `Engine`, with no sockets or threads.
+"""`WorkerCore`: serving `Generate`s over an `Engine`, with no sockets or threads.
 
 Owns the generation policy: prefill in chunks, the decode loop
-and its cancellation points, stop conditions, streaming text and timing. The
-process shell feeds it requests and carries what it emits; tests drive it
-in-process with `FakeEngine`.
+and its cancellation points, stop conditions, streaming text and timing, and
+the scheduling of several generations at once. The process shell feeds it
+requests and carries what it emits; tests drive it in-process with `FakeEngine`.
+
+Continuous batching: each of the engine's sequences is a lane; a request
+takes the free lane whose KV state shares the longest prefix with its prompt
+(least recently used on a tie). Each generation is a generator (`_serve`)
+that yields the token chunks it needs evaluated on its lane; `step()` gathers
+what every active generation waits for (one token per decoding generation
+first, then prefill chunks up to `n_batch` tokens in all), evaluates it in one
+`evaluate_batch` and resumes the generations whose chunk is done. With one
+lane this is exactly the sequential loop. `generate()` is `start()` plus
+`step()` until that request ends.
 
 KV reuse (the live sequence, a context shift, the session's snapshot or
 another session's with the same prefix) is `KvReuse`'s (kv_reuse.py): the core
@@ -22,10 +32,11 @@ state is dropped (it may be half-written) and the next request is served.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,9 +46,12 @@ from bastion.protocol.common import MAX_TOP_LOGPROBS, GrammarUse, TokenChoice, T
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.engine import (
     MIN_EVALUATED,
+    BatchPart,
     Engine,
+    EngineSequence,
     EvaluationCancelled,
     GrammarOutcome,
+    common_prefix_length,
 )
 from bastion.worker.kv_reuse import KvReuse
 from bastion.worker.kv_snapshots import SnapshotStore
@@ -48,6 +62,15 @@ log = logging.getLogger(__name__)
 
 Emit = Callable[[FromWorker], None]
 Cancelled = Callable[[], bool]
+# A generation as the scheduler drives it: it yields the chunks it needs
+# evaluated on its lane's sequence (EvaluationCancelled may be thrown in at
+# a yield) and returns why it ended.
+Steps = Generator[Sequence[int], None, StopReason]
+
+
+# Fewer shared tokens than this (a BOS, a chat template's first line) do not
+# make a sequence the place for a prompt: an empty one keeps more state warm.
+LANE_AFFINITY_MIN = 16
 
 
 class CoreConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -84,11 +107,36 @@ class _Run:
     char_ends: list[int] = field(default_factory=list)  # after each generated token
     streamed: list[str] = field(default_factory=list)
     keep_chars: int | None = None  # set when the reply is cut at a repetition loop
+    evaluated: int = 0  # tokens evaluated for it
 
     def decode_speed(self, now: float) -> float:
         # The first token comes out of the prefill; decoding speed is what follows it.
         elapsed = now - self.first_token
         return (self.completion_tokens - 1) / elapsed if self.first_token and elapsed > 0 else 0.0
+
+
+@dataclass
+class _Lane:
+    """One engine sequence and the reuse of its KV state."""
+
+    sequence: EngineSequence
+    reuse: KvReuse
+    last_used: int = 0
+    active: _Active | None = None
+
+
+@dataclass
+class _Active:
+    """A generation in progress on a lane, and the chunk it waits to have evaluated."""
+
+    run: _Run
+    lane: _Lane
+    steps: Steps
+    cancelled: Cancelled
+    chunk: Sequence[int] = ()
+    done: int = 0  # tokens of `chunk` evaluated so far (a chunk may span batches)
+    prefill: bool = False  # the chunk is part of a prompt (checked for a cancel mid-computation)
+    reason: StopReason | None = None  # once it ended
 
 
 class WorkerCore:
@@ -105,11 +153,14 @@ class WorkerCore:
         self._info = engine.describe()
         self._chunk = max(1, min(config.prefill_chunk, self._info.n_batch))
         self._snapshots = snapshots if snapshots is not None and snapshots.enabled else None
-        self._reuse = KvReuse(engine, self._info, self._snapshots)
+        self._lanes = [_Lane(sequence, KvReuse(sequence, self._info, self._snapshots))
+                       for sequence in engine.sequences()]
+        self._active: list[_Active] = []  # in the order they started
+        self._uses = itertools.count(1)
         # Plain ints written by the engine thread and read by the IO thread for
         # heartbeats; a torn read is impossible under the GIL.
         self._progress = 0
-        self._kv_tokens = engine.kv_tokens()
+        self._kv_tokens = self._held_tokens()
 
     @property
     def snapshots(self) -> SnapshotStore | None:
@@ -122,27 +173,167 @@ class WorkerCore:
 
     @property
     def kv_tokens(self) -> int:
+        """Tokens held in the KV state of all sequences."""
         return self._kv_tokens
 
+    @property
+    def lanes(self) -> int:
+        return len(self._lanes)
+
+    @property
+    def active(self) -> int:
+        """Generations started and not yet ended."""
+        return len(self._active)
+
     def generate(self, request: Generate, emit: Emit, cancelled: Cancelled) -> StopReason:
+        """Serve `request` to its end (with any other started generation batched alongside)."""
+        active = self.start(request, emit, cancelled)
+        while active is not None and active.reason is None:
+            self.step()
+        return active.reason if active is not None and active.reason is not None else StopReason.ERROR
+
+    def start(self, request: Generate, emit: Emit, cancelled: Cancelled) -> _Active | None:
+        """Admit `request` on a free lane and run it up to its first evaluation; None when it
+        ended at once (refused)."""
         run = _Run(request=request, started=time.perf_counter())
-        progress_before = self._progress
         try:
-            reason = self._run(run, emit, cancelled)
+            tokens = self._admit(request)
+        except _Refused as refusal:
+            self._fail(run, emit, refusal.code, refusal.message)
+            return None
+        except Exception as exc:
+            log.exception("request %s: tokenizing failed", request.request_id)
+            self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
+            return None
+        lane = self._free_lane(tokens)
+        if lane is None:  # the link admits no more requests than there are lanes
+            self._fail(run, emit, ErrorCode.BUSY, f"all {len(self._lanes)} sequences are busy")
+            return None
+        lane.last_used = next(self._uses)
+        active = _Active(run=run, lane=lane, steps=self._serve(run, lane, tokens, emit, cancelled),
+                         cancelled=cancelled)
+        lane.active = active
+        self._active.append(active)
+        self._resume(active, None)
+        return active
+
+    def _free_lane(self, tokens: Sequence[int]) -> _Lane | None:
+        """The free lane holding the longest prefix of `tokens` (one worth reusing); else an empty
+        one; else the least recently used, whose state is the least likely to be wanted again."""
+        free = [lane for lane in self._lanes if lane.active is None]
+        if not free:
+            return None
+
+        def preference(lane: _Lane) -> tuple[int, bool, int]:
+            shared = common_prefix_length(lane.sequence.kv_token_ids(), tokens)
+            return (shared if shared >= LANE_AFFINITY_MIN else 0, lane.sequence.kv_tokens() == 0, -lane.last_used)
+
+        return max(free, key=preference)
+
+    def step(self) -> None:
+        """One evaluation for the active generations (see the module docstring)."""
+        if not self._active:
+            return
+        self._adjust_threads()
+        for active in [a for a in self._active if a.cancelled()]:
+            # Between two evaluations: it need not wait for the batch.
+            self._resume(active, EvaluationCancelled())
+        batch = self._gather()
+        if not batch:
+            return
+        parts: list[BatchPart] = [(a.lane.sequence, a.chunk[a.done : a.done + n]) for a, n in batch]
+        actives = [a for a, _ in batch]
+        # A prompt chunk can take a second: the engine then checks for a cancel inside it.
+        check = (lambda: any(a.cancelled() for a in actives)) if any(a.prefill for a in actives) else None
+        try:
+            self._engine.evaluate_batch(parts, check)
+        except EvaluationCancelled:
+            for active in actives:
+                if active.cancelled():
+                    self._resume(active, EvaluationCancelled())
+            return  # the others evaluate the same tokens at the next step
+        except Exception as exc:
+            self._kv_tokens = self._held_tokens()
+            self._isolate_failure(batch, exc)
+            return
+        self._kv_tokens = self._held_tokens()
+        self._evaluated(batch)
+
+    def _isolate_failure(self, batch: list[tuple[_Active, int]], exc: Exception) -> None:
+        """A failed batch left every sequence as it was. Alone, it fails its generation; shared,
+        each part is tried alone, so that one bad request does not end the others."""
+        if len(batch) == 1:
+            self._resume(batch[0][0], exc)
+            return
+        for active, n in batch:
+            try:
+                self._engine.evaluate_batch([(active.lane.sequence, active.chunk[active.done : active.done + n])])
+            except Exception as alone:
+                self._resume(active, alone)
+            else:
+                self._evaluated([(active, n)])
+            finally:
+                self._kv_tokens = self._held_tokens()
+
+    def _evaluated(self, batch: list[tuple[_Active, int]]) -> None:
+        for active, n in batch:
+            active.done += n
+            active.run.evaluated += n
+            self._progress += n
+            if active.done == len(active.chunk):
+                self._resume(active, None)
+
+    def _gather(self) -> list[tuple[_Active, int]]:
+        """(generation, tokens of its chunk) for the next batch: one token for each decoding
+        generation first, then prompt chunks in the order their generations started."""
+        budget = self._info.n_batch
+        batch: list[tuple[_Active, int]] = []
+        for active in sorted(self._active, key=lambda a: a.prefill):
+            left = len(active.chunk) - active.done
+            take = min(left, budget)
+            if take < left and left - take < MIN_EVALUATED:
+                # Never leave a lone last token: the prompt's last logits come from two or more.
+                take = left - MIN_EVALUATED
+            if take <= 0:
+                continue
+            batch.append((active, take))
+            budget -= take
+            if budget <= 0:
+                break
+        return batch
+
+    def _resume(self, active: _Active, value: BaseException | None) -> None:
+        """Run `active` to its next chunk (throwing `value` in at its yield), or to its end."""
+        try:
+            chunk = active.steps.send(None) if value is None else active.steps.throw(value)
+        except StopIteration as ended:
+            active.reason = ended.value
+            active.lane.active = None
+            self._active.remove(active)
+            self._kv_tokens = self._held_tokens()
+            return
+        active.chunk, active.done = chunk, 0
+
+    def _held_tokens(self) -> int:
+        return sum(lane.sequence.kv_tokens() for lane in self._lanes)
+
+    def _serve(self, run: _Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
+        request = run.request
+        try:
+            reason = yield from self._run(run, lane, tokens, emit, cancelled)
         except _Refused as refusal:
             return self._fail(run, emit, refusal.code, refusal.message)
         except Exception as exc:  # an engine failure must not end the worker
             log.exception("request %s: engine failure", request.request_id)
-            self._recover()
+            self._recover(lane)
             return self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
         emit(self._stats(run))
         # Before the end is reported: a crash right after the turn must still
         # find it on disk (see SnapshotStore.put). A run cancelled before it
         # evaluated anything leaves the state half-prepared (a shift not yet
         # applied, a reset): it must not replace the session's good snapshot.
-        evaluated = self._progress > progress_before
-        if self._info.partial_reuse and reason is not StopReason.ERROR and evaluated:
-            self._reuse.keep_snapshot(request, durable=True)
+        if self._info.partial_reuse and reason is not StopReason.ERROR and run.evaluated:
+            lane.reuse.keep_snapshot(request, durable=True)
         emit(self._finished(run, reason))
         log.info(
             "request %s: %s, prompt %d (cached %d), completion %d",
@@ -154,23 +345,25 @@ class WorkerCore:
         )
         return reason
 
-    def _run(self, run: _Run, emit: Emit, cancelled: Cancelled) -> StopReason:
-        tokens = self._admit(run.request)
+    def _run(self, run: _Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
         run.prompt_tokens = len(tokens)
-        self._adjust_threads()
-        reuse = self._reuse.prepare(run.request.session_id, tokens)
+        reuse = lane.reuse.prepare(run.request.session_id, tokens)
         run.cached_tokens, run.cache_source = reuse.cached_tokens, reuse.source
         run.shifted_tokens, run.cache_notes = reuse.shifted_tokens, reuse.notes
-        self._kv_tokens = self._engine.kv_tokens()
-        completed = self._prefill(tokens[run.cached_tokens :], cancelled)
+        self._kv_tokens = self._held_tokens()
+        active = lane.active
+        assert active is not None
+        active.prefill = True
+        completed = yield from self._prefill(tokens[run.cached_tokens :], cancelled)
+        active.prefill = False
         run.prefill_done = time.perf_counter()
         if not completed:
             run.finished = run.prefill_done
             return StopReason.CANCELLED
-        run.kv_digest = token_digest(self._engine.kv_token_ids()[: run.prompt_tokens])
+        run.kv_digest = token_digest(lane.sequence.kv_token_ids()[: run.prompt_tokens])
         if not self._info.partial_reuse:
-            self._reuse.keep_snapshot(run.request)
-        return self._decode(run, emit, cancelled)
+            lane.reuse.keep_snapshot(run.request)
+        return (yield from self._decode(run, lane.sequence, emit, cancelled))
 
     def _admit(self, request: Generate) -> list[int]:
         if request.sampling.max_tokens < 0:
@@ -195,34 +388,31 @@ class WorkerCore:
             self._threads = wanted
             log.info("decoding with %d thread(s) from now on", wanted)
 
-    def _prefill(self, suffix: Sequence[int], cancelled: Cancelled) -> bool:
+    def _prefill(self, suffix: Sequence[int], cancelled: Cancelled) -> Generator[Sequence[int], None, bool]:
         for chunk in prefill_chunks(suffix, self._chunk):
             if cancelled():
                 return False
-            self._adjust_threads()
             try:
-                # A chunk of a long prompt can take a second: the engine checks for a cancel inside it.
-                self._engine.evaluate(chunk, cancelled)
+                yield chunk
             except EvaluationCancelled:
                 return False
-            self._progress += len(chunk)
-            self._kv_tokens += len(chunk)
         return True
 
-    def _decode(self, run: _Run, emit: Emit, cancelled: Cancelled) -> StopReason:
+    def _decode(self, run: _Run, sequence: EngineSequence, emit: Emit, cancelled: Cancelled) -> Steps:
         text = TextStream(run.request.sampling.stop)
-        run.grammar = self._engine.begin_sampling(run.request.sampling, run.request.grammar)
+        run.grammar = sequence.begin_sampling(run.request.sampling, run.request.grammar)
         try:
-            reason = self._sample_loop(run, text, emit, cancelled)
+            reason = yield from self._sample_loop(run, sequence, text, emit, cancelled)
         finally:
-            self._engine.end_sampling()
+            sequence.end_sampling()
             run.finished = time.perf_counter()
         tail = text.flush()
         if tail and reason is not StopReason.REPETITION:
             self._stream(run, tail, run.finished, emit)
         return reason
 
-    def _sample_loop(self, run: _Run, text: TextStream, emit: Emit, cancelled: Cancelled) -> StopReason:
+    def _sample_loop(self, run: _Run, sequence: EngineSequence, text: TextStream, emit: Emit,
+                     cancelled: Cancelled) -> Steps:
         engine, sampling = self._engine, run.request.sampling
         guard = RepetitionGuard() if sampling.loop_guard and not sampling.ignore_eos else None
         while True:
@@ -230,8 +420,7 @@ class WorkerCore:
                 return StopReason.LENGTH
             if cancelled():
                 return StopReason.CANCELLED
-            self._adjust_threads()
-            token = engine.sample()
+            token = sequence.sample()
             now = time.perf_counter()
             if not run.first_token:
                 run.first_token = now
@@ -239,7 +428,7 @@ class WorkerCore:
                 return StopReason.STOP
             run.completion_tokens += 1
             if sampling.logprobs is not None:
-                emit(self._logprobs(run, token, sampling.logprobs))
+                emit(self._logprobs(run, sequence, token, sampling.logprobs))
             piece, stopped = text.push(engine.token_bytes(token))
             self._stream(run, piece, now, emit)
             run.char_ends.append(run.chars)
@@ -252,11 +441,12 @@ class WorkerCore:
                 return StopReason.REPETITION
             # The sampled token was streamed; it only needs evaluating if
             # another one will follow, and that needs room in the context.
-            if engine.kv_tokens() >= self._info.n_ctx:
+            if sequence.kv_tokens() >= self._info.n_ctx:
                 return StopReason.LENGTH
-            engine.evaluate((token,))
-            self._progress += 1
-            self._kv_tokens += 1
+            try:
+                yield (token,)
+            except EvaluationCancelled:
+                return StopReason.CANCELLED
 
     def _stream(self, run: _Run, piece: str, now: float, emit: Emit) -> None:
         run.chars += len(piece)
@@ -272,8 +462,8 @@ class WorkerCore:
             tokens_per_s=round(run.decode_speed(now), 2),
         )
 
-    def _logprobs(self, run: _Run, token: int, top: int) -> TokenLogprobs:
-        logprob, best = self._engine.token_logprobs(token, min(top, MAX_TOP_LOGPROBS))
+    def _logprobs(self, run: _Run, sequence: EngineSequence, token: int, top: int) -> TokenLogprobs:
+        logprob, best = sequence.token_logprobs(token, min(top, MAX_TOP_LOGPROBS))
         return TokenLogprobs(request_id=run.request.request_id, chosen=self._choice(token, logprob),
                              top=tuple(self._choice(t, p) for t, p in best))
 
@@ -281,13 +471,13 @@ class WorkerCore:
         raw = self._engine.token_bytes(token)
         return TokenChoice(token=raw.decode("utf-8", errors="replace"), token_bytes=raw, logprob=round(logprob, 6))
 
-    def _recover(self) -> None:
+    def _recover(self, lane: _Lane) -> None:
         try:
-            self._engine.end_sampling()
-            self._engine.reset()
+            lane.sequence.end_sampling()
+            lane.sequence.reset()
         except Exception:
             log.exception("engine reset after a failure failed too")
-        self._kv_tokens = 0
+        self._kv_tokens = self._held_tokens()
 
     def _fail(self, run: _Run, emit: Emit, code: ErrorCode, message: str) -> StopReason:
         request_id = run.request.request_id

@@ -5,23 +5,34 @@ never reaches into the library. Everything above this seam (prefix reuse
 policy, chunking, stop strings, detokenization, timing, the wire) belongs to
 `WorkerCore`; everything below (KV memory, logits, samplers) to the engine.
 
-Contract, in the order a generation uses it:
+An engine holds one model and `n_seq` sequences (`sequences()`), each an
+independent KV state in the same context: several requests decode together,
+one token of each per `evaluate_batch` call (continuous batching). Shared:
 
     tokenize(text)        special tokens parsed; BOS added only when the model
                           wants one and the text does not already start with it
+    evaluate_batch(parts) one llama_decode over chunks of several sequences
+                          (at most `n_batch` tokens in all); each sequence gets
+                          fresh logits for its chunk's last token. Cancelled,
+                          every sequence holds what it held before the call
+    state_layout()        what a snapshot's bytes depend on besides the model
+                          file (context size, cache types); a snapshot made
+                          under another layout must not be restored
+    set_threads(n)        threads for the following decodes
+
+Per sequence (`EngineSequence`), in the order a generation uses it:
+
     keep_prefix(tokens)   truncate the KV state to the longest common prefix with
                           `tokens`, leaving some of `tokens` to evaluate (see
                           `reusable_prefix`); returns how many are kept. An
                           engine that cannot drop part of its KV state resets
                           it and returns 0.
-    evaluate(tokens)      append one chunk to the KV state (at most `n_batch`)
+    evaluate(tokens)      append one chunk to the KV state (at most `n_batch`);
+                          `evaluate_batch` with this sequence alone
     begin_sampling(p)     set up a sampler for one generation
     sample()              pick the next token from the last evaluated position
     end_sampling()        free the sampler; always called, even after a failure
     reset()               drop the whole KV state (after a failure mid-evaluate)
-
-Per-session state (see kv_snapshots.py and core.py):
-
     kv_token_ids()        the tokens the KV state holds, in position order
     can_truncate_to(n)    whether `keep_prefix` could keep `n` tokens; a
                           sliding-window cache forgets old positions and can
@@ -32,11 +43,8 @@ Per-session state (see kv_snapshots.py and core.py):
     save_sequence()       the KV state as bytes (a snapshot)
     restore_sequence(d, t) replace the KV state with snapshot `d` holding
                           tokens `t`; False (state reset) if it was refused
-    state_layout()        what a snapshot's bytes depend on besides the model
-                          file (context size, cache types); a snapshot made
-                          under another layout must not be restored
-    set_threads(n)        threads for the following decodes
 
+`n_ctx` is each sequence's own context: one sequence never takes another's room.
 Engines raise `EngineError` (or anything else, which the core treats the same)
 and are used from one thread at a time.
 """
@@ -84,6 +92,7 @@ class EngineInfo(msgspec.Struct, frozen=True, kw_only=True):
     # forgets old positions): snapshots are then taken where the next prompt
     # will extend them exactly, right after the prompt is evaluated.
     partial_reuse: bool = True
+    n_seq: int = 1  # sequences decoded together (each with n_ctx of its own)
 
 
 class GrammarOutcome(msgspec.Struct, frozen=True):
@@ -93,10 +102,11 @@ class GrammarOutcome(msgspec.Struct, frozen=True):
     note: str = ""
 
 
-class Engine(Protocol):
-    def describe(self) -> EngineInfo: ...
+class EngineSequence(Protocol):
+    """One sequence's KV state and sampler in an engine's context (see the module docstring)."""
 
-    def tokenize(self, text: str) -> list[int]: ...
+    @property
+    def seq_id(self) -> int: ...
 
     def kv_tokens(self) -> int: ...
 
@@ -118,13 +128,7 @@ class Engine(Protocol):
 
     def end_sampling(self) -> None: ...
 
-    def is_end_of_generation(self, token: int) -> bool: ...
-
-    def token_bytes(self, token: int) -> bytes: ...
-
     def reset(self) -> None: ...
-
-    def close(self) -> None: ...
 
     def kv_token_ids(self) -> list[int]: ...
 
@@ -138,9 +142,30 @@ class Engine(Protocol):
 
     def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool: ...
 
+
+BatchPart = tuple[EngineSequence, Sequence[int]]
+
+
+class Engine(Protocol):
+    def describe(self) -> EngineInfo: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def sequences(self) -> Sequence[EngineSequence]: ...
+
+    def evaluate_batch(self, parts: Sequence[BatchPart], cancelled: Callable[[], bool] | None = None) -> None:
+        """Extend each part's sequence with its tokens in one computation (see the module docstring)."""
+        ...
+
+    def is_end_of_generation(self, token: int) -> bool: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
     def state_layout(self) -> str: ...
 
     def set_threads(self, threads: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -23,6 +23,7 @@ from bastion.protocol import SamplingParams
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import CallGrammar
 from bastion.worker.engine import (
+    BatchPart,
     EngineError,
     EngineInfo,
     EvaluationCancelled,
@@ -52,6 +53,7 @@ class FakeEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # False: each reply is used once, in order, and running out is an error
     # (a scripted model for evals and bug reports must not silently repeat).
     cycle: bool = True
+    n_seq: int = 1  # sequences decoded together
 
 
 class FakeEngine:
@@ -59,18 +61,20 @@ class FakeEngine:
         if config.load_delay:
             time.sleep(config.load_delay)
         self._config = config
-        self._kv: list[int] = []
-        self._has_logits = False
         self._replies = 0
-        self._reply: list[int] | None = None
-        self._position = 0
         self._fail = config.fail_marker.encode() if config.fail_marker else b""
         self.evaluated_chunks: list[int] = []  # sizes, for tests of the chunking policy
+        self.batches: list[list[tuple[int, int]]] = []  # per evaluate_batch: (sequence, tokens) of each part
         self.checked_cancel_inside: list[bool] = []  # per evaluate: whether it could be cancelled midway
         self.shifted: list[tuple[int, int]] = []  # context shifts, for tests
         self.grammars: list[CallGrammar | None] = []  # what each generation was asked to follow, for tests
         self.threads = 1
         self.closed = False
+        self._sequences = [FakeSequence(self, seq_id) for seq_id in range(config.n_seq)]
+
+    @property
+    def config(self) -> FakeEngineConfig:
+        return self._config
 
     def describe(self) -> EngineInfo:
         return EngineInfo(
@@ -85,7 +89,11 @@ class FakeEngine:
             bos_token="<s>",
             eos_token="</s>",
             partial_reuse=self._config.partial_removal,
+            n_seq=self._config.n_seq,
         )
+
+    def sequences(self) -> Sequence[FakeSequence]:
+        return self._sequences
 
     def tokenize(self, text: str) -> list[int]:
         tokens = [BOS] if self._config.add_bos and not text.startswith("<s>") else []
@@ -101,106 +109,48 @@ class FakeEngine:
             rest = rest[cut:]
         return tokens
 
-    def kv_tokens(self) -> int:
-        return len(self._kv)
-
-    def keep_prefix(self, tokens: Sequence[int]) -> int:
-        keep = reusable_prefix(self._kv, tokens)
-        if keep < len(self._kv) and not self._config.partial_removal:
-            keep = 0
-        del self._kv[keep:]
-        self._has_logits = False
-        return keep
-
-    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
-        if not tokens:
-            raise EngineError("evaluate() of no tokens")
+    def evaluate_batch(self, parts: Sequence[BatchPart], cancelled: Callable[[], bool] | None = None) -> None:
         self.checked_cancel_inside.append(cancelled is not None)
+        if not parts or any(not tokens for _, tokens in parts):
+            raise EngineError("evaluate_batch() of no tokens")
         if cancelled is not None and cancelled():  # as llama.cpp's abort check, mid-computation
             raise EvaluationCancelled
-        if len(tokens) > self._config.n_batch:
-            raise EngineError(f"chunk of {len(tokens)} exceeds n_batch {self._config.n_batch}")
-        if len(self._kv) + len(tokens) > self._config.n_ctx:
-            raise EngineError("context full")
-        self._kv.extend(tokens)
-        self.evaluated_chunks.append(len(tokens))
-        # Only the new tokens and what a marker could straddle need looking at.
-        tail = self._kv[-(len(tokens) + len(self._fail)) :]
-        if self._fail and self._fail in bytes(t for t in tail if t < 256):
+        total = sum(len(tokens) for _, tokens in parts)
+        if total > self._config.n_batch:
+            raise EngineError(f"batch of {total} tokens exceeds n_batch {self._config.n_batch}")
+        sequences = [sequence for sequence, _ in parts]
+        if len({id(s) for s in sequences}) != len(sequences):
+            raise EngineError("a sequence twice in one batch")
+        for sequence, tokens in parts:
+            assert isinstance(sequence, FakeSequence)
+            if len(sequence.kv) + len(tokens) > self._config.n_ctx:
+                raise EngineError("context full")
+        self.batches.append([(s.seq_id, len(t)) for s, t in parts])
+        failed = False
+        for sequence, tokens in parts:
+            assert isinstance(sequence, FakeSequence)
+            sequence.kv.extend(tokens)
+            self.evaluated_chunks.append(len(tokens))
+            # Only the new tokens and what a marker could straddle need looking at.
+            tail = sequence.kv[-(len(tokens) + len(self._fail)) :]
+            failed = failed or bool(self._fail and self._fail in bytes(t for t in tail if t < 256))
+            sequence.has_logits = True
+        if failed:
             raise EngineError("scripted failure")
-        self._has_logits = True
 
-    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
+    def next_reply(self) -> list[int]:
         script = self._config.script or ("",)
         if not self._config.cycle and self._replies >= len(script):
             raise EngineError(f"the scripted model has no reply left: all {len(script)} were used")
-        self._reply = [*script[self._replies % len(script)].encode("utf-8"), EOS]
+        reply = [*script[self._replies % len(script)].encode("utf-8"), EOS]
         self._replies += 1
-        self._position = 0
-        self.grammars.append(grammar)
-        if grammar is None:
-            return GrammarOutcome(GrammarUse.NONE)
-        # A script is replayed as written: nothing here could constrain it.
-        return GrammarOutcome(GrammarUse.UNAVAILABLE, "a scripted model replays its replies as written")
-
-    def sample(self) -> int:
-        if self._reply is None:
-            raise EngineError("sample() outside begin_sampling()/end_sampling()")
-        if not self._has_logits:
-            raise EngineError("sample() without a fresh evaluate()")
-        if self._config.token_delay:
-            time.sleep(self._config.token_delay)
-        token = self._reply[self._position % len(self._reply)]
-        self._position += 1
-        self._has_logits = False
-        return token
-
-    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        # A script replays its replies with certainty: probability 1, no alternative.
-        return 0.0, [(token, 0.0)][:top]
-
-    def end_sampling(self) -> None:
-        self._reply = None
+        return reply
 
     def is_end_of_generation(self, token: int) -> bool:
         return token == EOS
 
     def token_bytes(self, token: int) -> bytes:
         return bytes([token]) if token < 256 else b""
-
-    def reset(self) -> None:
-        self._kv.clear()
-        self._has_logits = False
-
-    def kv_token_ids(self) -> list[int]:
-        return list(self._kv)
-
-    def can_truncate_to(self, keep: int) -> bool:
-        return keep > 0 and (keep >= len(self._kv) or self._config.partial_removal)
-
-    def can_shift(self) -> bool:
-        return self._config.partial_removal
-
-    def shift_out(self, start: int, end: int) -> None:
-        if not (0 <= start < end <= len(self._kv)) or not self.can_shift():
-            raise EngineError(f"cannot remove positions [{start}, {end}) of {len(self._kv)}")
-        del self._kv[start:end]
-        self._has_logits = False
-        self.shifted.append((start, end))
-
-    def save_sequence(self) -> bytes:
-        # The fake's whole state is its token list.
-        return b"FAKEKV" + b"".join(t.to_bytes(2, "little") for t in self._kv)
-
-    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
-        self.reset()
-        if not data.startswith(b"FAKEKV") or (len(data) - 6) % 2:
-            return False
-        held = [int.from_bytes(data[i : i + 2], "little") for i in range(6, len(data), 2)]
-        if held != list(tokens):
-            return False
-        self._kv = held
-        return True
 
     def state_layout(self) -> str:
         return f"fake; n_ctx {self._config.n_ctx}; partial_removal {self._config.partial_removal}"
@@ -210,3 +160,95 @@ class FakeEngine:
 
     def close(self) -> None:
         self.closed = True
+
+
+class FakeSequence:
+    """One sequence of a `FakeEngine`: its token list is its whole KV state."""
+
+    def __init__(self, engine: FakeEngine, seq_id: int) -> None:
+        self._engine = engine
+        self._seq_id = seq_id
+        self.kv: list[int] = []
+        self.has_logits = False
+        self._reply: list[int] | None = None
+        self._position = 0
+
+    @property
+    def seq_id(self) -> int:
+        return self._seq_id
+
+    def kv_tokens(self) -> int:
+        return len(self.kv)
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        keep = reusable_prefix(self.kv, tokens)
+        if keep < len(self.kv) and not self._engine.config.partial_removal:
+            keep = 0
+        del self.kv[keep:]
+        self.has_logits = False
+        return keep
+
+    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
+        self._engine.evaluate_batch([(self, tokens)], cancelled)
+
+    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
+        self._reply = self._engine.next_reply()
+        self._position = 0
+        self._engine.grammars.append(grammar)
+        if grammar is None:
+            return GrammarOutcome(GrammarUse.NONE)
+        # A script is replayed as written: nothing here could constrain it.
+        return GrammarOutcome(GrammarUse.UNAVAILABLE, "a scripted model replays its replies as written")
+
+    def sample(self) -> int:
+        if self._reply is None:
+            raise EngineError("sample() outside begin_sampling()/end_sampling()")
+        if not self.has_logits:
+            raise EngineError("sample() without a fresh evaluate()")
+        if self._engine.config.token_delay:
+            time.sleep(self._engine.config.token_delay)
+        token = self._reply[self._position % len(self._reply)]
+        self._position += 1
+        self.has_logits = False
+        return token
+
+    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        # A script replays its replies with certainty: probability 1, no alternative.
+        return 0.0, [(token, 0.0)][:top]
+
+    def end_sampling(self) -> None:
+        self._reply = None
+
+    def reset(self) -> None:
+        self.kv.clear()
+        self.has_logits = False
+
+    def kv_token_ids(self) -> list[int]:
+        return list(self.kv)
+
+    def can_truncate_to(self, keep: int) -> bool:
+        return keep > 0 and (keep >= len(self.kv) or self._engine.config.partial_removal)
+
+    def can_shift(self) -> bool:
+        return self._engine.config.partial_removal
+
+    def shift_out(self, start: int, end: int) -> None:
+        if not (0 <= start < end <= len(self.kv)) or not self.can_shift():
+            raise EngineError(f"cannot remove positions [{start}, {end}) of {len(self.kv)}")
+        del self.kv[start:end]
+        self.has_logits = False
+        self._engine.shifted.append((start, end))
+
+    def save_sequence(self) -> bytes:
+        # The fake's whole state is its token list.
+        return b"FAKEKV" + b"".join(t.to_bytes(2, "little") for t in self.kv)
+
+    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
+        self.reset()
+        if not data.startswith(b"FAKEKV") or (len(data) - 6) % 2:
+            return False
+        held = [int.from_bytes(data[i : i + 2], "little") for i in range(6, len(data), 2)]
+        if held != list(tokens):
+            return False
+        self.kv = held
+        return True

@@ -1,4 +1,5 @@
-"""`KvReuse`: where a request's KV prefix comes from, and the snapshots that make reuse possible.
+"""`KvReuse`: where the KV prefix of a request on one engine sequence comes from, and the
+snapshots that make reuse possible.
 
 Decided per request (`prepare`), best first:
   - the live sequence, cut back to the longest common prefix with the prompt;
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 from bastion.protocol import CacheSource
 from bastion.protocol.worker_wire import Generate
-from bastion.worker.engine import MIN_EVALUATED, Engine, EngineError, EngineInfo, common_prefix_length
+from bastion.worker.engine import MIN_EVALUATED, EngineError, EngineInfo, EngineSequence, common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -63,19 +64,19 @@ class Reuse:
 
 
 class KvReuse:
-    def __init__(self, engine: Engine, info: EngineInfo, snapshots: SnapshotStore | None) -> None:
-        self._engine = engine
+    def __init__(self, sequence: EngineSequence, info: EngineInfo, snapshots: SnapshotStore | None) -> None:
+        self._sequence = sequence
         self._info = info
         self._snapshots = snapshots
-        self._can_shift = info.partial_reuse and engine.can_shift()
+        self._can_shift = info.partial_reuse and sequence.can_shift()
 
     def prepare(self, session: str, tokens: Sequence[int]) -> Reuse:
         """Bring the KV state to the longest reusable prefix of `tokens` (see the module
         docstring); what is left to evaluate is `tokens[reuse.cached_tokens:]`."""
-        engine = self._engine
+        sequence = self._sequence
         notes: list[str] = []
         shifted = 0
-        live = engine.kv_token_ids()
+        live = sequence.kv_token_ids()
         plan = self.plan(live, tokens, live=True)
         source = CacheSource.LIVE
         if plan.common > plan.keep + plan.drop and not self._info.partial_reuse:
@@ -98,12 +99,12 @@ class KvReuse:
             plan, source = self._reuse_shared_prefix(tokens, session, plan, source, notes)
         if plan.drop:
             try:
-                engine.shift_out(plan.drop_at, plan.drop_at + plan.drop)
+                sequence.shift_out(plan.drop_at, plan.drop_at + plan.drop)
                 shifted = plan.drop
             except EngineError as exc:  # an optimisation that cannot run costs a prefill, not the request
                 notes.append(f"context shift refused ({exc}); prefilled the whole prompt")
                 plan = ReusePlan(keep=0)
-        cached = engine.keep_prefix(tokens) if plan.keep else self._start_over()
+        cached = sequence.keep_prefix(tokens) if plan.keep else self._start_over()
         if cached == 0:
             source = CacheSource.NONE
         if source is not CacheSource.LIVE and notes and not self._info.partial_reuse:
@@ -127,7 +128,7 @@ class KvReuse:
         return ReusePlan(keep=candidate.keep, common=candidate.common), restored
 
     def _start_over(self) -> int:
-        self._engine.reset()
+        self._sequence.reset()
         return 0
 
     def _restore(self, session: str, notes: list[str]) -> tuple[CacheSource | None, bool]:
@@ -139,7 +140,7 @@ class KvReuse:
             notes.append(note)
         if snapshot is None:
             return None, False
-        if not self._engine.restore_sequence(snapshot.data, snapshot.tokens):
+        if not self._sequence.restore_sequence(snapshot.data, snapshot.tokens):
             notes.append(self._snapshots.discard(session, "the engine refused its state"))
             return None, True
         return (CacheSource.DISK if from_disk else CacheSource.RAM), True
@@ -169,7 +170,7 @@ class KvReuse:
             return True
         # A sliding window: the live state knows how far back it still reaches;
         # a snapshot was taken where the next prompt extends it, and no earlier.
-        return self._engine.can_truncate_to(keep) if live else False
+        return self._sequence.can_truncate_to(keep) if live else False
 
     def keep_snapshot(self, request: Generate, *, durable: bool = False) -> None:
         """Keep the session's state for its next turn (a session switch, a
@@ -177,8 +178,8 @@ class KvReuse:
         if self._snapshots is None or not request.snapshot or not request.session_id:
             return
         try:
-            data = self._engine.save_sequence()
-            self._snapshots.put(request.session_id, self._engine.kv_token_ids(), data, durable=durable)
+            data = self._sequence.save_sequence()
+            self._snapshots.put(request.session_id, self._sequence.kv_token_ids(), data, durable=durable)
         except Exception:
             log.exception("snapshot of session %r failed", request.session_id)
 

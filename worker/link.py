@@ -16,9 +16,9 @@ engine thread sends. It:
   `stop_grace` (it may be stuck in a native call).
 
 The engine thread writes through `Outbox`. A `GenerationFinished` travels with
-a second frame that tells the link to free the request slot before it forwards
-the message: once the supervisor has seen the end of a request, its next
-`Generate` must not be refused as busy. An empty frame means: everything
+two more frames that tell the link to free that request's slot before it
+forwards the message: once the supervisor has seen the end of a request, its
+next `Generate` must not be refused as busy. An empty frame means: everything
 before it is sent, stop.
 """
 
@@ -67,46 +67,52 @@ class Gauges(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_disk_bytes: int = 0
 
 
-class RequestSlot:
-    """The one request a worker serves at a time.
+class RequestSlots:
+    """The requests a worker serves at once: at most `capacity`, one per engine sequence.
 
     Claimed and released on the IO thread only, so it needs no lock. The
-    engine thread only reads the cancel flag; a signal handler may set it,
-    which is why it is a plain attribute rather than an Event (a handler must
-    not take a lock the interrupted thread may hold)."""
+    engine thread only reads the cancel flags; a signal handler may set the
+    stop flag, which is why these are plain attributes rather than Events (a
+    handler must not take a lock the interrupted thread may hold)."""
 
-    def __init__(self) -> None:
-        self._current: str | None = None
-        self._cancelled = False
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._cancelled: dict[str, bool] = {}  # request id -> cancel asked
+        self._stopping = False
         # Threads the supervisor last asked for (0: none asked); read by the
         # engine thread between decode steps.
         self.threads = 0
 
     def claim(self, request_id: str) -> bool:
-        if self._current is not None:
+        if len(self._cancelled) >= self.capacity:
             return False
-        self._current = request_id
-        self._cancelled = False
+        self._cancelled[request_id] = False
         return True
 
-    def release(self) -> None:
-        self._current = None
+    def release(self, request_id: str) -> None:
+        self._cancelled.pop(request_id, None)
+
+    def holds(self, request_id: str) -> bool:
+        return request_id in self._cancelled
 
     @property
-    def current(self) -> str | None:
-        return self._current
+    def running(self) -> list[str]:
+        return list(self._cancelled)
 
     def cancel(self, request_id: str) -> bool:
-        if self._current != request_id:
+        if request_id not in self._cancelled:
             return False
-        self._cancelled = True
+        self._cancelled[request_id] = True
         return True
 
     def cancel_any(self) -> None:
-        self._cancelled = True
+        """Every request, running or to come, is cancelled: the process is stopping."""
+        self._stopping = True
 
-    def cancelled(self) -> bool:
-        return self._cancelled
+    def cancel_check(self, request_id: str) -> Callable[[], bool]:
+        """What the engine thread polls for request `request_id`."""
+        flags = self._cancelled
+        return lambda: self._stopping or flags.get(request_id, False)
 
 
 class Outbox:
@@ -119,7 +125,7 @@ class Outbox:
     def send(self, message: Message) -> None:
         frame = self._codec.encode(message)
         if isinstance(message, GenerationFinished):
-            self._socket.send_multipart([frame, _END_OF_REQUEST])
+            self._socket.send_multipart([frame, _END_OF_REQUEST, message.request_id.encode()])
         else:
             self._socket.send(frame)
 
@@ -139,14 +145,14 @@ class SupervisorLink:
         dealer: zmq.Socket,
         outbox: zmq.Socket,
         inbox: Inbox,
-        slot: RequestSlot,
+        slots: RequestSlots,
         gauges: Callable[[], Gauges],
     ) -> None:
         self._config = config
         self._dealer = dealer
         self._outbox = outbox
         self._inbox = inbox
-        self._slot = slot
+        self._slots = slots
         self._gauges = gauges
         self._codec = worker_codec()
         self._seq = 0
@@ -169,7 +175,7 @@ class SupervisorLink:
         log.info("stopping: %s", reason)
         self._stop_deadline = time.monotonic() + self._config.stop_grace
         self._stop_code = code
-        self._slot.cancel_any()
+        self._slots.cancel_any()
         self._inbox.put(StopRequest(code, reason))
 
     def _main(self) -> None:
@@ -211,8 +217,8 @@ class SupervisorLink:
                 return True
             if not frames[0]:
                 return False
-            if frames[1:] == [_END_OF_REQUEST]:
-                self._slot.release()
+            if frames[1:2] == [_END_OF_REQUEST]:
+                self._slots.release(frames[2].decode())
             self._dealer.send(frames[0])
 
     def _receive(self) -> None:
@@ -237,12 +243,12 @@ class SupervisorLink:
             case Generate():
                 self._accept(message)
             case Cancel(request_id=request_id):
-                if not self._slot.cancel(request_id):
+                if not self._slots.cancel(request_id):
                     log.info("cancel of %s, which is not running", request_id)
             case Heartbeat():
                 pass
             case SetThreads(threads=threads) if threads > 0:
-                self._slot.threads = threads
+                self._slots.threads = threads
             case SetThreads(threads=threads):
                 log.warning("ignoring a request for %d threads", threads)
             case Shutdown():
@@ -255,7 +261,7 @@ class SupervisorLink:
     def _accept(self, request: Generate) -> None:
         if self._stop_deadline is not None:
             self._refuse(request, ErrorCode.SHUTTING_DOWN, "the worker is shutting down", retryable=True)
-        elif request.request_id == self._slot.current:
+        elif self._slots.holds(request.request_id):
             # No GenerationFinished here: the running request will send its own.
             self._send(
                 RequestFailed(
@@ -264,8 +270,9 @@ class SupervisorLink:
                     message="a request with this id is already running",
                 )
             )
-        elif not self._slot.claim(request.request_id):
-            self._refuse(request, ErrorCode.BUSY, f"busy with {self._slot.current}", retryable=True)
+        elif not self._slots.claim(request.request_id):
+            running = ", ".join(self._slots.running)
+            self._refuse(request, ErrorCode.BUSY, f"busy with {running}", retryable=True)
         else:
             self._inbox.put(request)
 
@@ -289,7 +296,7 @@ class SupervisorLink:
                 self.request_stop(ExitCode.SUPERVISOR_LOST, "the parent process died")
         gauges = self._gauges()
         self._seq += 1
-        busy = self._slot.current is not None
+        busy = bool(self._slots.running)
         self._send(Heartbeat(seq=self._seq, busy=busy, **msgspec.structs.asdict(gauges)))
 
     def _send(self, message: Message) -> None:

@@ -1,10 +1,12 @@
-"""`LlamaCppEngine`: the `Engine` seam over llama-cpp-python's `Llama`.
+"""`LlamaCppEngine`: the `Engine` seam over llama.cpp, through llama-cpp-python.
 
-Owns one `Llama` (model, context, batch) and the sampler of the generation in
-progress, and frees them through one `ExitStack`. It keeps `Llama`'s own
-bookkeeping (`n_tokens`, `input_ids`, `_sampler`) consistent exactly as
-`Llama.generate` does, so `Llama.eval` and `Llama.sample` can be used as they
-are; it does not use `Llama`'s completion or chat APIs, templates or caches.
+Owns one model and one context holding `n_seq` sequences (each with `n_ctx`
+positions of its own: llama.cpp's non-unified KV cache, so a sequence's
+logits are bit-identical whether it is decoded alone or batched with others),
+the batch every decode goes through, and each sequence's token list and
+sampler (`LlamaSequence`). `Llama` is used to load the model and tokenize;
+its evaluation, sampling, caches and chat APIs are not: they know one
+sequence only.
 
 Importing this module imports llama_cpp; the process shell does so only when
 the llama engine is asked for.
@@ -22,10 +24,11 @@ import msgspec
 import numpy as np
 from llama_cpp import _internals as internals
 
-from bastion.protocol import KvCacheType, SamplingParams
+from bastion.protocol import MAX_PARALLEL, KvCacheType, SamplingParams
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.worker_wire import CallGrammar
 from bastion.worker.engine import (
+    BatchPart,
     EngineError,
     EngineInfo,
     EvaluationCancelled,
@@ -41,11 +44,12 @@ _GGUF_MAGIC = b"GGUF"
 
 _NO_ABORT_CHECK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: no check
 _GGML_TYPES = {KvCacheType.F16: llama_cpp.GGML_TYPE_F16, KvCacheType.Q8_0: llama_cpp.GGML_TYPE_Q8_0}
+_DECODE_ABORTED = 2  # llama_decode's return code when the abort callback stopped it
 
 
 class LlamaEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     model_path: str
-    n_ctx: int = 4096
+    n_ctx: int = 4096  # per sequence
     threads: int = 2
     # Tokens per llama_decode call; the core prefills in chunks of this size.
     n_batch: int = 256
@@ -53,18 +57,22 @@ class LlamaEngineConfig(msgspec.Struct, frozen=True, kw_only=True):
     # scores of every cached position; faster prefill on CPU, less memory.
     flash_attn: bool = True
     kv_cache_type: KvCacheType = KvCacheType.F16
+    # Sequences decoded together in one context (continuous batching).
+    n_seq: int = 1
 
 
 class LlamaCppEngine:
     def __init__(self, config: LlamaEngineConfig) -> None:
+        if not 1 <= config.n_seq <= MAX_PARALLEL:
+            raise EngineError(f"n_seq must be between 1 and {MAX_PARALLEL}, not {config.n_seq}")
         self._config = config
         self._stack = contextlib.ExitStack()
         _check_gguf(config.model_path)
         try:
-            with amx_weights_off():
+            with amx_weights_off(), sequences_per_context(config.n_seq):
                 self._llama = llama_cpp.Llama(
                     model_path=config.model_path,
-                    n_ctx=config.n_ctx,
+                    n_ctx=config.n_ctx * config.n_seq,
                     n_batch=config.n_batch,
                     n_ubatch=config.n_batch,
                     n_threads=config.threads,
@@ -77,20 +85,27 @@ class LlamaCppEngine:
         except (ValueError, RuntimeError) as exc:
             raise EngineError(f"llama.cpp could not load {config.model_path}: {exc}") from exc
         self._stack.callback(self._llama.close)
+        self.ctx = self._llama.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
         self._grammars = GrammarCache(self._llama._model.vocab)
         self._stack.callback(self._grammars.close)
         self._vocab = self._llama._model.vocab
         self._piece = ctypes.create_string_buffer(_PIECE_BUFFER)
         self._bos_text = self._token_text(self._llama.token_bos())
         self._add_bos = bool(self._llama._model.add_bos_token())
-        self._n_swa = int(llama_cpp.llama_model_n_swa(self._llama.model))
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self._llama.model))
+        self.n_vocab = self._llama.n_vocab()
         self._threads = config.threads
-        self._shift_pending = False
+        self._batch = llama_cpp.llama_batch_init(self._llama.n_batch, 0, 1)
+        self._stack.callback(llama_cpp.llama_batch_free, self._batch)
         self._cancel_check: Callable[[], bool] | None = None
         self._aborted = False
         # Kept referenced for as long as llama.cpp may call it.
         self._abort_check = llama_cpp.ggml_abort_callback(self._should_abort)
         self._info = self._read_info()
+        self._sequences = [LlamaSequence(self, seq_id) for seq_id in range(config.n_seq)]
+        for sequence in self._sequences:
+            self._stack.callback(sequence.end_sampling)
 
     def _token_text(self, token: int) -> str:
         return self._llama._model.token_get_text(token) if token >= 0 else ""
@@ -102,7 +117,7 @@ class LlamaCppEngine:
         n_ctx_train = model.n_ctx_train() or int(metadata.get(f"{architecture}.context_length", "0"))
         return EngineInfo(
             architecture=architecture,
-            n_ctx=self._llama.n_ctx(),
+            n_ctx=int(llama_cpp.llama_n_ctx_seq(self.ctx)),
             n_ctx_train=n_ctx_train,
             n_vocab=model.n_vocab(),
             n_params=model.n_params(),
@@ -112,15 +127,27 @@ class LlamaCppEngine:
             bos_token=self._bos_text,
             eos_token=self._token_text(self._llama.token_eos()),
             gguf_name=metadata.get("general.name", ""),
-            partial_reuse=self._n_swa <= 0,
+            partial_reuse=self.n_swa <= 0,
+            n_seq=self._config.n_seq,
         )
 
     @property
     def grammars_compiled(self) -> int:
         return self._grammars.compiled
 
+    @property
+    def grammars(self) -> GrammarCache:
+        return self._grammars
+
+    @property
+    def kv_cache_type(self) -> KvCacheType:
+        return self._config.kv_cache_type
+
     def describe(self) -> EngineInfo:
         return self._info
+
+    def sequences(self) -> Sequence[LlamaSequence]:
+        return self._sequences
 
     def tokenize(self, text: str) -> list[int]:
         # A rendered chat template usually starts with the BOS text already;
@@ -128,189 +155,88 @@ class LlamaCppEngine:
         add_bos = self._add_bos and not (self._bos_text and text.startswith(self._bos_text))
         return self._llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def kv_tokens(self) -> int:
-        return self._llama.n_tokens
-
-    def keep_prefix(self, tokens: Sequence[int]) -> int:
-        llama = self._llama
-        keep = reusable_prefix(llama.input_ids[: llama.n_tokens].tolist(), tokens)
-        if keep == 0 or not self.can_truncate_to(keep) or not llama._ctx.kv_cache_seq_rm(-1, keep, -1):
-            llama.reset()
-            return 0
-        llama.n_tokens = keep
-        llama._requires_eval = True
-        return keep
-
-    def kv_token_ids(self) -> list[int]:
-        return self._llama.input_ids[: self._llama.n_tokens].tolist()
-
-    def can_truncate_to(self, keep: int) -> bool:
-        """A sliding-window cache forgets old positions; truncating it is only
-        sound while it still holds the window the next token attends to (the
-        same test llama.cpp's server makes)."""
-        if keep <= 0:
-            return False
-        if self._n_swa <= 0 or keep >= self._llama.n_tokens:
-            return True
-        pos_min = llama_cpp.llama_memory_seq_pos_min(self._memory(), 0)
-        return pos_min <= max(0, keep - self._n_swa)
-
-    def _memory(self):  # noqa: ANN202 - an opaque llama_memory_t
-        return llama_cpp.llama_get_memory(self._llama.ctx)
-
-    def can_shift(self) -> bool:
-        # A sliding window's cells outside the window are gone, so moving the
-        # rest down would leave holes the model never saw; only full caches shift.
-        return self._n_swa <= 0 and bool(llama_cpp.llama_memory_can_shift(self._memory()))
-
-    def shift_out(self, start: int, end: int) -> None:
-        llama = self._llama
-        n = llama.n_tokens
-        if not (0 <= start < end <= n) or not self.can_shift():
-            raise EngineError(f"cannot remove positions [{start}, {end}) of {n}")
-        memory = self._memory()
-        if not llama_cpp.llama_memory_seq_rm(memory, 0, start, end):
-            raise EngineError(f"llama.cpp refused to remove positions [{start}, {end})")
-        # The positions after the hole move down; llama.cpp re-rotates their
-        # keys (RoPE) at the next decode.
-        llama_cpp.llama_memory_seq_add(memory, 0, end, -1, start - end)
-        self._shift_pending = True
-        kept = n - (end - start)
-        llama.input_ids[start:kept] = llama.input_ids[end:n]
-        llama.n_tokens = kept
-        llama._requires_eval = True
-
-    def save_sequence(self) -> bytes:
-        if self._shift_pending:
-            # The keys are re-rotated at the next decode; saved now, the new
-            # positions would go with keys still encoded for the old ones.
-            raise EngineError("a context shift is not applied yet; evaluate first")
-        ctx = self._llama.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
-        if written <= 0:
-            raise EngineError("llama.cpp could not serialise the KV state")
-        return ctypes.string_at(buffer, written)
-
-    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
-        llama = self._llama
-        llama.reset()
-        llama_cpp.llama_memory_clear(self._memory(), True)
-        self._shift_pending = False
-        if not tokens or len(tokens) >= self._info.n_ctx:
-            return False
-        source = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
-        read = llama_cpp.llama_state_seq_set_data(llama.ctx, source, len(data), 0)
-        # A refused or inconsistent state is dropped whole: half a state would
-        # give wrong text, which is worse than a prefill.
-        if read != len(data) or llama_cpp.llama_memory_seq_pos_max(self._memory(), 0) != len(tokens) - 1:
-            llama_cpp.llama_memory_clear(self._memory(), True)
-            return False
-        llama.input_ids[: len(tokens)] = tokens
-        llama.n_tokens = len(tokens)
-        llama._requires_eval = True
-        return True
-
     def state_layout(self) -> str:
+        # Every sequence's state has the same layout (a snapshot of one may be
+        # restored into any other): the sequence count is not part of it.
         return (
             f"llama.cpp {llama_cpp.__version__}; {self._info.architecture}; n_ctx {self._info.n_ctx};"
-            f" n_swa {self._n_swa}; kv {self._config.kv_cache_type.value}; flash attention {'on' if self._config.flash_attn else 'off'}; seq 0"
+            f" n_swa {self.n_swa}; kv {self._config.kv_cache_type.value};"
+            f" flash attention {'on' if self._config.flash_attn else 'off'}; seq 0"
         )
 
     def set_threads(self, threads: int) -> None:
         if threads > 0 and threads != self._threads:
-            llama_cpp.llama_set_n_threads(self._llama.ctx, threads, threads)
+            llama_cpp.llama_set_n_threads(self.ctx, threads, threads)
             self._threads = threads
 
-    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
-        if self._llama.n_tokens + len(tokens) > self._info.n_ctx:
-            raise EngineError(f"context full: {self._llama.n_tokens} + {len(tokens)} > {self._info.n_ctx}")
+    def evaluate_batch(self, parts: Sequence[BatchPart], cancelled: Callable[[], bool] | None = None) -> None:
+        sequences: list[LlamaSequence] = []
+        total = 0
+        for sequence, tokens in parts:
+            if not isinstance(sequence, LlamaSequence) or sequence.engine is not self:
+                raise EngineError("evaluate_batch() of a sequence of another engine")
+            if not tokens:
+                raise EngineError("evaluate_batch() of no tokens")
+            if sequence.n_tokens + len(tokens) > self._info.n_ctx:
+                raise EngineError(
+                    f"context full: {sequence.n_tokens} + {len(tokens)} > {self._info.n_ctx} (sequence {sequence.seq_id})"
+                )
+            if sequence in sequences:
+                raise EngineError(f"sequence {sequence.seq_id} twice in one batch")
+            sequences.append(sequence)
+            total += len(tokens)
+        if total > self._info.n_batch:
+            raise EngineError(f"batch of {total} tokens exceeds n_batch {self._info.n_batch}")
+        last = self._fill_batch(parts)
         self._cancel_check, self._aborted = cancelled, False
         if cancelled is not None:
             # Only while asked: llama.cpp calls the check before every graph node, and
             # entering Python that often would cost a single-token decode step dearly.
-            llama_cpp.llama_set_abort_callback(self._llama.ctx, self._abort_check, None)
+            llama_cpp.llama_set_abort_callback(self.ctx, self._abort_check, None)
         try:
-            self._llama.eval(list(tokens))
-        except RuntimeError as exc:
-            if self._aborted:
-                # Whatever of the interrupted batch reached the cache goes: the state is
-                # exactly the tokens evaluated before this call.
-                llama_cpp.llama_memory_seq_rm(self._memory(), -1, self._llama.n_tokens, -1)
-                raise EvaluationCancelled from None
-            raise EngineError(str(exc)) from exc
+            code = llama_cpp.llama_decode(self.ctx, self._batch)
         finally:
             if cancelled is not None:
-                llama_cpp.llama_set_abort_callback(self._llama.ctx, _NO_ABORT_CHECK, None)
+                llama_cpp.llama_set_abort_callback(self.ctx, _NO_ABORT_CHECK, None)
             self._cancel_check = None
-        self._shift_pending = False
+        if code != 0:
+            # Whatever of the batch reached the cache goes: each sequence holds
+            # exactly the tokens it held before this call.
+            for sequence in sequences:
+                sequence.forget_from(sequence.n_tokens)
+            if code == _DECODE_ABORTED and self._aborted:
+                raise EvaluationCancelled
+            raise EngineError(f"llama_decode failed with code {code}")
+        for (sequence, tokens), logits_at in zip(parts, last):
+            assert isinstance(sequence, LlamaSequence)
+            sequence.evaluated(tokens, logits_at)
+
+    def _fill_batch(self, parts: Sequence[BatchPart]) -> list[int]:
+        """Write `parts` into the batch; the batch index of each part's last token (its logits)."""
+        batch = self._batch
+        token, pos, n_seq_id, seq_ids, logits = batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits
+        n = 0
+        last = []
+        for sequence, tokens in parts:
+            assert isinstance(sequence, LlamaSequence)
+            start, seq_id = sequence.n_tokens, sequence.seq_id
+            for offset, value in enumerate(tokens):
+                token[n] = value
+                pos[n] = start + offset
+                n_seq_id[n] = 1
+                seq_ids[n][0] = seq_id
+                logits[n] = 0
+                n += 1
+            logits[n - 1] = 1
+            last.append(n - 1)
+        batch.n_tokens = n
+        return last
 
     def _should_abort(self, _data: ctypes.c_void_p) -> bool:
         check = self._cancel_check
         if check is not None and check():
             self._aborted = True
         return self._aborted
-
-    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
-        # Llama's sampler chain reads the seed when it is built.
-        seed = params.seed if params.seed is not None else random.getrandbits(31)
-        self._llama.set_seed(seed)
-        outcome = GrammarOutcome(GrammarUse.NONE)
-        constraint = None
-        if grammar is not None:
-            try:
-                constraint = self._grammars.sampler_for(grammar)
-            except GrammarError as exc:
-                outcome = GrammarOutcome(GrammarUse.FAILED, str(exc))
-            else:
-                outcome = GrammarOutcome(GrammarUse.LAZY if grammar.lazy else GrammarUse.FULL)
-        self._llama._sampler = self._sampler_chain(params, seed, constraint)  # type: ignore[assignment]  # typed None in Llama
-        return outcome
-
-    def _sampler_chain(self, params: SamplingParams, seed: int,
-                       constraint: llama_cpp.llama_sampler_p | None) -> internals.LlamaSampler:
-        """Llama's own chain (penalties, then greedy or top-k/top-p/min-p/temperature), with a
-        grammar, when given, right after the penalties: it must act before a token is chosen."""
-        if constraint is None:
-            return self._llama._init_sampler(top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                                             temp=params.temperature, repeat_penalty=params.repeat_penalty)
-        chain = internals.LlamaSampler()
-        chain.add_penalties(n_vocab=self._llama.n_vocab(), penalty_last_n=self._llama.last_n_tokens_size,
-                            penalty_repeat=params.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
-        llama_cpp.llama_sampler_chain_add(chain.sampler, constraint)  # the chain frees it
-        if params.temperature <= 0.0:
-            chain.add_greedy()
-        else:
-            chain.add_top_k(params.top_k)
-            chain.add_top_p(params.top_p, 1)
-            chain.add_min_p(params.min_p, 1)
-            chain.add_temp(params.temperature)
-            chain.add_dist(seed)
-        return chain
-
-    def sample(self) -> int:
-        if self._llama._sampler is None:
-            raise EngineError("sample() outside begin_sampling()/end_sampling()")
-        return int(self._llama.sample())
-
-    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-        # The logits of the step just sampled are still the context's last
-        # output: the sampler reads them into its own candidate array.
-        pointer = llama_cpp.llama_get_logits_ith(self._llama.ctx, -1)
-        logits = np.ctypeslib.as_array(pointer, shape=(self._info.n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
-        best: list[tuple[int, float]] = []
-        if top > 0:
-            candidates = np.argpartition(-logprobs, top - 1)[:top] if top < len(logprobs) else np.arange(len(logprobs))
-            best = sorted(((int(i), float(logprobs[i])) for i in candidates), key=lambda pair: -pair[1])
-        return float(logprobs[token]), best
-
-    def end_sampling(self) -> None:
-        sampler, self._llama._sampler = self._llama._sampler, None
-        if sampler is not None:
-            sampler.close()
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -324,13 +250,186 @@ class LlamaCppEngine:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._piece, len(self._piece), 0, False)
         return self._piece.raw[:n]
 
-    def reset(self) -> None:
-        self._llama.reset()
-        self._shift_pending = False
+    def penalty_window(self) -> int:
+        return self._llama.last_n_tokens_size
 
     def close(self) -> None:
-        self.end_sampling()
         self._stack.close()
+
+
+class LlamaSequence:
+    """One sequence of a `LlamaCppEngine`'s context: the tokens its KV cells hold, its sampler,
+    and where its latest logits are in the batch (the `EngineSequence` seam)."""
+
+    def __init__(self, engine: LlamaCppEngine, seq_id: int) -> None:
+        self.engine = engine
+        self._seq_id = seq_id
+        self._tokens: list[int] = []
+        self._logits_at = -1  # batch index of the fresh logits; -1: none
+        self._sampler: internals.LlamaSampler | None = None
+        self._shift_pending = False
+
+    @property
+    def seq_id(self) -> int:
+        return self._seq_id
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self._tokens)
+
+    def kv_tokens(self) -> int:
+        return len(self._tokens)
+
+    def kv_token_ids(self) -> list[int]:
+        return list(self._tokens)
+
+    def forget_from(self, keep: int) -> None:
+        """Drop this sequence's cells from position `keep` on (what a failed decode may have left)."""
+        llama_cpp.llama_memory_seq_rm(self.engine.memory, self._seq_id, keep, -1)
+
+    def evaluated(self, tokens: Sequence[int], logits_at: int) -> None:
+        self._tokens.extend(tokens)
+        self._logits_at = logits_at
+        self._shift_pending = False
+
+    def evaluate(self, tokens: Sequence[int], cancelled: Callable[[], bool] | None = None) -> None:
+        self.engine.evaluate_batch([(self, tokens)], cancelled)
+
+    def keep_prefix(self, tokens: Sequence[int]) -> int:
+        keep = reusable_prefix(self._tokens, tokens)
+        if keep == 0 or not self.can_truncate_to(keep) or not llama_cpp.llama_memory_seq_rm(
+            self.engine.memory, self._seq_id, keep, -1
+        ):
+            self.reset()
+            return 0
+        del self._tokens[keep:]
+        self._logits_at = -1
+        return keep
+
+    def can_truncate_to(self, keep: int) -> bool:
+        """A sliding-window cache forgets old positions; truncating it is only
+        sound while it still holds the window the next token attends to (the
+        same test llama.cpp's server makes)."""
+        if keep <= 0:
+            return False
+        n_swa = self.engine.n_swa
+        if n_swa <= 0 or keep >= len(self._tokens):
+            return True
+        pos_min = llama_cpp.llama_memory_seq_pos_min(self.engine.memory, self._seq_id)
+        return pos_min <= max(0, keep - n_swa)
+
+    def can_shift(self) -> bool:
+        # A sliding window's cells outside the window are gone, so moving the
+        # rest down would leave holes the model never saw; only full caches shift.
+        return self.engine.n_swa <= 0 and bool(llama_cpp.llama_memory_can_shift(self.engine.memory))
+
+    def shift_out(self, start: int, end: int) -> None:
+        n = len(self._tokens)
+        if not (0 <= start < end <= n) or not self.can_shift():
+            raise EngineError(f"cannot remove positions [{start}, {end}) of {n}")
+        memory = self.engine.memory
+        if not llama_cpp.llama_memory_seq_rm(memory, self._seq_id, start, end):
+            raise EngineError(f"llama.cpp refused to remove positions [{start}, {end})")
+        # The positions after the hole move down; llama.cpp re-rotates their
+        # keys (RoPE) at the next decode.
+        llama_cpp.llama_memory_seq_add(memory, self._seq_id, end, -1, start - end)
+        self._shift_pending = True
+        del self._tokens[start:end]
+        self._logits_at = -1
+
+    def save_sequence(self) -> bytes:
+        if self._shift_pending:
+            # The keys are re-rotated at the next decode; saved now, the new
+            # positions would go with keys still encoded for the old ones.
+            raise EngineError("a context shift is not applied yet; evaluate first")
+        ctx = self.engine.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, self._seq_id)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, self._seq_id)
+        if written <= 0:
+            raise EngineError("llama.cpp could not serialise the KV state")
+        return ctypes.string_at(buffer, written)
+
+    def restore_sequence(self, data: bytes, tokens: Sequence[int]) -> bool:
+        self.reset()
+        if not tokens or len(tokens) >= self.engine.describe().n_ctx:
+            return False
+        source = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
+        read = llama_cpp.llama_state_seq_set_data(self.engine.ctx, source, len(data), self._seq_id)
+        # A refused or inconsistent state is dropped whole: half a state would
+        # give wrong text, which is worse than a prefill.
+        memory = self.engine.memory
+        if read != len(data) or llama_cpp.llama_memory_seq_pos_max(memory, self._seq_id) != len(tokens) - 1:
+            self.reset()
+            return False
+        self._tokens = list(tokens)
+        return True
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_seq_rm(self.engine.memory, self._seq_id, -1, -1)
+        self._tokens = []
+        self._logits_at = -1
+        self._shift_pending = False
+
+    def begin_sampling(self, params: SamplingParams, grammar: CallGrammar | None = None) -> GrammarOutcome:
+        seed = params.seed if params.seed is not None else random.getrandbits(31)
+        outcome = GrammarOutcome(GrammarUse.NONE)
+        constraint = None
+        if grammar is not None:
+            try:
+                constraint = self.engine.grammars.sampler_for(grammar)
+            except GrammarError as exc:
+                outcome = GrammarOutcome(GrammarUse.FAILED, str(exc))
+            else:
+                outcome = GrammarOutcome(GrammarUse.LAZY if grammar.lazy else GrammarUse.FULL)
+        self.end_sampling()
+        self._sampler = self._sampler_chain(params, seed, constraint)
+        return outcome
+
+    def _sampler_chain(self, params: SamplingParams, seed: int,
+                       constraint: llama_cpp.llama_sampler_p | None) -> internals.LlamaSampler:
+        """Penalties, the grammar when given (it must act before a token is chosen), then greedy
+        or top-k/top-p/min-p/temperature and a seeded draw: the order of Llama's own chain."""
+        chain = internals.LlamaSampler()
+        chain.add_penalties(n_vocab=self.engine.n_vocab, penalty_last_n=self.engine.penalty_window(),
+                            penalty_repeat=params.repeat_penalty, penalty_freq=0.0, penalty_present=0.0)
+        if constraint is not None:
+            llama_cpp.llama_sampler_chain_add(chain.sampler, constraint)  # the chain frees it
+        if params.temperature <= 0.0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(params.top_k)
+            chain.add_top_p(params.top_p, 1)
+            chain.add_min_p(params.min_p, 1)
+            chain.add_temp(params.temperature)
+            chain.add_dist(seed)
+        return chain
+
+    def sample(self) -> int:
+        if self._sampler is None:
+            raise EngineError("sample() outside begin_sampling()/end_sampling()")
+        if self._logits_at < 0:
+            raise EngineError("sample() without a fresh evaluate()")
+        # llama_sampler_sample applies the chain to the logits at that batch
+        # index and tells every sampler in the chain the token it chose.
+        return int(llama_cpp.llama_sampler_sample(self._sampler.sampler, self.engine.ctx, self._logits_at))
+
+    def token_logprobs(self, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        # The logits of the step just sampled are still in the context's output.
+        pointer = llama_cpp.llama_get_logits_ith(self.engine.ctx, self._logits_at)
+        logits = np.ctypeslib.as_array(pointer, shape=(self.engine.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        logprobs = logits - (peak + np.log(np.exp(logits - peak).sum()))
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            candidates = np.argpartition(-logprobs, top - 1)[:top] if top < len(logprobs) else np.arange(len(logprobs))
+            best = sorted(((int(i), float(logprobs[i])) for i in candidates), key=lambda pair: -pair[1])
+        return float(logprobs[token]), best
+
+    def end_sampling(self) -> None:
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.close()
 
 
 def built_with_amx() -> bool:
@@ -367,6 +466,32 @@ def amx_weights_off() -> Iterator[None]:
         yield
     finally:
         native.llama_model_default_params = default
+
+
+@contextlib.contextmanager
+def sequences_per_context(n_seq: int) -> Iterator[None]:
+    """Build the context with room for `n_seq` sequences, each with its own cells.
+
+    `Llama` takes its context parameters from `llama_context_default_params()`
+    and has no argument for the sequence count; the default is swapped for the
+    one call (as `amx_weights_off` does for the model). `kv_unified = False`
+    gives each sequence `n_ctx / n_seq` cells of its own: no sequence can take
+    another's room, and attention over one sequence never sees the others'
+    cells, which keeps its logits identical to a decode of it alone."""
+    native = llama_cpp.llama_cpp
+    default = native.llama_context_default_params
+
+    def with_sequences() -> llama_cpp.llama_context_params:
+        params = default()
+        params.n_seq_max = n_seq
+        params.kv_unified = False
+        return params
+
+    native.llama_context_default_params = with_sequences
+    try:
+        yield
+    finally:
+        native.llama_context_default_params = default
 
 
 def _check_gguf(path: str) -> None:

@@ -59,7 +59,7 @@ from bastion.worker.core import Emit, WorkerCore
 from bastion.worker.engine import Engine, InvalidModelFile
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
-from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlot, SupervisorLink
+from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlots, SupervisorLink
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class WorkerProc:
         self._engine_factory = engine_factory
         self._codec = worker_codec()
         self._inbox: Inbox = queue.SimpleQueue()
-        self._slot = RequestSlot()
+        self._slots = RequestSlots(config.parallel)
         self._core: WorkerCore | None = None
         self._signalled: StopRequest | None = None
 
@@ -96,7 +96,7 @@ class WorkerProc:
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         # Only reentrant operations here: the main thread may be anywhere.
         self._signalled = StopRequest(ExitCode.OK, signal.Signals(signum).name)
-        self._slot.cancel_any()
+        self._slots.cancel_any()
         self._inbox.put(self._signalled)
 
     def _run(self, context: zmq.Context) -> ExitCode:
@@ -117,7 +117,7 @@ class WorkerProc:
         push = context.socket(zmq.PUSH)
         push.connect(_OUTBOX)
         outbox = Outbox(push)
-        link = SupervisorLink(self._config, dealer, outbox_in, self._inbox, self._slot, self._gauges)
+        link = SupervisorLink(self._config, dealer, outbox_in, self._inbox, self._slots, self._gauges)
         link.start()
         try:
             return self._serve(outbox.send)
@@ -212,8 +212,8 @@ class WorkerProc:
         with contextlib.closing(engine):
             snapshots = self._snapshot_store(engine)
             try:
-                slot = self._slot
-                self._core = WorkerCore(engine, snapshots=snapshots, threads_wanted=lambda: slot.threads)
+                slots = self._slots
+                self._core = WorkerCore(engine, snapshots=snapshots, threads_wanted=lambda: slots.threads)
                 emit(WorkerReady(model=self._describe(engine, (time.perf_counter() - started) * 1000.0)))
                 return self._serve_requests(self._core, emit)
             finally:
@@ -222,16 +222,33 @@ class WorkerProc:
                 snapshots.close(timeout=self._config.stop_grace)
 
     def _serve_requests(self, core: WorkerCore, emit: Emit) -> ExitCode:
+        """Start each request as it comes (up to one per engine sequence, which the link
+        enforces) and step the active ones together; wait for work only when there is none."""
+        stop: StopRequest | None = None
         while True:
-            item = self._inbox.get()
-            match item:
-                case Generate():
-                    # The link frees the slot as it forwards GenerationFinished.
-                    core.generate(item, emit, self._slot.cancelled)
-                case StopRequest(code=code, reason=reason):
-                    log.info("exiting (%s)", reason)
-                    self._refuse_queued(emit, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")
-                    return code
+            for item in self._arrived(block=core.active == 0 and stop is None):
+                match item:
+                    case Generate() if stop is not None:
+                        self._refuse(emit, item, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")
+                    case Generate():
+                        # The link frees the request's slot as it forwards GenerationFinished.
+                        core.start(item, emit, self._slots.cancel_check(item.request_id))
+                    case StopRequest():
+                        stop = stop or item
+            if stop is not None and core.active == 0:
+                log.info("exiting (%s)", stop.reason)
+                self._refuse_queued(emit, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")
+                return stop.code
+            core.step()
+
+    def _arrived(self, *, block: bool) -> list[Generate | StopRequest]:
+        """What the inbox holds now; with `block`, at least one item."""
+        items: list[Generate | StopRequest] = [self._inbox.get()] if block else []
+        while True:
+            try:
+                items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return items
 
     def _refuse_queued(self, emit: Emit, code: ErrorCode, message: str) -> None:
         """Answer requests that will never run, so each still gets its one
@@ -242,13 +259,13 @@ class WorkerProc:
             except queue.Empty:
                 return
             if isinstance(item, Generate):
-                rid = item.request_id
-                emit(RequestFailed(request_id=rid, code=code, message=message))
-                end = GenerationFinished(
-                    request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0,
-                    kv_tokens=self._gauges().kv_tokens,
-                )
-                emit(end)
+                self._refuse(emit, item, code, message)
+
+    def _refuse(self, emit: Emit, request: Generate, code: ErrorCode, message: str) -> None:
+        rid = request.request_id
+        emit(RequestFailed(request_id=rid, code=code, message=message))
+        emit(GenerationFinished(request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0,
+                                kv_tokens=self._gauges().kv_tokens))
 
     def _describe(self, engine: Engine, load_ms: float) -> ModelDescription:
         info = engine.describe()

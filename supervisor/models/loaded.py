@@ -194,6 +194,8 @@ class LoadedModels:
             changes.append(f"flash_attn {str(handle.launch.flash_attn).lower()} → {str(spec.flash_attn).lower()}")
         if spec.kv_cache_type is not handle.launch.kv_cache_type:
             changes.append(f"kv_cache_type {handle.launch.kv_cache_type.value} → {spec.kv_cache_type.value}")
+        if spec.parallel != handle.launch.parallel:
+            changes.append(f"parallel {handle.launch.parallel} → {spec.parallel}")
         return ", ".join(changes)
 
     @staticmethod
@@ -219,7 +221,7 @@ class LoadedModels:
         n_ctx = spec.n_ctx or self._config.default_n_ctx
         needs = (SCRIPTED_ESTIMATE if isinstance(spec.source, ScriptedReplies)
                  else await asyncio.to_thread(self._estimator.of_gguf, path, n_ctx, spec.flash_attn,
-                                              spec.kv_cache_type))
+                                              spec.kv_cache_type, spec.parallel))
         usage = ModelUsage(estimate=needs, keep_alive_s=spec.keep_alive_s)
         async with self._residency.admitted(spec.name, needs.total):
             model = await self._spawn(spec, path, n_ctx, usage, progress)
@@ -240,6 +242,7 @@ class LoadedModels:
             engine="scripted" if isinstance(spec.source, ScriptedReplies) else "llama",
             flash_attn=spec.flash_attn,
             kv_cache_type=spec.kv_cache_type,
+            parallel=spec.parallel,
             kv_ram_bytes=spec.kv_ram_bytes,
             kv_disk_bytes=spec.kv_disk_bytes,
         )
@@ -430,6 +433,8 @@ def status_of(model: LoadedModel) -> ModelStatus:
         n_ctx=description.n_ctx if description else handle.n_ctx,
         flash_attn=handle.launch.flash_attn and handle.launch.engine == "llama",
         kv_cache_type=handle.launch.kv_cache_type.value,
+        parallel=handle.launch.parallel,
+        running=len(handle.running) if pid else 0,
         kv_tokens=gauges.kv_tokens if gauges else 0,
         rss_bytes=rss,
         file_size=description.file_size if description else 0,

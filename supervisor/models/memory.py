@@ -152,8 +152,13 @@ def _window_layers(metadata: GgufMetadata, arch: str, n_layer: int) -> list[bool
 
 
 def estimate(shape: ModelShape, n_ctx: int, flash_attn: bool = True,
-             kv_cache_type: KvCacheType = KvCacheType.F16) -> MemoryEstimate:
+             kv_cache_type: KvCacheType = KvCacheType.F16, parallel: int = 1) -> MemoryEstimate:
     """Resident bytes of a worker serving `shape` with `n_ctx` once its context is full.
+
+    A worker decoding `parallel` sequences together holds `n_ctx` cells for
+    each (llama.cpp's non-unified cache): the KV cache counts `parallel` times;
+    a snapshot is one sequence's, and the compute buffers are sized by the
+    batch, which the sequences share.
 
     Weights are mmap'd and count in full (every page is touched by a forward
     pass). A sliding-window cache is counted at full size: the worker leaves
@@ -161,7 +166,7 @@ def estimate(shape: ModelShape, n_ctx: int, flash_attn: bool = True,
     snapshot holds only the cells still in the window (llama.cpp prunes the
     rest), which is why Gemma's is small."""
     value_bytes = KV_BYTES_PER_VALUE[kv_cache_type]
-    kv_cache = int(n_ctx * shape.kv_values_per_token * value_bytes)
+    kv_cache = int(n_ctx * shape.kv_values_per_token * value_bytes) * max(1, parallel)
     window_cells = min(n_ctx, shape.sliding_window + WORKER_UBATCH)
     global_values = shape.kv_values_per_token - shape.window_kv_values_per_token
     snapshot = int((n_ctx * global_values + window_cells * shape.window_kv_values_per_token) * value_bytes)
@@ -192,11 +197,11 @@ class Estimator:
         self._facts: dict[tuple[str, int, int], tuple[ModelShape, SamplingDefaults]] = {}
 
     def of_gguf(self, path: Path, n_ctx: int, flash_attn: bool = True,
-                kv_cache_type: KvCacheType = KvCacheType.F16) -> MemoryEstimate:
+                kv_cache_type: KvCacheType = KvCacheType.F16, parallel: int = 1) -> MemoryEstimate:
         facts = self._read(path)
         if facts is None:
             return estimate_from_file_size(path.stat().st_size)
-        return estimate(facts[0], n_ctx, flash_attn, kv_cache_type)
+        return estimate(facts[0], n_ctx, flash_attn, kv_cache_type, parallel)
 
     def sampling_of(self, path: Path) -> SamplingDefaults:
         """The model's recommended sampler settings (sampling.py)."""

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from bastion.protocol import HomeLayout, KvCacheType
+from bastion.protocol import MAX_PARALLEL, HomeLayout, KvCacheType
 from bastion.protocol.quantities import parse_duration, parse_size
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
 from bastion.supervisor.models.memory import BudgetSetting, parse_budget
@@ -60,6 +60,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     flash_attn: bool = True
     # f16, or q8_0: about half the KV memory (and snapshot bytes), needs flash attention.
     kv_cache_type: KvCacheType = KvCacheType.F16
+    # Requests its worker decodes together (continuous batching), each in a KV
+    # sequence of its own with n_ctx positions: the KV memory grows as much.
+    parallel: int = 1
     template: BuiltinTemplate | None = None  # None: the GGUF's own, else by architecture
     description: str = ""
     # Seconds idle before the model is unloaded; -1 never, 0 as soon as it is idle.
@@ -88,6 +91,7 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     threads: Annotated[int, msgspec.Meta(ge=1, le=1024)] | UnsetType = UNSET
     flash_attn: bool | UnsetType = UNSET
     kv_cache_type: KvCacheType | UnsetType = UNSET
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=MAX_PARALLEL)] | UnsetType = UNSET
     template: BuiltinTemplate | UnsetType = UNSET
     description: str | UnsetType = UNSET
     keep_alive: str | int | float | UnsetType = UNSET
@@ -304,6 +308,7 @@ def _spec(name: str, entry: _Entry, layer: _Layer, memory: MemorySettings) -> Mo
         threads=None if entry.threads is UNSET else entry.threads,
         flash_attn=flash_attn,
         kv_cache_type=kv_cache_type,
+        parallel=1 if isinstance(entry.parallel, UnsetType) else entry.parallel,
         template=None if entry.template is UNSET else entry.template,
         description="" if entry.description is UNSET else entry.description,
         keep_alive_s=(

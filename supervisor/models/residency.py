@@ -65,7 +65,7 @@ class LoopClock:
 def is_idle(model: LoadedModel) -> bool:
     """No request uses it and its worker has no generation in flight or queued."""
     handle = model.handle
-    return model.usage.users == 0 and handle.current is None and not handle.queue
+    return model.usage.users == 0 and not handle.running and not handle.queue
 
 
 def expires_in_s(model: LoadedModel) -> float | None:

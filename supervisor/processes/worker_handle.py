@@ -1,11 +1,12 @@
 """One model worker process as the supervisor sees it: `WorkerHandle`.
 
 Its state, what it reported when ready, the tail of its stderr, the
-generation it is serving and a bounded queue of generations waiting for it,
-and what it was started with (`WorkerLaunch`, so a restart starts the next
-one the same way). It turns the worker's messages into state and hands each
-generation's messages to that generation. A worker serves one generation at a
-time; it keeps that session's KV state warm for the next one. Spawning,
+generations it is serving (up to its `parallel` setting: one per KV sequence,
+decoded together) and a bounded queue of generations waiting for it, and what
+it was started with (`WorkerLaunch`, so a restart starts the next one the same
+way). It turns the worker's messages into state and hands each generation's
+messages to that generation. The worker keeps each sequence's KV state warm
+for the next generation that shares its prefix. Spawning,
 watching and stopping workers is `WorkerPool`'s (workers.py).
 """
 
@@ -78,6 +79,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     engine: str = "llama"
     flash_attn: bool = True
     kv_cache_type: KvCacheType = KvCacheType.F16
+    parallel: int = 1  # generations decoded together, each with n_ctx positions
     kv_ram_bytes: int = 0
     kv_disk_bytes: int = 0
 
@@ -104,7 +106,8 @@ class WorkerHandle:
         self.ready: asyncio.Future[ModelDescription] = asyncio.get_running_loop().create_future()
         self.exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stderr_tail: deque[str] = deque(maxlen=config.stderr_tail_lines)
-        self.current: Generation | None = None
+        # Generations the worker serves now, by internal id, in the order they started.
+        self.running: dict[str, Generation] = {}
         self.queue: deque[Generation] = deque()
         self.last_seen = time.monotonic()
         self.kv_tokens = 0
@@ -133,6 +136,11 @@ class WorkerHandle:
         self._config = config
 
     @property
+    def current(self) -> Generation | None:
+        """The longest-running generation in flight, if any."""
+        return next(iter(self.running.values()), None)
+
+    @property
     def pid(self) -> int:
         return self.process.pid if self.process else 0
 
@@ -142,10 +150,10 @@ class WorkerHandle:
     # --- runs -------------------------------------------------------------
 
     def submit(self, generation: Generation) -> None:
-        """Start generation `generation` now if the worker is idle, else queue it (bounded)."""
+        """Start generation `generation` now if the worker has a free sequence, else queue it (bounded)."""
         if self.state not in (WorkerState.IDLE, WorkerState.BUSY):
             raise SupervisorError(f"model {self.name} is {self.state.value}, not serving")
-        if self.current is None:
+        if len(self.running) < self.launch.parallel and not self.queue:
             self._start(generation)
             return
         if len(self.queue) >= self._config.max_queued_per_worker:
@@ -155,7 +163,7 @@ class WorkerHandle:
         self.queue.append(generation)
 
     def cancel(self, generation: Generation) -> None:
-        if generation is self.current:
+        if self.running.get(generation.internal_id) is generation:
             self.send(Cancel(request_id=generation.internal_id))
         elif generation in self.queue:
             self.queue.remove(generation)
@@ -163,10 +171,12 @@ class WorkerHandle:
                                            completion_tokens=0, kv_tokens=self.kv_tokens))
 
     def _start(self, generation: Generation) -> None:
-        self.current = generation
+        first = not self.running
+        self.running[generation.internal_id] = generation
         self.state = WorkerState.BUSY
-        self.progress_at = time.monotonic()
-        self.on_activity()  # the cores are shared anew before it starts
+        if first:
+            self.progress_at = time.monotonic()
+            self.on_activity()  # the cores are shared anew before it starts
         self.send(
             Generate(
                 request_id=generation.internal_id,
@@ -178,15 +188,16 @@ class WorkerHandle:
             )
         )
 
-    def _next(self) -> None:
-        self.current = None
-        if self.state is WorkerState.BUSY:
+    def _next(self, finished: str) -> None:
+        self.running.pop(finished, None)
+        if self.state is WorkerState.BUSY and not self.running:
             self.state = WorkerState.IDLE
-        while self.queue and self.state is WorkerState.IDLE:
+        while self.queue and self.state in (WorkerState.IDLE, WorkerState.BUSY) \
+                and len(self.running) < self.launch.parallel:
             generation = self.queue.popleft()
             if not generation.done:
                 self._start(generation)
-        if self.current is None:
+        if not self.running:
             self.on_activity()
 
     def set_threads(self, threads: int) -> None:
@@ -225,18 +236,18 @@ class WorkerHandle:
                 self.snapshots_disk = message.snapshots_disk
                 self.snapshot_disk_bytes = message.snapshot_disk_bytes
             case TokenDelta() | TokenLogprobs() | GenerationStats():
-                if self.current and message.request_id == self.current.internal_id:
-                    self.current.deliver(message)
+                if (generation := self.running.get(message.request_id)) is not None:
+                    generation.deliver(message)
             case RequestFailed(request_id=""):
                 log.warning("worker %s reported: %s (%s)", self.worker_id, message.message, message.code.value)
             case RequestFailed():
-                if self.current and message.request_id == self.current.internal_id:
-                    self.current.deliver(message)
+                if (generation := self.running.get(message.request_id)) is not None:
+                    generation.deliver(message)
             case GenerationFinished():
                 self.kv_tokens = message.kv_tokens
-                if self.current and message.request_id == self.current.internal_id:
-                    self.current.deliver(message)
-                    self._next()
+                if (generation := self.running.get(message.request_id)) is not None:
+                    generation.deliver(message)
+                    self._next(message.request_id)
 
     def _on_hello(self, hello: Hello) -> None:
         if hello.protocol_version != PROTOCOL_VERSION or hello.role is not Role.WORKER:
@@ -265,10 +276,9 @@ class WorkerHandle:
         code = ErrorCode.SHUTTING_DOWN if stopping else ErrorCode.WORKER_DIED
         if self.killed_as_hung:
             code = ErrorCode.WORKER_UNRESPONSIVE
-        for generation in [self.current, *self.queue]:
-            if generation is not None:
-                generation.fail(code, report, retryable=not stopping)
-        self.current = None
+        for generation in [*self.running.values(), *self.queue]:
+            generation.fail(code, report, retryable=not stopping)
+        self.running.clear()
         self.queue.clear()
         self.on_activity()  # its share of the cores goes to the others
         if not self.exited.done():

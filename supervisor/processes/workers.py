@@ -58,12 +58,12 @@ class WorkerPool:
 
     async def spawn(
         self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama",
-        flash_attn: bool = True, kv_cache_type: KvCacheType = KvCacheType.F16, kv_ram_bytes: int | None = None,
-        kv_disk_bytes: int | None = None,
+        flash_attn: bool = True, kv_cache_type: KvCacheType = KvCacheType.F16, parallel: int = 1,
+        kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
     ) -> WorkerHandle:
         launch = WorkerLaunch(
             name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine, flash_attn=flash_attn,
-            kv_cache_type=kv_cache_type,
+            kv_cache_type=kv_cache_type, parallel=parallel,
             kv_ram_bytes=self._config.kv_ram_bytes if kv_ram_bytes is None else kv_ram_bytes,
             kv_disk_bytes=self._config.kv_disk_bytes if kv_disk_bytes is None else kv_disk_bytes,
         )  # fmt: skip
@@ -93,6 +93,7 @@ class WorkerPool:
             "--threads", str(launch.threads),
             "--flash-attn", "on" if launch.flash_attn else "off",
             "--kv-cache-type", launch.kv_cache_type.value,
+            "--parallel", str(launch.parallel),
             "--parent-pid", str(os.getpid()),
             "--engine", launch.engine,
             "--heartbeat-interval", str(self._config.heartbeat_interval_s),
@@ -147,7 +148,7 @@ class WorkerPool:
         called whenever a worker starts or stops generating."""
         if not self._config.share_cores:
             return
-        busy = [h for h in self._by_identity.values() if h.current is not None and h.state is WorkerState.BUSY]
+        busy = [h for h in self._by_identity.values() if h.running and h.state is WorkerState.BUSY]
         shares = share_cores([h.worker_id for h in busy], len(self._cpus), {h.worker_id: h.threads for h in busy})
         for handle in busy:
             handle.set_threads(shares[handle.worker_id])
@@ -193,12 +194,12 @@ class WorkerPool:
         if handle.exited.done():
             return
         handle.stop_requested = True
-        for generation in [*handle.queue, handle.current]:
-            if generation is not None:
-                generation.fail(code, reason, retryable=True)
+        running = list(handle.running.values())
+        for generation in [*handle.queue, *running]:
+            generation.fail(code, reason, retryable=True)
         handle.queue.clear()
-        if handle.current is not None:
-            handle.cancel(handle.current)  # so the worker stops computing at once
+        for generation in running:
+            handle.cancel(generation)  # so the worker stops computing at once
         handle.state = WorkerState.STOPPING
         handle.send(Shutdown())
         for escalate in (None, signal.SIGTERM, signal.SIGKILL):

@@ -26,7 +26,7 @@ import pytest
 
 from bastion.protocol import HomeLayout, WorkerState
 from bastion.protocol.control import GetStatus, StatusReport
-from tests.e2e_support import Bastion, wait_for_supervisor
+from tests.e2e_support import Bastion, wait_for_supervisor, write_config
 from tests.scripted import script
 from tests.waiting import wait_until
 
@@ -356,3 +356,46 @@ def test_bastion_serve_runs_the_gateway_in_the_foreground(bastion: Bastion) -> N
         process.terminate()
         # uvicorn shuts down cleanly, then lets SIGTERM end the process as it would have.
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+
+
+@pytest.mark.real_model
+def test_four_streams_on_a_parallel_model_decode_together_and_each_answers_as_alone(bastion: Bastion) -> None:
+    """`parallel = 4`: four gateway clients share one worker's context, each in its own sequence;
+    the streams overlap in time, and each reply is the one the same request gets alone."""
+    write_config(bastion, "[models.smollm2-135m]\nparallel = 4\n")
+    base = serve_http(bastion)
+    client = client_of(base, timeout=120)
+    questions = [f"Name {thing} and say one thing about it." for thing in ("a river", "a bird", "a tree", "a star")]
+
+    def ask(question: str, trace: list[float] | None = None) -> str:
+        text = ""
+        for chunk in client.chat.completions.create(
+                model="smollm2-135m", stream=True, max_tokens=32, temperature=0,
+                messages=[{"role": "user", "content": question}]):
+            piece = chunk.choices[0].delta.content if chunk.choices else None
+            if piece and trace is not None and not trace:
+                trace.append(time.monotonic())
+            text += piece or ""
+        if trace is not None:
+            trace.append(time.monotonic())
+        return text
+
+    alone = [ask(question) for question in questions]
+    traces: list[list[float]] = [[] for _ in questions]
+    replies = [""] * len(questions)
+    start = threading.Barrier(len(questions))
+
+    def concurrent(index: int) -> None:
+        start.wait(30)
+        replies[index] = ask(questions[index], traces[index])
+
+    threads = [threading.Thread(target=concurrent, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert replies == alone and all(alone)
+    first_tokens, ends = [t[0] for t in traces], [t[-1] for t in traces]
+    assert max(first_tokens) < min(ends), "every stream had begun before any ended: they were decoded together"
+    table = bastion("ps").stdout
+    assert "4 × 4096" in table, table

@@ -99,6 +99,9 @@ def test_turning_flash_attention_off_replaces_the_worker_with_one_started_withou
         assert pool.started[-1].launch.flash_attn is False
         third, _ = await models.ensure_loaded(spec(tmp_path, "a", kv_cache_type=KvCacheType.Q8_0), nothing)
         assert third.reload_reason == "flash_attn false → true, kv_cache_type f16 → q8_0"
+        fourth, _ = await models.ensure_loaded(spec(tmp_path, "a", kv_cache_type=KvCacheType.Q8_0, parallel=4),
+                                               nothing)
+        assert fourth.reload_reason == "parallel 1 → 4" and pool.started[-1].launch.parallel == 4
 
     asyncio.run(scenario())
 

@@ -270,6 +270,17 @@ def test_a_q8_0_cache_is_estimated_at_about_what_it_saves() -> None:
 
 
 @pytest.mark.real_model
+def test_each_parallel_sequence_adds_its_own_kv_cache() -> None:
+    """Measured with the engine alone, SmolLM2 at 4096 per sequence, each sequence holding a
+    prompt: 252 MiB RSS with one sequence, 523 MiB with four (90 MiB per added sequence)."""
+    shape = shape_of(read_gguf_metadata(smollm2_gguf()))
+    one, four = estimate(shape, 4096), estimate(shape, 4096, parallel=4)
+    assert four.kv_cache_bytes == 4 * one.kv_cache_bytes
+    assert four.snapshot_bytes == one.snapshot_bytes  # a snapshot is one sequence's
+    assert abs((four.total - one.total) / MiB - (523 - 252)) <= 0.15 * (523 - 252)
+
+
+@pytest.mark.real_model
 def test_estimate_grows_with_the_context() -> None:
     shape = shape_of(read_gguf_metadata(smollm2_gguf()))
     small, large = estimate(shape, 512), estimate(shape, 8192)

@@ -191,3 +191,13 @@ def test_model_names_that_look_like_paths_are_refused(layout: HomeLayout) -> Non
     write_config(layout, '[models."my.gguf"]\npath = "/x.gguf"\n')
     with pytest.raises(RegistryError, match="must not end in .gguf"):
         ModelRegistry.load(layout)
+
+
+def test_parallel_sequences_are_set_per_model_within_bounds(layout: HomeLayout) -> None:
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").parallel == 1
+    write_config(layout, "[models.smollm2-135m]\nparallel = 4\n")
+    assert ModelRegistry.load(layout).lookup("smollm2-135m").parallel == 4
+    for bad in ("0", "17", '"four"'):
+        write_config(layout, f"[models.smollm2-135m]\nparallel = {bad}\n")
+        with pytest.raises(RegistryError, match=r"models\.smollm2-135m\.parallel"):
+            ModelRegistry.load(layout)

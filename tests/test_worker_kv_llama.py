@@ -265,3 +265,25 @@ def test_gemma_switching_sessions_restores_and_answers_the_same(gemma: LlamaCppE
     text, stats = generate(core, "A", follow_up)
     assert stats.cache_source is CacheSource.RAM and stats.cached_tokens > 0
     assert text == fresh_reply(gemma, follow_up)
+
+
+def test_gemma_sequences_decoded_together_give_exactly_their_tokens_alone(gemma: LlamaCppEngine,
+                                                                          gemma_path: Path) -> None:
+    """A sliding-window model batched: each sequence keeps its own window of cells."""
+    prompts = [gemma_chat([], QUESTION), gemma_chat([], OTHER)]
+    expected = [fresh_reply(gemma, prompt) for prompt in prompts]
+    pair = LlamaCppEngine(LlamaEngineConfig(model_path=str(gemma_path), n_ctx=2048, threads=2, n_seq=2))
+    try:
+        core = WorkerCore(pair)
+        outs: list[list[FromWorker]] = [[], []]
+        for i, prompt in enumerate(prompts):
+            core.start(Generate(request_id=f"r{i}", session_id=f"s{i}", prompt=prompt, sampling=GREEDY),
+                       outs[i].append, lambda: False)
+        for _ in range(500):
+            if not core.active:
+                break
+            core.step()
+        got = ["".join(m.text for m in out if isinstance(m, TokenDelta)) for out in outs]
+        assert got == expected and all(got)
+    finally:
+        pair.close()

@@ -1,7 +1,8 @@
 """The servers of the gateway comparison: each started on a free 127.0.0.1 port, each stopped however the run ends.
 
   bastion                  `bastion up --http 127.0.0.1:PORT` in a private BASTION_HOME whose config.toml
-                           points `smollm2-135m` at the GGUF with the fixed n_ctx and threads; `bastion down`
+                           points `smollm2-135m` at the GGUF with the fixed n_ctx and threads and
+                           `parallel = 4` (four requests decoded together, as the server's 4 slots); `bastion down`
   llama_server             llama.cpp's llama-server as `xllamacpp` embeds it (bench/serve_llama_server.py),
                            with llama-server's defaults: 4 slots sharing one unified KV cache, prompt cache
   llama_server_native      the `llama-server` program compiled on this machine by the PyPI sdist
@@ -56,6 +57,9 @@ class ServerSettings:
     threads: int
     workdir: Path  # homes and logs
     banned_tokens: tuple[int, ...]  # end-of-generation tokens, for servers without ignore_eos
+    # bastion's `parallel`: requests its worker decodes together, as llama-server's 4 slots
+    # (each of bastion's sequences has n_ctx cells of its own; the server's slots share n_ctx).
+    parallel: int = 4
 
 
 class Server(Protocol):
@@ -130,7 +134,7 @@ class BastionGateway:
         # so the gateway provably serves the very file the peers load.
         (self.home / "config.toml").write_text(
             f'default = "{MODEL_NAME}"\n[models.{MODEL_NAME}]\npath = "{s.model}"\n'
-            f"n_ctx = {s.n_ctx}\nthreads = {s.threads}\n"
+            f"n_ctx = {s.n_ctx}\nthreads = {s.threads}\nparallel = {s.parallel}\n"
         )
         self.port = free_port()
         self._up = True  # from here on `close` runs `bastion down`, even if `up` half failed

@@ -291,3 +291,44 @@ def gone(process: psutil.Process) -> bool:
         return process.status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def test_a_parallel_worker_serves_as_many_requests_at_once_and_refuses_one_more(supervisor: FakeSupervisor) -> None:
+    supervisor.start("--fake-script", supervisor.script("first of two", "second of two", LONG_REPLY, "short"),
+                     "--parallel", "2", "--fake-token-delay", "0.02")
+    supervisor.ready()
+    supervisor.generate("g1")
+    supervisor.generate("g2")
+    supervisor.generate("g3")  # a third while both sequences are busy
+    seen: list[FromWorker] = []
+    finished: set[str] = set()
+    while finished != {"g1", "g2", "g3"}:
+        message = supervisor.recv()
+        seen.append(message)
+        if isinstance(message, GenerationFinished):
+            finished.add(message.request_id)
+    texts = {rid: "".join(m.text for m in seen if isinstance(m, TokenDelta) and m.request_id == rid)
+             for rid in ("g1", "g2")}
+    assert texts == {"g1": "first of two", "g2": "second of two"}
+    # Interleaved on the wire: both were decoding at once.
+    order = [m.request_id for m in seen if isinstance(m, TokenDelta)]
+    assert order.index("g2") < len(order) - order[::-1].index("g1") - 1
+    (refused,) = [m for m in seen if isinstance(m, RequestFailed)]
+    assert refused.request_id == "g3" and refused.code is ErrorCode.BUSY and refused.retryable
+    # A cancel reaches only its own request.
+    supervisor.generate("g4", max_tokens=500)
+    supervisor.generate("g5", max_tokens=40)
+    supervisor.send(Cancel(request_id="g4"))
+    ends = {}
+    while len(ends) < 2:
+        message = supervisor.recv()
+        if isinstance(message, GenerationFinished):
+            ends[message.request_id] = message.stop_reason
+    assert ends["g4"] is StopReason.CANCELLED and ends["g5"] in (StopReason.STOP, StopReason.LENGTH)
+
+
+def test_the_worker_refuses_a_parallel_count_out_of_bounds(supervisor: FakeSupervisor) -> None:
+    for bad in ("0", "17"):
+        process = supervisor.start("--parallel", bad)
+        assert exit_code(process, supervisor) == 2
+    assert "--parallel must be between 1 and 16" in supervisor.stderr()

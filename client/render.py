@@ -233,9 +233,13 @@ def _context(model: ModelStatus) -> str:
 
 
 def _state(model: ModelStatus) -> str:
+    """`busy`; `busy 3/4` for a worker decoding 3 of its 4 parallel sequences; the restarts after it."""
+    state = model.state.value
+    if model.parallel > 1 and model.state is WorkerState.BUSY:
+        state = f"{state} {model.running}/{model.parallel}"
     if model.restarts and model.state is not WorkerState.FAILED:
-        return f"{model.state.value} ({model.restarts} restart{'s' if model.restarts > 1 else ''})"
-    return model.state.value
+        return f"{state} ({model.restarts} restart{'s' if model.restarts > 1 else ''})"
+    return state
 
 
 def _snapshots(model: ModelStatus) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.protocol import HomeLayout, SamplingParams, StopReason, WorkerState
+from bastion.protocol import HomeLayout, SamplingParams, StopReason, TokenDelta, WorkerState
 from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.processes.cores import available_cpus, cpu_sets, pin_process, share_cores
@@ -99,3 +99,35 @@ def test_the_pool_shares_the_cores_as_workers_start_and_stop_generating(tmp_path
         ("a", "SetThreads", 2),  # b is done: a gets the machine back
     ]
     assert all(isinstance(m, Generate | SetThreads) for _, m in sent)
+
+
+def test_a_parallel_worker_runs_that_many_generations_queues_the_rest_and_a_crash_fails_them_all() -> None:
+    async def scenario() -> None:
+        sent: list[object] = []
+        config = SupervisorConfig()
+        launch = WorkerLaunch(name="m", model_path=Path("/m.gguf"), n_ctx=512, threads=2, parallel=2)
+        handle = WorkerHandle(worker_id="w", launch=launch, send=lambda _who, m: sent.append(m), config=config)
+        handle.state = WorkerState.IDLE
+        run = ActiveRun(request_id="r", client=b"c", sink=lambda _c, _e: None)
+        generations = [Generation(internal_id=f"g{i}", session_id=f"s{i}", prompt="p", sampling=SamplingParams(),
+                                  run=run) for i in range(4)]  # fmt: skip
+        for generation in generations:
+            handle.submit(generation)
+        assert [m.request_id for m in sent if isinstance(m, Generate)] == ["g0", "g1"]
+        assert list(handle.running) == ["g0", "g1"] and len(handle.queue) == 2
+        # Messages reach their own generation; the end of one starts the next in line.
+        handle.on_message(TokenDelta(request_id="g1", text="x", n=1, tokens_per_s=0.0))
+        handle.on_message(GenerationFinished(request_id="g0", stop_reason=StopReason.STOP, completion_tokens=1,
+                                             kv_tokens=3))  # fmt: skip
+        assert generations[0].outcome.done() and generations[1].tokens_streamed == 1
+        assert list(handle.running) == ["g1", "g2"] and [g.internal_id for g in handle.queue] == ["g3"]
+        handle.cancel(generations[3])  # queued: ends at once, the worker never hears of it
+        assert generations[3].outcome.result().stop_reason is StopReason.CANCELLED
+        handle.on_exit(-9)  # the worker crashed: every generation in flight fails, retryable
+        for generation in generations[1:3]:
+            outcome = generation.outcome.result()
+            assert outcome.stop_reason is StopReason.ERROR and outcome.worker_died
+            assert outcome.error is not None and outcome.error.retryable
+        assert not handle.running and not handle.queue
+
+    asyncio.run(scenario())

@@ -307,8 +307,9 @@ def test_ps_shows_restarts_failures_and_kv_snapshots() -> None:
     assert "KV SNAPSHOTS" in table[0]
     assert "idle (2 restarts)" in table[1] and "2, 3.0 MiB + 1 on disk, 1.0 MiB" in table[1]
     assert "4096 (kv q8_0)" in table[1]
-    batched = msgspec.structs.replace(serving, parallel=4, kv_cache_type="f16")
-    assert "4 × 4096" in model_table([batched]).splitlines()[1]
+    batched = msgspec.structs.replace(serving, parallel=4, running=3, kv_cache_type="f16", state=WorkerState.BUSY)
+    row = model_table([batched]).splitlines()[1]
+    assert "4 × 4096" in row and "busy 3/4 (2 restarts)" in row
     assert table[2].split()[:3] == ["b", "-", "failed"]
     assert "b failed: crashed 3 times within 60 s; last: exited with code 1: out of memory" in table
     assert "  run `bastion load b` to try again" in table

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
+from bastion.protocol import (
+    CacheSource,
+    ErrorCode,
+    GenerationStats,
+    RequestFailed,
+    SamplingParams,
+    StopReason,
+    TokenDelta,
+)
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.core import CoreConfig, WorkerCore
 from bastion.worker.fake import FakeEngine, FakeEngineConfig

@@ -7,7 +7,8 @@ requests and carries what it emits; tests drive it in-process with `FakeEngine`.
 
 Continuous batching: each of the engine's sequences is a lane; a request
 takes the free lane whose KV state shares the longest prefix with its prompt
-(least recently used on a tie). Each generation is a generator (`_serve`)
+(at least LANE_AFFINITY_MIN tokens), else an empty one, else the least
+recently used. Each generation is a generator (`_serve`)
 that yields the token chunks it needs evaluated on its lane; `step()` gathers
 what every active generation waits for (one token per decoding generation
 first, then prefill chunks up to `n_batch` tokens in all), evaluates it in one
@@ -25,8 +26,9 @@ What every `Generate` gets, in order (the supervisor relies on it):
     refused or failed  RequestFailed  GenerationFinished(error)
 
 so exactly one `GenerationFinished` always, and exactly one `GenerationStats`
-for a generation that ran. An engine failure never escapes `generate`: the KV
-state is dropped (it may be half-written) and the next request is served.
+for a generation that ran. An engine failure never escapes `step`: the
+failing generation's KV state is dropped (it may be half-written), the
+others in its batch go on, and the next request is served.
 """
 
 from __future__ import annotations

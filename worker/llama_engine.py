@@ -170,6 +170,10 @@ class LlamaCppEngine:
             self._threads = threads
 
     def evaluate_batch(self, parts: Sequence[BatchPart], cancelled: Callable[[], bool] | None = None) -> None:
+        # In sequence order: llama.cpp splits a batch of a non-unified cache into equal
+        # per-sequence steps, and out of order it computes a step per token (4 streams
+        # decoded at 64 tokens/s instead of 135).
+        parts = sorted(parts, key=lambda part: part[0].seq_id)
         sequences: list[LlamaSequence] = []
         total = 0
         for sequence, tokens in parts:

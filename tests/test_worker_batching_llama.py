@@ -178,3 +178,31 @@ def test_a_sequence_s_snapshot_restores_into_another_sequence(batched: LlamaCppE
     assert moved.stats.cached_tokens >= len(batched.tokenize(first_turn)) - 2
     assert moved.text == reset_and_fresh.text
     assert moved.stats.kv_digest == reset_and_fresh.stats.kv_digest
+
+
+def test_parts_given_out_of_order_are_computed_in_sequence_order_and_keep_their_own_logits(
+    batched: LlamaCppEngine,
+) -> None:
+    """llama.cpp computes an out-of-order batch of a non-unified cache a token at a time (half the
+    speed): the engine orders the parts, and each sequence must still sample from its own logits."""
+    reset(batched)
+    sequences = list(batched.sequences())[:3]
+    prompts = [batched.tokenize(prompt) for prompt in PROMPTS[:3]]
+    batched.evaluate_batch([(sequences[i], prompts[i]) for i in (2, 0, 1)])
+    batch = batched._batch
+    order = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+    assert order == sorted(order)
+    greedy = SamplingParams(temperature=0.0)
+    mixed = []
+    for sequence in sequences:
+        sequence.begin_sampling(greedy)
+        mixed.append(sequence.sample())
+        sequence.end_sampling()
+    alone = []
+    for sequence, prompt in zip(sequences, prompts):
+        sequence.reset()
+        sequence.evaluate(prompt)
+        sequence.begin_sampling(greedy)
+        alone.append(sequence.sample())
+        sequence.end_sampling()
+    assert mixed == alone and len(set(alone)) > 1

@@ -4,8 +4,10 @@ Owns the process lifecycle (parent-death signal, SIGTERM, exit codes), the
 zmq context and sockets, the handshake, loading the engine and the two
 threads:
 
-    main (engine) thread   handshake, load, then serve `Generate`s one by one
-                           from a queue; sends through an inproc PUSH socket
+    main (engine) thread   handshake, load, then start each `Generate` as it
+                           comes off the queue and step the active ones together
+                           (up to `parallel`, see core.py); sends through an
+                           inproc PUSH socket
     IO thread              `SupervisorLink`: owns the DEALER, forwards the
                            PUSH side's frames, heartbeats, cancel, shutdown
 

@@ -426,3 +426,26 @@ def test_the_memory_budget_flag_wins_over_config_toml(bastion: Bastion, tmp_path
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def test_the_gguf_a_load_resolves_is_announced_before_its_worker_starts(tmp_path: Path) -> None:
+    """The daemon loads the file's vocabulary (for counting tokens) while the worker loads the model."""
+    from bastion.supervisor.models.sources import LocalPath
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(16))
+
+    async def scenario() -> tuple[list[tuple[Path, int]], int]:
+        seen: list[tuple[Path, int]] = []  # the path, and how many workers had started by then
+        config = SupervisorConfig(memory_available_bytes=64 << 30)
+        pool = InstantPool(config)
+        models = LoadedModels(config=config, layout=HomeLayout(tmp_path / "home"), pool=pool,  # type: ignore[arg-type]
+                              memory_settings=Budget(10_000).settings,
+                              on_resolved=lambda path: seen.append((path, len(pool.started))))
+        await models.ensure_loaded(spec(tmp_path, "scripted"), nothing)  # a scripted model has no vocabulary
+        await models.ensure_loaded(ModelSpec(name="local", source=LocalPath(path=str(gguf)), n_ctx=256, threads=1),
+                                   nothing)  # fmt: skip
+        return seen, len(pool.started)
+
+    seen, started = asyncio.run(scenario())
+    assert started == 2 and seen == [(gguf.resolve(), 1)]

@@ -107,6 +107,7 @@ class LoadedModels:
         pool: WorkerPool,
         memory_settings: Callable[[], MemorySettings] = MemorySettings,
         clock: Clock | None = None,
+        on_resolved: Callable[[Path], None] = lambda _path: None,
     ) -> None:
         self._config = config
         self._layout = layout
@@ -123,6 +124,9 @@ class LoadedModels:
         self._failed: dict[str, LoadedModel] = {}
         self._restarts: dict[str, asyncio.Task[None]] = {}
         self._closing = False
+        # Told each GGUF about to be loaded, while its worker starts (the daemon
+        # loads the file's vocabulary for token counting meanwhile).
+        self._on_resolved = on_resolved
 
     def get(self, name: str) -> LoadedModel | None:
         return self._loaded.get(name)
@@ -218,6 +222,8 @@ class LoadedModels:
             loop.call_soon_threadsafe(progress, LoadStage.ASSEMBLING, done, total)
 
         path = await asyncio.to_thread(resolve_gguf, spec, self._layout, report_bytes)
+        if not isinstance(spec.source, ScriptedReplies):
+            self._on_resolved(path)
         n_ctx = spec.n_ctx or self._config.default_n_ctx
         needs = (SCRIPTED_ESTIMATE if isinstance(spec.source, ScriptedReplies)
                  else await asyncio.to_thread(self._estimator.of_gguf, path, n_ctx, spec.flash_attn,

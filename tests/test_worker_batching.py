@@ -179,3 +179,34 @@ def test_generate_serves_its_request_alongside_others_already_started() -> None:
     assert "".join(m.text for m in out if isinstance(m, TokenDelta)) == "foreground"
     drain(core)
     assert background.text == "background"
+
+
+def test_shared_generations_send_their_text_at_most_once_an_interval() -> None:
+    """Each message is a hop through the supervisor and the gateway, paid by every stream's decode:
+    while generations share the worker, a generation's tokens travel together, the first at once."""
+    core, _ = make_core(script=("a reply of several words", "another reply, also long"))
+    a = Client(core, "a", "first")
+    b = Client(core, "b", "second")
+    drain(core)
+    for client, reply in ((a, "a reply of several words"), (b, "another reply, also long")):
+        deltas = [m for m in client.messages if isinstance(m, TokenDelta)]
+        assert client.text == reply
+        assert len(deltas[0].text) == 1  # the first token is not held back
+        assert len(deltas) < len(reply)  # the rest travelled together
+        counts = [d.n for d in deltas]
+        assert counts == sorted(set(counts)) and counts[-1] == client.stats.completion_tokens
+
+
+def test_a_generation_alone_sends_every_token_as_it_comes() -> None:
+    core, _ = make_core(script=("alone here",))
+    a = Client(core, "a", "first")
+    drain(core)
+    assert [m.n for m in a.messages if isinstance(m, TokenDelta)] == list(range(1, len("alone here") + 1))
+
+
+def test_log_probabilities_keep_one_message_per_token_even_when_shared() -> None:
+    core, _ = make_core(script=("with logprobs", "other"))
+    a = Client(core, "a", "first", logprobs=2)
+    Client(core, "b", "second")
+    drain(core)
+    assert [m.n for m in a.messages if isinstance(m, TokenDelta)] == list(range(1, len("with logprobs") + 1))

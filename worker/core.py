@@ -75,6 +75,13 @@ Steps = Generator[Sequence[int], None, StopReason]
 LANE_AFFINITY_MIN = 16
 
 
+# While several generations share the worker, a generation's text goes out at
+# most once per this interval (with the first token at once and the rest at its
+# end): each message costs a hop through the supervisor and the gateway, taken
+# from the decode threads every stream waits on.
+SHARED_DELTA_INTERVAL_S = 0.05
+
+
 class CoreConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Tokens per prefill step; also the cancellation granularity of a prefill.
     # Capped by the engine's n_batch.
@@ -110,6 +117,8 @@ class _Run:
     streamed: list[str] = field(default_factory=list)
     keep_chars: int | None = None  # set when the reply is cut at a repetition loop
     evaluated: int = 0  # tokens evaluated for it
+    held: str = ""  # text streamed but not yet sent (see SHARED_DELTA_INTERVAL_S)
+    last_emit: float = 0.0
 
     def decode_speed(self, now: float) -> float:
         # The first token comes out of the prefill; decoding speed is what follows it.
@@ -410,7 +419,8 @@ class WorkerCore:
             run.finished = time.perf_counter()
         tail = text.flush()
         if tail and reason is not StopReason.REPETITION:
-            self._stream(run, tail, run.finished, emit)
+            run.held += tail
+        self._flush(run, emit)
         return reason
 
     def _sample_loop(self, run: _Run, sequence: EngineSequence, text: TextStream, emit: Emit,
@@ -454,7 +464,17 @@ class WorkerCore:
         run.chars += len(piece)
         if piece:
             run.streamed.append(piece)  # where a loop is cut, whether a grammar's trigger came
-        emit(self._delta(run, piece, now))
+        if (len(self._active) > 1 and run.request.sampling.logprobs is None and run.last_emit
+                and now - run.last_emit < SHARED_DELTA_INTERVAL_S):
+            run.held += piece
+            return
+        emit(self._delta(run, run.held + piece, now))
+        run.held, run.last_emit = "", now
+
+    def _flush(self, run: _Run, emit: Emit) -> None:
+        if run.held:
+            emit(self._delta(run, run.held, run.finished))
+            run.held = ""
 
     def _delta(self, run: _Run, text: str, now: float) -> TokenDelta:
         return TokenDelta(

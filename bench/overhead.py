@@ -33,7 +33,7 @@ from bastion.client.connection import ControlConnection
 from bastion.client.launcher import ensure_supervisor, wait_until_stopped
 from bastion.protocol import GenerationStats, HomeLayout, RequestFailed, Shutdown, TokenDelta
 from bastion.protocol.control import LoadModel, ModelLoaded, Run, RunFinished, SamplingRequest
-from bastion.worker.llama_engine import amx_weights_off
+from bastion.worker.llama_loading import amx_weights_off
 
 PROMPT = "Pair {i}. Write a detailed story about a lighthouse keeper who finds a message in a bottle."
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import runpy
 
-from bastion.worker.llama_engine import amx_weights_off
+from bastion.worker.llama_loading import amx_weights_off
 
 if __name__ == "__main__":
     # The server builds its `Llama` inside run_module: the swapped default is in place for it

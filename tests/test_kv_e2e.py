@@ -12,7 +12,7 @@ from pathlib import Path
 import llama_cpp
 import pytest
 
-from bastion.worker.core import token_digest
+from bastion.worker.run_report import token_digest
 from tests.e2e_support import Bastion, events_of
 from tests.real_models import smollm2_gguf
 from tests.waiting import wait_until

@@ -13,10 +13,11 @@ import pytest
 
 from bastion.protocol import CacheSource, GenerationStats, SamplingParams
 from bastion.protocol.worker_wire import FromWorker, Generate
-from bastion.worker.core import WorkerCore, token_digest
+from bastion.worker.core import WorkerCore
 from bastion.worker.engine import EngineError, common_prefix_length
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
 from bastion.worker.kv_snapshots import SnapshotHeader, SnapshotStore, model_fingerprint
+from bastion.worker.run_report import token_digest
 
 MODEL = "m" * 32
 LAYOUT = "fake; n_ctx 4096"

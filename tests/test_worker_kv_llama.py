@@ -15,10 +15,11 @@ from bastion.protocol import CacheSource, GenerationStats, HomeLayout, KvCacheTy
 from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.supervisor.models.registry import ModelRegistry
 from bastion.supervisor.models.sources import resolve_gguf
-from bastion.worker.core import WorkerCore, token_digest
+from bastion.worker.core import WorkerCore
 from bastion.worker.engine import common_prefix_length
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
+from bastion.worker.run_report import token_digest
 from tests.real_models import smollm2_gguf
 
 pytestmark = pytest.mark.real_model

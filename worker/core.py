@@ -33,31 +33,29 @@ others in its batch go on, and the next request is served.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
-import struct
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
-from bastion.protocol import CacheSource, ErrorCode, GenerationStats, RequestFailed, StopReason, TokenDelta
-from bastion.protocol.common import MAX_TOP_LOGPROBS, GrammarUse, TokenChoice, TokenLogprobs
-from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
+from bastion.protocol import ErrorCode, RequestFailed, StopReason
+from bastion.protocol.common import MAX_TOP_LOGPROBS
+from bastion.protocol.worker_wire import FromWorker, Generate
 from bastion.worker.engine import (
     MIN_EVALUATED,
     BatchPart,
     Engine,
     EngineSequence,
     EvaluationCancelled,
-    GrammarOutcome,
     common_prefix_length,
 )
 from bastion.worker.kv_reuse import KvReuse
 from bastion.worker.kv_snapshots import SnapshotStore
 from bastion.worker.repetition import RepetitionGuard, keep_whole_words
+from bastion.worker.run_report import Run, run_finished, run_stats, token_delta, token_digest, token_logprobs
 from bastion.worker.text import TextStream
 
 log = logging.getLogger(__name__)
@@ -96,37 +94,6 @@ class _Refused(Exception):
 
 
 @dataclass
-class _Run:
-    """Counters and clocks of one generation."""
-
-    request: Generate
-    started: float
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    completion_tokens: int = 0
-    prefill_done: float = 0.0
-    first_token: float = 0.0
-    finished: float = 0.0
-    cache_source: CacheSource = CacheSource.NONE
-    shifted_tokens: int = 0
-    cache_notes: tuple[str, ...] = ()
-    kv_digest: str = ""
-    grammar: GrammarOutcome = field(default_factory=lambda: GrammarOutcome(GrammarUse.NONE))
-    chars: int = 0  # characters of text streamed so far
-    char_ends: list[int] = field(default_factory=list)  # after each generated token
-    streamed: list[str] = field(default_factory=list)
-    keep_chars: int | None = None  # set when the reply is cut at a repetition loop
-    evaluated: int = 0  # tokens evaluated for it
-    held: str = ""  # text streamed but not yet sent (see SHARED_DELTA_INTERVAL_S)
-    last_emit: float = 0.0
-
-    def decode_speed(self, now: float) -> float:
-        # The first token comes out of the prefill; decoding speed is what follows it.
-        elapsed = now - self.first_token
-        return (self.completion_tokens - 1) / elapsed if self.first_token and elapsed > 0 else 0.0
-
-
-@dataclass
 class _Lane:
     """One engine sequence and the reuse of its KV state."""
 
@@ -140,7 +107,7 @@ class _Lane:
 class _Active:
     """A generation in progress on a lane, and the chunk it waits to have evaluated."""
 
-    run: _Run
+    run: Run
     lane: _Lane
     steps: Steps
     cancelled: Cancelled
@@ -148,6 +115,10 @@ class _Active:
     done: int = 0  # tokens of `chunk` evaluated so far (a chunk may span batches)
     prefill: bool = False  # the chunk is part of a prompt (checked for a cancel mid-computation)
     reason: StopReason | None = None  # once it ended
+
+    def part(self, n: int) -> BatchPart:
+        """The next `n` tokens of its chunk, for its lane's sequence."""
+        return self.lane.sequence, self.chunk[self.done : self.done + n]
 
 
 class WorkerCore:
@@ -188,10 +159,6 @@ class WorkerCore:
         return self._kv_tokens
 
     @property
-    def lanes(self) -> int:
-        return len(self._lanes)
-
-    @property
     def active(self) -> int:
         """Generations started and not yet ended."""
         return len(self._active)
@@ -206,7 +173,7 @@ class WorkerCore:
     def start(self, request: Generate, emit: Emit, cancelled: Cancelled) -> _Active | None:
         """Admit `request` on a free lane and run it up to its first evaluation; None when it
         ended at once (refused)."""
-        run = _Run(request=request, started=time.perf_counter())
+        run = Run(request=request, started=time.perf_counter())
         try:
             tokens = self._admit(request)
         except _Refused as refusal:
@@ -252,7 +219,7 @@ class WorkerCore:
         batch = self._gather()
         if not batch:
             return
-        parts: list[BatchPart] = [(a.lane.sequence, a.chunk[a.done : a.done + n]) for a, n in batch]
+        parts: list[BatchPart] = [a.part(n) for a, n in batch]
         actives = [a for a, _ in batch]
         # A prompt chunk can take a second: the engine then checks for a cancel inside it.
         check = (lambda: any(a.cancelled() for a in actives)) if any(a.prefill for a in actives) else None
@@ -278,7 +245,7 @@ class WorkerCore:
             return
         for active, n in batch:
             try:
-                self._engine.evaluate_batch([(active.lane.sequence, active.chunk[active.done : active.done + n])])
+                self._engine.evaluate_batch([active.part(n)])
             except Exception as alone:
                 self._resume(active, alone)
             else:
@@ -328,7 +295,7 @@ class WorkerCore:
     def _held_tokens(self) -> int:
         return sum(lane.sequence.kv_tokens() for lane in self._lanes)
 
-    def _serve(self, run: _Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
+    def _serve(self, run: Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
         request = run.request
         try:
             reason = yield from self._run(run, lane, tokens, emit, cancelled)
@@ -338,14 +305,14 @@ class WorkerCore:
             log.exception("request %s: engine failure", request.request_id)
             self._recover(lane)
             return self._fail(run, emit, ErrorCode.INTERNAL, f"engine failure: {exc}")
-        emit(self._stats(run))
+        emit(run_stats(run, self._kv_tokens))
         # Before the end is reported: a crash right after the turn must still
         # find it on disk (see SnapshotStore.put). A run cancelled before it
         # evaluated anything leaves the state half-prepared (a shift not yet
         # applied, a reset): it must not replace the session's good snapshot.
         if self._info.partial_reuse and reason is not StopReason.ERROR and run.evaluated:
             lane.reuse.keep_snapshot(request, durable=True)
-        emit(self._finished(run, reason))
+        emit(run_finished(run, reason, self._kv_tokens))
         log.info(
             "request %s: %s, prompt %d (cached %d), completion %d",
             request.request_id,
@@ -356,7 +323,7 @@ class WorkerCore:
         )
         return reason
 
-    def _run(self, run: _Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
+    def _run(self, run: Run, lane: _Lane, tokens: list[int], emit: Emit, cancelled: Cancelled) -> Steps:
         run.prompt_tokens = len(tokens)
         reuse = lane.reuse.prepare(run.request.session_id, tokens)
         run.cached_tokens, run.cache_source = reuse.cached_tokens, reuse.source
@@ -409,7 +376,7 @@ class WorkerCore:
                 return False
         return True
 
-    def _decode(self, run: _Run, sequence: EngineSequence, emit: Emit, cancelled: Cancelled) -> Steps:
+    def _decode(self, run: Run, sequence: EngineSequence, emit: Emit, cancelled: Cancelled) -> Steps:
         text = TextStream(run.request.sampling.stop)
         run.grammar = sequence.begin_sampling(run.request.sampling, run.request.grammar)
         try:
@@ -423,7 +390,7 @@ class WorkerCore:
         self._flush(run, emit)
         return reason
 
-    def _sample_loop(self, run: _Run, sequence: EngineSequence, text: TextStream, emit: Emit,
+    def _sample_loop(self, run: Run, sequence: EngineSequence, text: TextStream, emit: Emit,
                      cancelled: Cancelled) -> Steps:
         engine, sampling = self._engine, run.request.sampling
         guard = RepetitionGuard() if sampling.loop_guard and not sampling.ignore_eos else None
@@ -440,7 +407,8 @@ class WorkerCore:
                 return StopReason.STOP
             run.completion_tokens += 1
             if sampling.logprobs is not None:
-                emit(self._logprobs(run, sequence, token, sampling.logprobs))
+                logprob, best = sequence.token_logprobs(token, min(sampling.logprobs, MAX_TOP_LOGPROBS))
+                emit(token_logprobs(run, token, logprob, best, engine.token_bytes))
             piece, stopped = text.push(engine.token_bytes(token))
             self._stream(run, piece, now, emit)
             run.char_ends.append(run.chars)
@@ -460,7 +428,7 @@ class WorkerCore:
             except EvaluationCancelled:
                 return StopReason.CANCELLED
 
-    def _stream(self, run: _Run, piece: str, now: float, emit: Emit) -> None:
+    def _stream(self, run: Run, piece: str, now: float, emit: Emit) -> None:
         run.chars += len(piece)
         if piece:
             run.streamed.append(piece)  # where a loop is cut, whether a grammar's trigger came
@@ -468,30 +436,13 @@ class WorkerCore:
                 and now - run.last_emit < SHARED_DELTA_INTERVAL_S):
             run.held += piece
             return
-        emit(self._delta(run, run.held + piece, now))
+        emit(token_delta(run, run.held + piece, now))
         run.held, run.last_emit = "", now
 
-    def _flush(self, run: _Run, emit: Emit) -> None:
+    def _flush(self, run: Run, emit: Emit) -> None:
         if run.held:
-            emit(self._delta(run, run.held, run.finished))
+            emit(token_delta(run, run.held, run.finished))
             run.held = ""
-
-    def _delta(self, run: _Run, text: str, now: float) -> TokenDelta:
-        return TokenDelta(
-            request_id=run.request.request_id,
-            text=text,
-            n=run.completion_tokens,
-            tokens_per_s=round(run.decode_speed(now), 2),
-        )
-
-    def _logprobs(self, run: _Run, sequence: EngineSequence, token: int, top: int) -> TokenLogprobs:
-        logprob, best = sequence.token_logprobs(token, min(top, MAX_TOP_LOGPROBS))
-        return TokenLogprobs(request_id=run.request.request_id, chosen=self._choice(token, logprob),
-                             top=tuple(self._choice(t, p) for t, p in best))
-
-    def _choice(self, token: int, logprob: float) -> TokenChoice:
-        raw = self._engine.token_bytes(token)
-        return TokenChoice(token=raw.decode("utf-8", errors="replace"), token_bytes=raw, logprob=round(logprob, 6))
 
     def _recover(self, lane: _Lane) -> None:
         try:
@@ -501,53 +452,12 @@ class WorkerCore:
             log.exception("engine reset after a failure failed too")
         self._kv_tokens = self._held_tokens()
 
-    def _fail(self, run: _Run, emit: Emit, code: ErrorCode, message: str) -> StopReason:
+    def _fail(self, run: Run, emit: Emit, code: ErrorCode, message: str) -> StopReason:
         request_id = run.request.request_id
         log.warning("request %s failed: %s: %s", request_id, code.value, message)
         emit(RequestFailed(request_id=request_id, code=code, message=message))
-        emit(self._finished(run, StopReason.ERROR))
+        emit(run_finished(run, StopReason.ERROR, self._kv_tokens))
         return StopReason.ERROR
-
-    def _finished(self, run: _Run, reason: StopReason) -> GenerationFinished:
-        return GenerationFinished(
-            request_id=run.request.request_id,
-            stop_reason=reason,
-            completion_tokens=run.completion_tokens,
-            kv_tokens=self._kv_tokens,
-            keep_chars=run.keep_chars,
-        )
-
-    def _stats(self, run: _Run) -> GenerationStats:
-        prefill_s = run.prefill_done - run.started
-        decode_s = run.finished - run.first_token if run.first_token else 0.0
-        evaluated = run.prompt_tokens - run.cached_tokens
-        return GenerationStats(
-            request_id=run.request.request_id,
-            prompt_tokens=run.prompt_tokens,
-            cached_tokens=run.cached_tokens,
-            completion_tokens=run.completion_tokens,
-            ttft_ms=_ms(run.first_token - run.started) if run.first_token else 0.0,
-            prefill_ms=_ms(prefill_s),
-            decode_ms=_ms(decode_s),
-            prefill_tokens_per_s=round(evaluated / prefill_s, 2) if prefill_s > 0 else 0.0,
-            decode_tokens_per_s=round((run.completion_tokens - 1) / decode_s, 2) if decode_s > 0 else 0.0,
-            kv_tokens=self._kv_tokens,
-            cache_source=run.cache_source,
-            shifted_tokens=run.shifted_tokens,
-            cache_note="; ".join(run.cache_notes),
-            kv_digest=run.kv_digest,
-            grammar=run.grammar.use,
-            grammar_triggered=self._triggered(run),
-            grammar_note=run.grammar.note,
-        )
-
-    @staticmethod
-    def _triggered(run: _Run) -> bool:
-        grammar = run.request.grammar
-        if run.grammar.use is GrammarUse.FULL:
-            return True
-        return run.grammar.use is GrammarUse.LAZY and grammar is not None and grammar.start in "".join(run.streamed)
-
 
 def prefill_chunks(suffix: Sequence[int], size: int) -> list[Sequence[int]]:
     """`suffix` in chunks of at most `size`, the last one never a lone token
@@ -557,14 +467,3 @@ def prefill_chunks(suffix: Sequence[int], size: int) -> list[Sequence[int]]:
     if size > 1 and len(bounds) > 1 and len(suffix) - bounds[-1] < MIN_EVALUATED:
         bounds[-1] -= 1
     return [suffix[a:b] for a, b in zip(bounds, [*bounds[1:], len(suffix)])]
-
-
-def token_digest(tokens: Sequence[int]) -> str:
-    """blake2b-128 of token ids: what `GenerationStats.kv_digest` reports."""
-    return hashlib.blake2b(struct.pack(f"<{len(tokens)}i", *tokens), digest_size=16).hexdigest()
-
-
-# Places tried for the end of a dropped range; the nearest first. Pruning
-# drops whole turns, so the right one is among the turn starts.
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000.0, 3)

@@ -4,9 +4,9 @@ Owns one model and one context holding `n_seq` sequences (each with `n_ctx`
 positions of its own: llama.cpp's non-unified KV cache, so a sequence's
 logits are bit-identical whether it is decoded alone or batched with others),
 the batch every decode goes through, and each sequence's token list and
-sampler (`LlamaSequence`). `Llama` is used to load the model and tokenize;
-its evaluation, sampling, caches and chat APIs are not: they know one
-sequence only.
+sampler (`LlamaSequence`). `Llama` is used to load the model (built as
+llama_loading.py says) and to tokenize; its evaluation, sampling, caches
+and chat APIs are not: they know one sequence only.
 
 Importing this module imports llama_cpp; the process shell does so only when
 the llama engine is asked for.
@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import llama_cpp
 import msgspec
@@ -33,13 +33,12 @@ from bastion.worker.engine import (
     EngineInfo,
     EvaluationCancelled,
     GrammarOutcome,
-    InvalidModelFile,
     reusable_prefix,
 )
 from bastion.worker.grammar import GrammarCache, GrammarError
+from bastion.worker.llama_loading import amx_weights_off, check_gguf, sequences_per_context
 
 _PIECE_BUFFER = 64
-_GGUF_MAGIC = b"GGUF"
 
 
 _NO_ABORT_CHECK = llama_cpp.ggml_abort_callback()  # a NULL function pointer: no check
@@ -67,7 +66,7 @@ class LlamaCppEngine:
             raise EngineError(f"n_seq must be between 1 and {MAX_PARALLEL}, not {config.n_seq}")
         self._config = config
         self._stack = contextlib.ExitStack()
-        _check_gguf(config.model_path)
+        check_gguf(config.model_path)
         try:
             with amx_weights_off(), sequences_per_context(config.n_seq):
                 self._llama = llama_cpp.Llama(
@@ -434,76 +433,3 @@ class LlamaSequence:
         sampler, self._sampler = self._sampler, None
         if sampler is not None:
             sampler.close()
-
-
-def built_with_amx() -> bool:
-    """Whether this llama.cpp build carries the AMX matrix kernels (a native
-    build on a CPU with AMX, e.g. Intel Sapphire Rapids)."""
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-
-
-@contextlib.contextmanager
-def amx_weights_off() -> Iterator[None]:
-    """Load weights into plain CPU buffers when the build has AMX kernels.
-
-    llama.cpp's AMX path (weights repacked into an "extra buffer") crashes with
-    SIGSEGV in `ggml_backend_amx_mul_mat` on the first multi-token batch on some
-    Sapphire Rapids machines (llama.cpp issue 20824, open without a fix).
-    `use_extra_bufts = False` keeps the weights where the ordinary kernels read
-    them. `Llama` builds its model parameters from
-    `llama_model_default_params()` inside its constructor and offers no
-    argument for this field, so the default is swapped for the one call.
-    """
-    if not built_with_amx():
-        yield
-        return
-    native = llama_cpp.llama_cpp
-    default = native.llama_model_default_params
-
-    def without_extra_buffers() -> llama_cpp.llama_model_params:
-        params = default()
-        params.use_extra_bufts = False
-        return params
-
-    native.llama_model_default_params = without_extra_buffers
-    try:
-        yield
-    finally:
-        native.llama_model_default_params = default
-
-
-@contextlib.contextmanager
-def sequences_per_context(n_seq: int) -> Iterator[None]:
-    """Build the context with room for `n_seq` sequences, each with its own cells.
-
-    `Llama` takes its context parameters from `llama_context_default_params()`
-    and has no argument for the sequence count; the default is swapped for the
-    one call (as `amx_weights_off` does for the model). `kv_unified = False`
-    gives each sequence `n_ctx / n_seq` cells of its own: no sequence can take
-    another's room, and attention over one sequence never sees the others'
-    cells, which keeps its logits identical to a decode of it alone."""
-    native = llama_cpp.llama_cpp
-    default = native.llama_context_default_params
-
-    def with_sequences() -> llama_cpp.llama_context_params:
-        params = default()
-        params.n_seq_max = n_seq
-        params.kv_unified = False
-        return params
-
-    native.llama_context_default_params = with_sequences
-    try:
-        yield
-    finally:
-        native.llama_context_default_params = default
-
-
-def _check_gguf(path: str) -> None:
-    """Tell a wrong file from a failed load: llama.cpp reports both alike."""
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(len(_GGUF_MAGIC))
-    except OSError as exc:
-        raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from exc
-    if magic != _GGUF_MAGIC:
-        raise InvalidModelFile(f"{path} is not a GGUF file")

@@ -67,6 +67,14 @@ class Gauges(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_disk_bytes: int = 0
 
 
+def refusal(request: Generate, code: ErrorCode, message: str, kv_tokens: int, *,
+            retryable: bool = False) -> tuple[RequestFailed, GenerationFinished]:
+    """What a request that will never run is answered: why, then its one GenerationFinished."""
+    rid = request.request_id
+    return (RequestFailed(request_id=rid, code=code, message=message, retryable=retryable),
+            GenerationFinished(request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=kv_tokens))
+
+
 class RequestSlots:
     """The requests a worker serves at once: at most `capacity`, one per engine sequence.
 
@@ -280,12 +288,8 @@ class SupervisorLink:
         # The supervisor queues per worker and should never get here; answer
         # anyway so that every Generate still ends with one GenerationFinished.
         log.warning("refused %s: %s", request.request_id, message)
-        rid = request.request_id
-        self._send(RequestFailed(request_id=rid, code=code, message=message, retryable=retryable))
-        finished = GenerationFinished(
-            request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0, kv_tokens=self._gauges().kv_tokens
-        )
-        self._send(finished)
+        for answer in refusal(request, code, message, self._gauges().kv_tokens, retryable=retryable):
+            self._send(answer)
 
     def _beat(self, now: float) -> None:
         if self._stop_deadline is None:

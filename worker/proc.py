@@ -46,12 +46,10 @@ from bastion.protocol import (
     RequestFailed,
     Role,
     Shutdown,
-    StopReason,
     worker_codec,
 )
 from bastion.protocol.worker_wire import (
     Generate,
-    GenerationFinished,
     ModelDescription,
     WorkerLoadFailed,
     WorkerReady,
@@ -61,7 +59,7 @@ from bastion.worker.core import Emit, WorkerCore
 from bastion.worker.engine import Engine, InvalidModelFile
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
-from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlots, SupervisorLink
+from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlots, SupervisorLink, refusal
 
 log = logging.getLogger(__name__)
 
@@ -264,10 +262,8 @@ class WorkerProc:
                 self._refuse(emit, item, code, message)
 
     def _refuse(self, emit: Emit, request: Generate, code: ErrorCode, message: str) -> None:
-        rid = request.request_id
-        emit(RequestFailed(request_id=rid, code=code, message=message))
-        emit(GenerationFinished(request_id=rid, stop_reason=StopReason.ERROR, completion_tokens=0,
-                                kv_tokens=self._gauges().kv_tokens))
+        for answer in refusal(request, code, message, self._gauges().kv_tokens):
+            emit(answer)
 
     def _describe(self, engine: Engine, load_ms: float) -> ModelDescription:
         info = engine.describe()

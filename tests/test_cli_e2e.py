@@ -54,10 +54,11 @@ def test_json_stream_has_typed_events_in_order(shared_bastion: Bastion) -> None:
     start = events_of(lines, "run_start")[0]
     assert start["model"] == "smollm2-135m" and start["worker_pid"] > 0 and start["template"]
     tokens = events_of(lines, "token")
-    assert [t["n"] for t in tokens] == list(range(1, len(tokens) + 1))
+    counts = [t["n"] for t in tokens]  # a running count; tokens decoded within 50 ms travel together
+    assert counts[0] == 1 and counts == sorted(set(counts))
     assert all(isinstance(t["text"], str) and t["tokens_per_s"] >= 0 for t in tokens)
     stats = events_of(lines, "generation_stats")[0]
-    assert stats["completion_tokens"] == len(tokens)
+    assert stats["completion_tokens"] == counts[-1]
     assert stats["prompt_tokens"] > 0 and stats["ttft_ms"] > 0 and stats["decode_tokens_per_s"] > 0
     assert lines[-1]["stop_reason"] in ("stop", "length")
 

@@ -501,7 +501,8 @@ def test_a_generation_cut_before_its_first_token_is_retried(bastion: Bastion) ->
     assert warning["code"] == "generation_retried" and "SIGKILL" in warning["message"]
     assert "error" not in kinds and kinds[-1] == "run_end"
     tokens = [e for _, e in events if e["type"] == "token"]
-    assert [t["n"] for t in tokens] == list(range(1, len(tokens) + 1)) and kinds.count("generation_stats") == 1
+    counts = [t["n"] for t in tokens]  # one attempt's tokens only: the count starts at 1 once and only grows
+    assert counts[0] == 1 and counts == sorted(set(counts)) and kinds.count("generation_stats") == 1
     _, (detail,) = bastion.json("sessions", "show", "retry")
     assert [(m["role"], m["interrupted"]) for m in detail["messages"]] == [("user", False), ("assistant", False)]
 

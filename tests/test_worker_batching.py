@@ -3,7 +3,10 @@ driven in-process by FakeEngine. The same scheduling serves one sequence (test_w
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
+
+import pytest
 
 from bastion.protocol import (
     CacheSource,
@@ -15,6 +18,7 @@ from bastion.protocol import (
     TokenDelta,
 )
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
+from bastion.worker import core as core_module
 from bastion.worker.core import CoreConfig, WorkerCore
 from bastion.worker.fake import FakeEngine, FakeEngineConfig
 
@@ -183,7 +187,7 @@ def test_generate_serves_its_request_alongside_others_already_started() -> None:
 
 def test_shared_generations_send_their_text_at_most_once_an_interval() -> None:
     """Each message is a hop through the supervisor and the gateway, paid by every stream's decode:
-    while generations share the worker, a generation's tokens travel together, the first at once."""
+    a generation's tokens travel together, the first at once."""
     core, _ = make_core(script=("a reply of several words", "another reply, also long"))
     a = Client(core, "a", "first")
     b = Client(core, "b", "second")
@@ -197,11 +201,23 @@ def test_shared_generations_send_their_text_at_most_once_an_interval() -> None:
         assert counts == sorted(set(counts)) and counts[-1] == client.stats.completion_tokens
 
 
-def test_a_generation_alone_sends_every_token_as_it_comes() -> None:
+def test_a_generation_alone_is_held_to_the_interval_too() -> None:
     core, _ = make_core(script=("alone here",))
     a = Client(core, "a", "first")
     drain(core)
-    assert [m.n for m in a.messages if isinstance(m, TokenDelta)] == list(range(1, len("alone here") + 1))
+    deltas = [m for m in a.messages if isinstance(m, TokenDelta)]
+    assert a.text == "alone here" and deltas[0].n == 1 and deltas[-1].n == len("alone here")
+    assert len(deltas) < len("alone here")
+
+
+def test_a_model_slower_than_the_interval_sends_every_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every reading of the clock is two intervals after the one before: tokens slower than the interval.
+    ticks = itertools.count()
+    monkeypatch.setattr(core_module.time, "perf_counter", lambda: next(ticks) * 2 * core_module.DELTA_INTERVAL_S)
+    core, _ = make_core(script=("slow one",))
+    a = Client(core, "a", "first")
+    drain(core)
+    assert [m.n for m in a.messages if isinstance(m, TokenDelta)] == list(range(1, len("slow one") + 1))
 
 
 def test_log_probabilities_keep_one_message_per_token_even_when_shared() -> None:

@@ -15,7 +15,7 @@ from bastion.worker.text import TextStream
 
 def make_core(**fake: object) -> tuple[WorkerCore, FakeEngine]:
     engine = FakeEngine(FakeEngineConfig(**fake))  # type: ignore[arg-type]
-    return WorkerCore(engine, CoreConfig(prefill_chunk=256)), engine
+    return WorkerCore(engine, CoreConfig(prefill_chunk=256, delta_interval_s=0.0)), engine  # token by token
 
 
 def run(

@@ -13,7 +13,7 @@ import pytest
 
 from bastion.protocol import GenerationStats, SamplingParams, StopReason, TokenDelta, TokenLogprobs
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.core import WorkerCore
+from bastion.worker.core import CoreConfig, WorkerCore
 from bastion.worker.llama_engine import LlamaCppEngine, LlamaEngineConfig
 from tests.real_models import smollm2_gguf
 
@@ -35,7 +35,7 @@ def engine() -> Iterator[LlamaCppEngine]:
 @pytest.fixture
 def core(engine: LlamaCppEngine) -> WorkerCore:
     engine.sequences()[0].reset()
-    return WorkerCore(engine)
+    return WorkerCore(engine, CoreConfig(delta_interval_s=0.0))  # a TokenDelta per token
 
 
 def generate(

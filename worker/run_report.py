@@ -42,7 +42,7 @@ class Run:
     streamed: list[str] = field(default_factory=list)
     keep_chars: int | None = None  # set when the reply is cut at a repetition loop
     evaluated: int = 0  # tokens evaluated for it
-    held: str = ""  # text streamed but not yet sent (see core.SHARED_DELTA_INTERVAL_S)
+    held: str = ""  # text streamed but not yet sent (see core.DELTA_INTERVAL_S)
     last_emit: float = 0.0
 
     def decode_speed(self, now: float) -> float:

@@ -29,6 +29,9 @@ _STATUS = {
     ErrorCode.MODEL_FAILED: 503,
     ErrorCode.MODEL_LOAD_FAILED: 503,
     ErrorCode.INSUFFICIENT_MEMORY: 503,
+    ErrorCode.REMOTE_UNREACHABLE: 502,
+    ErrorCode.REMOTE_ERROR: 502,
+    ErrorCode.REMOTE_INTERRUPTED: 502,
 }
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip

@@ -81,6 +81,13 @@ class TurnStarted(Message, frozen=True, tag="turn_start"):
     iteration: int
 
 
+class TokenCounting(enum.Enum):
+    """How a context budget's token counts were made."""
+
+    VOCABULARY = "vocabulary"  # with the model's own tokenizer: exact
+    ESTIMATE = "estimate"  # from the text's length (a remote model without its vocabulary here)
+
+
 class ContextBudget(Message, frozen=True, tag="context_budget"):
     request_id: str
     used_tokens: int  # the prompt about to be sent
@@ -89,6 +96,7 @@ class ContextBudget(Message, frozen=True, tag="context_budget"):
     messages_kept: int
     messages_pruned: int  # dropped (or summarised) from the oldest turns this time
     strategy: ContextStrategy
+    counting: TokenCounting = TokenCounting.VOCABULARY
 
 
 class ReasoningDelta(Message, frozen=True, tag="reasoning"):

@@ -36,6 +36,15 @@ class ErrorCode(enum.Enum):
     MODEL_FAILED = "model_failed"  # crashed repeatedly; `bastion load` clears it
     INSUFFICIENT_MEMORY = "insufficient_memory"
     SUPERVISOR_UNAVAILABLE = "supervisor_unavailable"
+    # A remote engine (protocol/remote.py) could not be reached: no connection,
+    # a refused one, TLS or name resolution failed. Nothing was generated.
+    REMOTE_UNREACHABLE = "remote_unreachable"
+    # The remote engine answered with an error (an HTTP error status, an error
+    # object in the stream, a body that is not its protocol).
+    REMOTE_ERROR = "remote_error"
+    # The remote's reply stopped partway (connection cut, silent past the idle
+    # timeout, no end marker): what came before is kept.
+    REMOTE_INTERRUPTED = "remote_interrupted"
     INTERNAL = "internal"
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from bastion.protocol import MAX_PARALLEL, KvCacheType
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.engine import Engine
 from bastion.worker.lifecycle import ExitCode
@@ -38,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--parent-pid", type=int, default=None, help="exit at once if this is not our parent")
     engines = [kind.value for kind in EngineKind]
     parser.add_argument("--engine", choices=engines, default=EngineKind.LLAMA.value)
+    parser.add_argument("--remote", default=None,
+                        help="JSON of the remote endpoint (remote engine; see bastion.protocol.remote)")
     parser.add_argument("--fake-script", default=None, help="JSON list of reply strings (fake engine)")
     parser.add_argument("--fake-token-delay", type=float, default=0.0, help="seconds per token (fake engine)")
     parser.add_argument("--fake-load-delay", type=float, default=0.0, help="seconds to load (fake engine)")
@@ -63,10 +66,18 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
             parser.error("--fake-script must hold a JSON list of strings")
         script = tuple(replies)
+    remote = None
+    if args.engine == EngineKind.REMOTE.value:
+        if not args.remote:
+            parser.error("--engine remote needs --remote")
+        try:
+            remote = msgspec.json.decode(args.remote, type=RemoteEndpoint)
+        except msgspec.DecodeError as exc:
+            parser.error(f"--remote: {exc}")
     if not 1 <= args.parallel <= MAX_PARALLEL:
         parser.error(f"--parallel must be between 1 and {MAX_PARALLEL}")
-    if args.n_ctx < 1 or args.threads < 1 or args.heartbeat_interval <= 0 or args.heartbeat_timeout <= 0:
-        parser.error("--n-ctx, --threads and the heartbeat settings must be positive")
+    if args.n_ctx < (0 if remote else 1) or args.threads < 1 or args.heartbeat_interval <= 0 or args.heartbeat_timeout <= 0:
+        parser.error("--n-ctx (0: a remote's own), --threads and the heartbeat settings must be positive")
     if args.kv_cache_type != KvCacheType.F16.value and args.flash_attn == "off":
         parser.error(f"--kv-cache-type {args.kv_cache_type} needs flash attention (llama.cpp stores V quantized only then)")
     if args.kv_ram_bytes < 0 or args.kv_disk_bytes < 0:
@@ -83,6 +94,7 @@ def _config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Worker
         parallel=args.parallel,
         parent_pid=args.parent_pid,
         engine=EngineKind(args.engine),
+        remote=remote,
         fake_script=script,
         fake_token_delay=args.fake_token_delay,
         fake_load_delay=args.fake_load_delay,
@@ -99,6 +111,8 @@ def engine_factory(config: WorkerConfig) -> EngineFactory:
     when it is needed, and inside the load that heartbeats cover."""
 
     def build() -> Engine:
+        if config.engine is EngineKind.REMOTE:
+            raise AssertionError("a remote model has no engine in this process (WorkerProc serves it)")
         if config.engine is EngineKind.SCRIPTED:
             from bastion.worker.fake import FakeEngine, FakeEngineConfig
             from bastion.worker.script import load_script

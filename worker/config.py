@@ -11,12 +11,14 @@ import enum
 import msgspec
 
 from bastion.protocol import KvCacheType
+from bastion.protocol.remote import RemoteEndpoint
 
 
 class EngineKind(enum.Enum):
     LLAMA = "llama"
     FAKE = "fake"  # scripted engine, for tests of the process shell
     SCRIPTED = "scripted"  # canned replies from the file at model_path (JSON or YAML list), in order
+    REMOTE = "remote"  # a remote engine over HTTP (WorkerConfig.remote)
 
 
 class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -32,6 +34,7 @@ class WorkerConfig(msgspec.Struct, frozen=True, kw_only=True):
     parallel: int = 1
     parent_pid: int | None = None
     engine: EngineKind = EngineKind.LLAMA
+    remote: RemoteEndpoint | None = None  # with engine REMOTE
     fake_script: tuple[str, ...] = ()
     fake_token_delay: float = 0.0
     fake_load_delay: float = 0.0

@@ -7,7 +7,10 @@ threads:
     main (engine) thread   handshake, load, then start each `Generate` as it
                            comes off the queue and step the active ones together
                            (up to `parallel`, see core.py); sends through an
-                           inproc PUSH socket
+                           inproc PUSH socket. A remote model's `RemoteCore`
+                           (remote/core.py) streams over HTTP on a thread of
+                           its own; this thread sends what it queued when it
+                           wakes the inbox
     IO thread              `SupervisorLink`: owns the DEALER, forwards the
                            PUSH side's frames, heartbeats, cancel, shutdown
 
@@ -54,16 +57,18 @@ from bastion.protocol.worker_wire import (
     WorkerLoadFailed,
     WorkerReady,
 )
-from bastion.worker.config import WorkerConfig
+from bastion.worker.config import EngineKind, WorkerConfig
 from bastion.worker.core import Emit, WorkerCore
 from bastion.worker.engine import Engine, InvalidModelFile
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
 from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlots, SupervisorLink, refusal
+from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[], Engine]
+_WAKE = "wake"  # put in the inbox by a RemoteCore that has messages to send
 _OUTBOX = "inproc://outbox"
 _LINGER_MS = 500
 
@@ -75,7 +80,7 @@ class WorkerProc:
         self._codec = worker_codec()
         self._inbox: Inbox = queue.SimpleQueue()
         self._slots = RequestSlots(config.parallel)
-        self._core: WorkerCore | None = None
+        self._core: WorkerCore | RemoteCore | None = None
         self._signalled: StopRequest | None = None
 
     def run(self) -> ExitCode:
@@ -199,6 +204,8 @@ class WorkerProc:
         )
 
     def _serve(self, emit: Emit) -> ExitCode:
+        if self._config.engine is EngineKind.REMOTE:
+            return self._serve_remote(emit)
         started = time.perf_counter()
         try:
             engine = self._engine_factory()
@@ -221,12 +228,40 @@ class WorkerProc:
                 # session's last turn on disk for the next worker.
                 snapshots.close(timeout=self._config.stop_grace)
 
-    def _serve_requests(self, core: WorkerCore, emit: Emit) -> ExitCode:
+    def _serve_remote(self, emit: Emit) -> ExitCode:
+        remote = self._config.remote
+        assert remote is not None
+        inbox = self._inbox
+        try:
+            core = RemoteCore(remote, name=self._config.name, n_ctx=self._config.n_ctx, wake=lambda: inbox.put(_WAKE),
+                              api_key=read_api_key(remote))  # fmt: skip
+        except RemoteUnavailable as exc:
+            return self._load_failed(emit, str(exc))
+        try:
+            try:
+                description = core.describe()
+            except RemoteUnavailable as exc:
+                return self._load_failed(emit, str(exc))
+            log.info("serving %s (n_ctx %d)", remote.describe(), description.n_ctx)
+            self._core = core
+            emit(WorkerReady(model=description))
+            return self._serve_requests(core, emit)
+        finally:
+            core.close()
+
+    def _load_failed(self, emit: Emit, message: str) -> ExitCode:
+        log.error("cannot serve the model: %s", message)
+        emit(WorkerLoadFailed(code=ErrorCode.MODEL_LOAD_FAILED, message=message))
+        self._refuse_queued(emit, ErrorCode.MODEL_LOAD_FAILED, "the model could not be loaded")
+        return ExitCode.LOAD_FAILED
+
+    def _serve_requests(self, core: WorkerCore | RemoteCore, emit: Emit) -> ExitCode:
         """Start each request as it comes (up to one per engine sequence, which the link
-        enforces) and step the active ones together; wait for work only when there is none."""
+        enforces) and step the active ones together; wait for work only when there is none
+        (a remote core: none to send)."""
         stop: StopRequest | None = None
         while True:
-            for item in self._arrived(block=core.active == 0 and stop is None):
+            for item in self._arrived(block=not core.ready and stop is None):
                 match item:
                     case Generate() if stop is not None:
                         self._refuse(emit, item, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")
@@ -242,13 +277,13 @@ class WorkerProc:
             core.step()
 
     def _arrived(self, *, block: bool) -> list[Generate | StopRequest]:
-        """What the inbox holds now; with `block`, at least one item."""
-        items: list[Generate | StopRequest] = [self._inbox.get()] if block else []
+        """What the inbox holds now; with `block`, at least one item (or a wake)."""
+        items: list[Generate | StopRequest | str] = [self._inbox.get()] if block else []
         while True:
             try:
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
-                return items
+                return [item for item in items if not isinstance(item, str)]  # wakes said all they had to
 
     def _refuse_queued(self, emit: Emit, code: ErrorCode, message: str) -> None:
         """Answer requests that will never run, so each still gets its one

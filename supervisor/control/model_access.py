@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.supervisor.control.models import load_progress
 from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
 from bastion.supervisor.models.registry import ModelSpec
 from bastion.supervisor.models.sources import ScriptedReplies
-from bastion.supervisor.models.tokenizer import ByteTokenCounter, TokenCounter, TokenCounters
+from bastion.supervisor.models.tokenizer import (
+    ByteTokenCounter,
+    EstimatedTokenCounter,
+    TokenCounter,
+    TokenCounters,
+)
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.templates.formatter import PromptFormatter
 
@@ -49,6 +55,8 @@ class ModelAccess:
         scripted models tokenize bytes, as their engine does."""
         if isinstance(model.spec.source, ScriptedReplies):
             return ByteTokenCounter()
+        if isinstance(model.spec.source, RemoteEndpoint):
+            return EstimatedTokenCounter()
         return await asyncio.to_thread(self._counters.get, model.handle.model_path)
 
 

@@ -84,7 +84,7 @@ class PromptBuilder:
         self._run.send(ContextBudget(
             request_id=self._run.request_id, used_tokens=plan.used_tokens, max_tokens=plan.max_prompt_tokens,
             context_size=self._n_ctx, messages_kept=len(plan.messages), messages_pruned=plan.pruned_messages,
-            strategy=self._strategy,
+            strategy=self._strategy, counting=self._counter.counting,
         ))  # fmt: skip
         rendered = self._formatter.render_detailed(plan.messages, tools=self._functions)
         if rendered.fallback is not None and not self._fallback_reported:

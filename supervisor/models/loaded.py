@@ -36,6 +36,7 @@ import psutil
 
 from bastion.protocol import ErrorCode, HomeLayout
 from bastion.protocol.control import LoadStage, ModelStatus
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import (
     ModelBusyError,
@@ -46,6 +47,7 @@ from bastion.supervisor.errors import (
     SupervisorError,
 )
 from bastion.supervisor.models.memory import (
+    REMOTE_ESTIMATE,
     SCRIPTED_ESTIMATE,
     Estimator,
     MemoryBudget,
@@ -188,6 +190,12 @@ class LoadedModels:
         """What differs between the running worker and what `spec` asks for, if a new worker is needed."""
         handle = model.handle
         changes = []
+        if isinstance(spec.source, RemoteEndpoint):  # a changed endpoint is another source: a conflict
+            if spec.n_ctx != handle.launch.n_ctx:
+                changes.append(f"n_ctx {handle.launch.n_ctx or 'the server’s'} → {spec.n_ctx or 'the server’s'}")
+            if spec.parallel != handle.launch.parallel:
+                changes.append(f"parallel {handle.launch.parallel} → {spec.parallel}")
+            return ", ".join(changes)
         n_ctx = spec.n_ctx or self._config.default_n_ctx
         if n_ctx != handle.n_ctx:
             changes.append(f"n_ctx {handle.n_ctx} → {n_ctx}")
@@ -217,6 +225,12 @@ class LoadedModels:
             log.warning("model %s: replacing its worker for new settings: %s", spec.name, reload_reason)
             await self.unload(spec.name)
         progress(LoadStage.RESOLVING, 0, 0)
+        if isinstance(spec.source, RemoteEndpoint):
+            usage = ModelUsage(estimate=REMOTE_ESTIMATE, keep_alive_s=spec.keep_alive_s)
+            async with self._residency.admitted(spec.name, REMOTE_ESTIMATE.total):
+                model = await self._spawn(spec, Path(), spec.n_ctx, usage, progress)
+            model.reload_reason = reload_reason
+            return model
 
         def report_bytes(done: int, total: int) -> None:
             loop.call_soon_threadsafe(progress, LoadStage.ASSEMBLING, done, total)
@@ -245,12 +259,13 @@ class LoadedModels:
             model_path=path,
             n_ctx=n_ctx,
             threads=spec.threads or self._config.default_threads,
-            engine="scripted" if isinstance(spec.source, ScriptedReplies) else "llama",
+            engine=_engine_of(spec),
             flash_attn=spec.flash_attn,
             kv_cache_type=spec.kv_cache_type,
             parallel=spec.parallel,
             kv_ram_bytes=spec.kv_ram_bytes,
             kv_disk_bytes=spec.kv_disk_bytes,
+            remote=spec.source if isinstance(spec.source, RemoteEndpoint) else None,
         )
         progress(LoadStage.LOADING, 0, 0)
         try:
@@ -458,3 +473,10 @@ def status_of(model: LoadedModel) -> ModelStatus:
         snapshots_disk=gauges.snapshots_disk if gauges else 0,
         snapshot_disk_bytes=gauges.snapshot_disk_bytes if gauges else 0,
     )
+
+
+def _engine_of(spec: ModelSpec) -> str:
+    """The worker's --engine for `spec`."""
+    if isinstance(spec.source, ScriptedReplies):
+        return "scripted"
+    return "remote" if isinstance(spec.source, RemoteEndpoint) else "llama"

@@ -106,6 +106,8 @@ class MemoryEstimate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 SCRIPTED_ESTIMATE = MemoryEstimate(overhead_bytes=SCRIPTED_BYTES)
+# A remote model's worker holds no weights or KV cache here: an interpreter, HTTP and its streams.
+REMOTE_ESTIMATE = MemoryEstimate(overhead_bytes=SCRIPTED_BYTES)
 
 
 def shape_of(metadata: GgufMetadata) -> ModelShape:

@@ -33,6 +33,7 @@ from msgspec import UNSET, UnsetType
 
 from bastion.protocol import MAX_PARALLEL, HomeLayout, KvCacheType
 from bastion.protocol.quantities import parse_duration, parse_size
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
 from bastion.supervisor.models.memory import BudgetSetting, parse_budget
 from bastion.supervisor.models.sources import LocalPath, ModelSource, ScriptedReplies, read_gguf_header
@@ -43,6 +44,9 @@ DEFAULT_N_CTX = 4096
 # pressure is the budget's job (LRU unloading); this is about not holding
 # hundreds of MiB for a model nobody has used in a while.
 DEFAULT_KEEP_ALIVE_S = 300.0
+# Requests a remote model's worker has in flight at once, unless its entry says:
+# llama.cpp's server has 4 slots by default.
+REMOTE_PARALLEL = 4
 # `scripted:FILE` names a scripted model: canned replies, for tests and evals.
 SCRIPTED_PREFIX = "scripted:"
 _BUNDLED_PACKAGE = "bastion.configs"
@@ -53,7 +57,8 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     name: str
-    source: ModelSource
+    # Where its GGUF is, or the remote engine that serves it (then n_ctx 0 means: the server's own).
+    source: ModelSource | RemoteEndpoint
     n_ctx: int = DEFAULT_N_CTX
     threads: int | None = None  # None: the worker picks
     # Flash attention in the worker (faster prefill, no per-position score buffers).
@@ -95,6 +100,22 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     template: BuiltinTemplate | UnsetType = UNSET
     description: str | UnsetType = UNSET
     keep_alive: str | int | float | UnsetType = UNSET
+    # A remote engine (protocol/remote.py) instead of a GGUF.
+    engine: RemoteEngine | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    model: str | UnsetType = UNSET
+    api_key_env: str | UnsetType = UNSET
+    api_key_file: str | UnsetType = UNSET
+    api_key: str | UnsetType = UNSET  # refused: secrets never live in config.toml
+    mode: RemoteMode | UnsetType = UNSET
+    connect_timeout: str | int | float | UnsetType = UNSET
+    idle_timeout: str | int | float | UnsetType = UNSET
+
+    def remote_keys(self) -> list[str]:
+        return [key for key in _REMOTE_KEYS if getattr(self, key) is not UNSET]
+
+
+_REMOTE_KEYS = ("engine", "url", "model", "api_key_env", "api_key_file", "mode", "connect_timeout", "idle_timeout")
 
 
 class _Layer(msgspec.Struct, frozen=True, kw_only=True):
@@ -245,6 +266,21 @@ def _entry(file: str, text: str, name: str, raw: Any) -> _Entry:
         except ValueError as exc:
             where = _where(file, text, ("models", name), "keep_alive")
             raise RegistryError(f"{where}: models.{name}.keep_alive: {exc}") from exc
+    if not isinstance(entry.api_key, UnsetType):
+        where = _where(file, text, ("models", name), "api_key")
+        raise RegistryError(f"{where}: models.{name}.api_key: an API key does not belong in config.toml; "
+                            "put it in an environment variable named by `api_key_env`, or in a file of mode 0600 "
+                            "named by `api_key_file`")  # fmt: skip
+    for key in ("connect_timeout", "idle_timeout"):
+        value = getattr(entry, key)
+        if isinstance(value, UnsetType):
+            continue
+        try:
+            seconds = parse_duration(value)
+        except ValueError as exc:
+            raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: {exc}") from exc
+        if seconds <= 0:
+            raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: must be positive")
     if isinstance(entry.path, str):
         path = Path(entry.path).expanduser()
         # Relative paths are relative to the file that names them, not to the cwd.
@@ -280,14 +316,21 @@ def _overlay(base: _Entry | None, top: _Entry) -> _Entry:
     if base is None:
         return top
     changes = {f: v for f in top.__struct_fields__ if (v := getattr(top, f)) is not UNSET}
-    if "source" in changes or "path" in changes:
-        base = msgspec.structs.replace(base, source=UNSET, path=UNSET)
+    if "source" in changes or "path" in changes or "engine" in changes:
+        unset = dict.fromkeys(("source", "path", *_REMOTE_KEYS), UNSET)
+        base = msgspec.structs.replace(base, **unset)
     return msgspec.structs.replace(base, **changes)
 
 
 def _spec(name: str, entry: _Entry, layer: _Layer, memory: MemorySettings) -> ModelSpec:
     where = _where(layer.file, layer.text, ("models", name), None)
-    source: ModelSource
+    source: ModelSource | RemoteEndpoint
+    remote = entry.remote_keys()
+    if remote and isinstance(entry.engine, UnsetType):
+        raise RegistryError(f"{where}: models.{name}: {', '.join(remote)} belong to a remote model: "
+                            f"add engine = \"llama-server\", \"openai\" or \"ollama\"")  # fmt: skip
+    if not isinstance(entry.engine, UnsetType):
+        return _remote_spec(name, entry, where, memory)
     if not isinstance(entry.source, UnsetType) and not isinstance(entry.path, UnsetType):
         raise RegistryError(f"{where}: models.{name}: give `source` or `path`, not both")
     if not isinstance(entry.source, UnsetType):
@@ -317,6 +360,46 @@ def _spec(name: str, entry: _Entry, layer: _Layer, memory: MemorySettings) -> Mo
         ),
         kv_ram_bytes=memory.kv_ram_bytes,
         kv_disk_bytes=memory.kv_disk_bytes,
+    )
+
+
+def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -> ModelSpec:
+    """A model a remote engine serves: `engine` and `url`, and what the worker that talks to it needs."""
+    if not isinstance(entry.source, UnsetType) or not isinstance(entry.path, UnsetType):
+        raise RegistryError(f"{where}: models.{name}: a remote model (engine) has no `source` or `path`")
+    if isinstance(entry.url, UnsetType):
+        raise RegistryError(f"{where}: models.{name}: a remote model needs `url`, the server's base address "
+                            "(e.g. \"http://gpu-box:8080\")")
+    if not isinstance(entry.api_key_env, UnsetType) and not isinstance(entry.api_key_file, UnsetType):
+        raise RegistryError(f"{where}: models.{name}: give `api_key_env` or `api_key_file`, not both")
+    fields = {key: getattr(entry, key) for key in ("engine", "url", "model", "api_key_env", "api_key_file", "mode")
+              if getattr(entry, key) is not UNSET}  # fmt: skip
+    for key in ("connect_timeout", "idle_timeout"):
+        if not isinstance(value := getattr(entry, key), UnsetType):
+            fields[f"{key}_s"] = parse_duration(value)
+    if isinstance(fields.get("api_key_file"), str):
+        fields["api_key_file"] = str(Path(fields["api_key_file"]).expanduser())
+    try:
+        endpoint = msgspec.convert(fields, type=RemoteEndpoint)
+    except msgspec.ValidationError as exc:
+        detail, _, at = str(exc).partition(" - at `$")
+        key = at.rstrip("`").lstrip(".").removesuffix("_s")
+        hint = " (http:// or https://, a host, an optional path)" if key == "url" else ""
+        raise RegistryError(f"{where}: models.{name}.{key}: {detail}{hint}") from exc
+    if endpoint.engine is RemoteEngine.OLLAMA and not endpoint.model:
+        raise RegistryError(f"{where}: models.{name}: an Ollama model needs `model`, the name `ollama list` shows")
+    return ModelSpec(
+        name=name,
+        source=endpoint,
+        n_ctx=0 if isinstance(entry.n_ctx, UnsetType) else entry.n_ctx,
+        threads=1,  # the worker only streams; the remote does the computing
+        parallel=REMOTE_PARALLEL if isinstance(entry.parallel, UnsetType) else entry.parallel,
+        template=None if entry.template is UNSET else entry.template,
+        description="" if entry.description is UNSET else entry.description,
+        keep_alive_s=(
+            parse_duration(entry.keep_alive) if not isinstance(entry.keep_alive, UnsetType)
+            else DEFAULT_KEEP_ALIVE_S if memory.keep_alive_s is None else memory.keep_alive_s
+        ),
     )
 
 

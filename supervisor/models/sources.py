@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Annotated, assert_never
 import msgspec
 
 from bastion.protocol import HomeLayout
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.supervisor.errors import InvalidModelFileError, ModelSourceError, reading_model_file
 
 if TYPE_CHECKING:
@@ -165,6 +166,8 @@ def resolve_gguf(spec: ModelSpec, layout: HomeLayout, progress: Progress | None 
             if not path.is_file():
                 raise InvalidModelFileError(f"scripted model: file not found: {path}")
             return path  # the worker validates the script's content
+        case RemoteEndpoint():
+            raise ModelSourceError(f"model {spec.name!r} is served by {source.describe()}: it has no GGUF here")
         case _:
             assert_never(source)
     read_gguf_header(path)
@@ -185,6 +188,8 @@ def existing_gguf(spec: ModelSpec, layout: HomeLayout) -> Path | None:
                 path = Path(raw).expanduser()
             case ScriptedReplies(path=raw):
                 path = Path(raw)
+            case RemoteEndpoint():
+                return None
             case _:
                 assert_never(source)
     except ModelSourceError:

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from bastion.protocol.agent_events import TokenCounting
 from bastion.supervisor.errors import InvalidModelFileError
 from bastion.supervisor.models.sources import read_gguf_header
 
@@ -33,6 +34,10 @@ _TOKENIZE_OVERFLOW = -(2**31)
 
 
 class TokenCounter(Protocol):
+    # How the count is made, as the context_budget event says it (TokenCounting).
+    @property
+    def counting(self) -> TokenCounting: ...
+
     def count(self, text: str) -> int: ...
 
 
@@ -42,6 +47,8 @@ class VocabTokenCounter:
     Safe to call from several threads (e.g. `asyncio.to_thread`): calls are
     serialized, so `close` can never free the vocabulary under a running count.
     """
+
+    counting = TokenCounting.VOCABULARY
 
     def __init__(self, model_path: str | Path) -> None:
         # Imported here, not at module level: see the module docstring.
@@ -104,6 +111,7 @@ class ByteTokenCounter:
 
     _BOS = "<s>"
     _EOS = "</s>"
+    counting = TokenCounting.VOCABULARY  # the scripted engine's own tokenization
 
     def __init__(self, *, add_bos: bool = True) -> None:
         self._add_bos = add_bos
@@ -114,6 +122,22 @@ class ByteTokenCounter:
         n = len(text.encode("utf-8"))
         n -= (len(self._BOS) - 1) * text.count(self._BOS) + (len(self._EOS) - 1) * text.count(self._EOS)
         return n + (1 if self._add_bos and not text.startswith(self._BOS) else 0)
+
+
+class EstimatedTokenCounter:
+    """For a model whose vocabulary is not here (one a remote engine serves): one
+    token per ESTIMATE_BYTES_PER_TOKEN bytes of UTF-8, rounded up, plus one. Real
+    tokenizers average 3.5 to 4.5 bytes a token on English prose and about 3 on
+    code, so this errs towards counting more and pruning a little early, never
+    towards overflowing the remote's context."""
+
+    counting = TokenCounting.ESTIMATE
+
+    def count(self, text: str) -> int:
+        return -(-len(text.encode("utf-8")) // ESTIMATE_BYTES_PER_TOKEN) + 1
+
+
+ESTIMATE_BYTES_PER_TOKEN = 3
 
 
 class TokenCounters:

@@ -39,6 +39,7 @@ from bastion.protocol import (
     TokenLogprobs,
     WorkerState,
 )
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.protocol.worker_wire import (
     FromWorker,
     Generate,
@@ -82,6 +83,7 @@ class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
     parallel: int = 1  # generations decoded together, each with n_ctx positions
     kv_ram_bytes: int = 0
     kv_disk_bytes: int = 0
+    remote: RemoteEndpoint | None = None  # with engine "remote": the engine it streams from
 
 
 class WorkerHandle:
@@ -215,6 +217,8 @@ class WorkerHandle:
                 self._on_hello(message)
             case WorkerReady(model=description):
                 self.description = description
+                if not self.launch.n_ctx:  # a remote model's: the server said its own
+                    self.n_ctx = description.n_ctx
                 if self.state is WorkerState.LOADING:  # never revive a worker being stopped
                     self.state = WorkerState.IDLE
                 if not self.ready.done():

@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from bastion.protocol import (
     ErrorCode,
     Heartbeat,
@@ -30,6 +32,7 @@ from bastion.protocol import (
     Shutdown,
     WorkerState,
 )
+from bastion.protocol.remote import RemoteEndpoint
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.processes.cores import available_cpus, cpu_sets, pin_process, share_cores
 from bastion.supervisor.processes.liveness import hang_reason
@@ -59,11 +62,11 @@ class WorkerPool:
     async def spawn(
         self, *, name: str, model_path: Path, n_ctx: int, threads: int, engine: str = "llama",
         flash_attn: bool = True, kv_cache_type: KvCacheType = KvCacheType.F16, parallel: int = 1,
-        kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None,
+        kv_ram_bytes: int | None = None, kv_disk_bytes: int | None = None, remote: RemoteEndpoint | None = None,
     ) -> WorkerHandle:
         launch = WorkerLaunch(
             name=name, model_path=model_path, n_ctx=n_ctx, threads=threads, engine=engine, flash_attn=flash_attn,
-            kv_cache_type=kv_cache_type, parallel=parallel,
+            kv_cache_type=kv_cache_type, parallel=parallel, remote=remote,
             kv_ram_bytes=self._config.kv_ram_bytes if kv_ram_bytes is None else kv_ram_bytes,
             kv_disk_bytes=self._config.kv_disk_bytes if kv_disk_bytes is None else kv_disk_bytes,
         )  # fmt: skip
@@ -101,6 +104,8 @@ class WorkerPool:
             "--kv-dir", str(self._layout.kv_dir) if launch.kv_disk_bytes > 0 else "",
             "--kv-disk-bytes", str(launch.kv_disk_bytes),
         ]  # fmt: skip
+        if launch.remote is not None:  # no secret in it: only where the key is (protocol/remote.py)
+            argv += ["--remote", msgspec.json.encode(launch.remote).decode()]
         handle.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
@@ -148,7 +153,9 @@ class WorkerPool:
         called whenever a worker starts or stops generating."""
         if not self._config.share_cores:
             return
-        busy = [h for h in self._by_identity.values() if h.running and h.state is WorkerState.BUSY]
+        # A remote model's worker only streams: the cores are the local models'.
+        busy = [h for h in self._by_identity.values()
+                if h.running and h.state is WorkerState.BUSY and h.launch.remote is None]
         shares = share_cores([h.worker_id for h in busy], len(self._cpus), {h.worker_id: h.threads for h in busy})
         for handle in busy:
             handle.set_threads(shares[handle.worker_id])

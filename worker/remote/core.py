@@ -1,0 +1,502 @@
+"""`RemoteCore`: what `WorkerCore` is for a local GGUF, for a model a remote
+engine serves over HTTP (protocol/remote.py). The worker's process shell
+drives both the same way (`start`, `step`, `active`), so a remote model has the
+same restart, heartbeat, cancel and backpressure paths as a local one.
+
+Each `Generate` becomes one streamed HTTP request, run as a task on an asyncio
+loop of the core's own thread; what the task has to say (`TokenDelta`,
+`RequestFailed`, `GenerationStats`, `GenerationFinished`) goes into a queue
+that `step()` empties on the engine thread, and `wake` tells the shell there
+is something to send. A cancel (polled every `CANCEL_POLL_S`) cancels the
+task, which closes the connection: llama.cpp's server, vLLM and Ollama all
+stop generating for a client that went away.
+
+Failures are classified (see ErrorCode):
+    no connection before the first byte   one more try after RETRY_DELAY_S, then
+                                          `remote_unreachable` (retryable)
+    429 / 503                             retried after Retry-After when it is at
+                                          most RETRY_AFTER_MAX_S, else retryable
+    another error status, an `error` in   `remote_error`, the server's words quoted,
+    the stream, a line that is not JSON   no retry
+    the stream cut, silent past the idle  `remote_interrupted`, the text before it
+    timeout, or ended without its end     kept (the generation ends `error`)
+
+llama.cpp's server: each session is pinned to the slot that served its first
+reply (`id_slot`), so the server's own prompt cache for it stays warm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from bastion.protocol import ErrorCode, RequestFailed, StopReason
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.worker_wire import FromWorker, Generate, ModelDescription
+from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
+from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[FromWorker], None]
+Cancelled = Callable[[], bool]
+
+CANCEL_POLL_S = 0.02
+RETRY_DELAY_S = 0.5
+RETRY_AFTER_MAX_S = 30.0
+MAX_LINE_BYTES = 1024 * 1024  # a longer stream line is not any engine's protocol
+ERROR_BODY_BYTES = 2048
+DELTA_INTERVAL_S = 0.05  # as WorkerCore: text at most every 50 ms, the first token at once
+
+
+class RemoteUnavailable(Exception):
+    """The remote engine could not be described at load: why, and what to do."""
+
+
+class _Failure(Exception):
+    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False,
+                 retry_after_ms: int | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.retryable, self.retry_after_ms = code, message, retryable, retry_after_ms
+
+
+@dataclass
+class _Generation:
+    request: Generate
+    emit: Emit
+    cancelled: Cancelled
+    run: Run
+    held: str = ""
+    last_emit: float = 0.0
+    events: int = 0  # events that carried text
+    end: StopReason | None = None  # how the server said the reply ended
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None) -> str:
+    """The API key `endpoint` names, '' when it names none; RemoteUnavailable when it cannot be read."""
+    environ = dict(os.environ) if environ is None else environ
+    if endpoint.api_key_env:
+        key = environ.get(endpoint.api_key_env, "")
+        if not key:
+            raise RemoteUnavailable(f"the environment variable {endpoint.api_key_env} (api_key_env) is not set "
+                                    "for the supervisor: export it before `bastion up`")  # fmt: skip
+        return key.strip()
+    if endpoint.api_key_file:
+        try:
+            info = os.stat(endpoint.api_key_file)
+            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise RemoteUnavailable(f"the key file {endpoint.api_key_file} can be read by others "
+                                        f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it")  # fmt: skip
+            with open(endpoint.api_key_file, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise RemoteUnavailable(f"cannot read the key file {endpoint.api_key_file}: {exc.strerror}") from None
+    return ""
+
+
+class RemoteCore:
+    def __init__(self, endpoint: RemoteEndpoint, *, name: str, n_ctx: int, wake: Callable[[], None],
+                 api_key: str = "") -> None:
+        self._endpoint = endpoint
+        self._name = name
+        self._n_ctx = n_ctx
+        self._wake = wake
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._timeout = httpx.Timeout(endpoint.idle_timeout_s, connect=endpoint.connect_timeout_s)
+        self._headers = headers
+        self._out: queue.SimpleQueue[tuple[Emit, FromWorker] | _Generation] = queue.SimpleQueue()
+        self._slots: dict[str, int] = {}  # session -> the llama-server slot that holds its prompt
+        self._active = 0
+        self.progress = 0
+        self.kv_tokens = 0  # the remote holds the KV state
+        self.snapshots = None
+        self._loop = asyncio.new_event_loop()
+        self._client: httpx.AsyncClient | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="remote-http", daemon=True)
+        self._thread.start()
+
+    # -- the shell's side (engine thread) ---------------------------------
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @property
+    def ready(self) -> bool:
+        """Whether `step()` has something to send now."""
+        return not self._out.empty()
+
+    def start(self, request: Generate, emit: Emit, cancelled: Cancelled) -> None:
+        generation = _Generation(request, emit, cancelled, Run(request=request, started=time.perf_counter()))
+        self._active += 1
+        asyncio.run_coroutine_threadsafe(self._serve(generation), self._loop)
+
+    def step(self) -> None:
+        while True:
+            try:
+                item = self._out.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Generation):
+                self._active -= 1
+            else:
+                emit, message = item
+                emit(message)
+
+    def describe(self) -> ModelDescription:
+        """What the remote serves, asked of it; RemoteUnavailable with what to do when it cannot say."""
+        return asyncio.run_coroutine_threadsafe(self._describe(), self._loop).result()
+
+    def close(self) -> None:
+        async def shut() -> None:
+            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                task.cancel()
+            if self._client is not None:
+                await self._client.aclose()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+
+    # -- the loop's side ---------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self._endpoint.url.rstrip("/"), headers=self._headers,
+                                             timeout=self._timeout, follow_redirects=False)  # fmt: skip
+        return self._client
+
+    def _send(self, generation: _Generation, message: FromWorker) -> None:
+        self._out.put((generation.emit, message))
+        self._wake()
+
+    async def _serve(self, generation: _Generation) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        generation.task = task
+        watch = asyncio.ensure_future(self._watch_cancel(generation, task))
+        reason = StopReason.ERROR
+        try:
+            reason = await self._attempts(generation)
+        except asyncio.CancelledError:
+            reason = StopReason.CANCELLED
+        except _Failure as failure:
+            self._send(generation, RequestFailed(request_id=generation.request.request_id, code=failure.code,
+                                                 message=failure.message, retryable=failure.retryable,
+                                                 retry_after_ms=failure.retry_after_ms))  # fmt: skip
+        except Exception as exc:  # a bug here must still end the request
+            log.exception("remote generation %s failed", generation.request.request_id)
+            self._send(generation, RequestFailed(request_id=generation.request.request_id, code=ErrorCode.INTERNAL,
+                                                 message=f"{type(exc).__name__}: {exc}"))  # fmt: skip
+        finally:
+            watch.cancel()
+        self._finish(generation, reason)
+
+    def _finish(self, generation: _Generation, reason: StopReason) -> None:
+        run = generation.run
+        run.finished = time.perf_counter()
+        if not run.prefill_done:
+            run.prefill_done = run.finished
+        if generation.held:
+            self._send(generation, token_delta(run, generation.held, run.finished))
+            generation.held = ""
+        self._send(generation, run_stats(run, 0))
+        self._send(generation, run_finished(run, reason, 0))
+        self._out.put(generation)
+        self._wake()
+
+    async def _watch_cancel(self, generation: _Generation, task: asyncio.Task[None]) -> None:
+        while not generation.cancelled():
+            await asyncio.sleep(CANCEL_POLL_S)
+            # Alive while the remote computes (a long prefill sends nothing): the supervisor's
+            # hang check must not kill this worker for it; idle_timeout_s bounds the remote's silence.
+            self.progress += 1
+        task.cancel()
+
+    async def _attempts(self, generation: _Generation) -> StopReason:
+        """The request, tried again where the failure says it may help and nothing was generated yet."""
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return await self._once(generation)
+            except _Failure as failure:
+                if generation.events or tries >= 2 or not failure.retryable:
+                    raise
+                wait = RETRY_DELAY_S if failure.retry_after_ms is None else failure.retry_after_ms / 1000.0
+                if wait > RETRY_AFTER_MAX_S:
+                    raise
+                log.warning("%s; trying again in %.1f s", failure.message, wait)
+                await asyncio.sleep(wait)
+
+    async def _once(self, generation: _Generation) -> StopReason:
+        endpoint, request = self._endpoint, generation.request
+        slot = self._slots.get(request.session_id) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
+        call = completion_request(endpoint, request.prompt, request.sampling, slot)
+        if endpoint.engine is RemoteEngine.OLLAMA:
+            call.body["options"]["num_ctx"] = self._n_ctx
+        where = endpoint.describe()
+        try:
+            async with self._http().stream("POST", call.path, json=call.body) as response:
+                if response.status_code >= 400:
+                    raise await _status_failure(response, where)
+                end = await self._read(generation, response, call.framing)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"cannot reach {where}: {_reason(exc)}",
+                           retryable=True) from None  # fmt: skip
+        except httpx.ReadTimeout:
+            raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+                           f"{where} sent nothing for {endpoint.idle_timeout_s:g} s (idle_timeout_s); "
+                           "the reply so far is kept") from None  # fmt: skip
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            if not generation.events:
+                raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"{where} closed the connection: {_reason(exc)}",
+                               retryable=True) from None  # fmt: skip
+            raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+                           f"{where} cut the reply off: {_reason(exc)}; the reply so far is kept") from None
+        except httpx.HTTPError as exc:
+            raise _Failure(ErrorCode.REMOTE_ERROR, f"{where}: {_reason(exc)}") from None
+        return end
+
+    async def _read(self, generation: _Generation, response: httpx.Response, framing: Framing) -> StopReason:
+        engine, where = self._endpoint.engine, self._endpoint.describe()
+        async for line in _lines(response):
+            payload = _payload(line, framing)
+            if payload is None:
+                continue
+            if payload is _DONE:  # OpenAI's end of stream, after the usage chunk
+                return generation.end or StopReason.STOP
+            try:
+                event = parse_event(engine, payload)
+            except MalformedEvent as exc:
+                raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} sent what its protocol does not: {exc}") from None
+            if event.error:
+                raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} failed: {event.error}")
+            self.progress += 1
+            end = self._take(generation, event)
+            if end is not None and engine is not RemoteEngine.OPENAI:
+                return end
+        if generation.end is not None:  # an OpenAI-compatible server that ends without [DONE]
+            return generation.end
+        raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+                       f"{where} ended the stream before the reply's end; the reply so far is kept")
+
+    def _take(self, generation: _Generation, event: Event) -> StopReason | None:
+        run, now = generation.run, time.perf_counter()
+        if event.slot is not None:
+            self._slots[generation.request.session_id] = event.slot
+        if event.text:
+            generation.events += 1
+            if not run.first_token:
+                run.first_token = run.prefill_done = now
+            run.completion_tokens += max(1, event.tokens)
+            run.chars += len(event.text)
+            run.streamed.append(event.text)
+            if generation.last_emit and now - generation.last_emit < DELTA_INTERVAL_S:
+                generation.held += event.text
+            else:
+                self._send(generation, token_delta(run, generation.held + event.text, now))
+                generation.held, generation.last_emit = "", now
+        if event.prompt_tokens is not None:
+            run.prompt_tokens = event.prompt_tokens
+        if event.cached_tokens is not None:
+            run.cached_tokens = min(event.cached_tokens, run.prompt_tokens)
+        if event.completion_tokens is not None:
+            run.completion_tokens = event.completion_tokens
+        if event.end is not None:
+            generation.end = event.end
+        return event.end
+
+    async def _describe(self) -> ModelDescription:
+        started = time.perf_counter()
+        endpoint, where = self._endpoint, self._endpoint.describe()
+        client = self._http()
+        try:
+            match endpoint.engine:
+                case RemoteEngine.LLAMA_SERVER:
+                    facts = await _llama_server_facts(client)
+                case RemoteEngine.OPENAI:
+                    facts = await _openai_facts(client, endpoint.model)
+                case RemoteEngine.OLLAMA:
+                    facts = await _ollama_facts(client, endpoint.model)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise RemoteUnavailable(f"cannot reach {where}: {_reason(exc)}; is the server running, and is `url` "
+                                    "in config.toml right?") from None  # fmt: skip
+        except httpx.HTTPStatusError as exc:
+            raise RemoteUnavailable(f"{where} answered {exc.response.status_code} to {exc.request.url.path}: "
+                                    f"{_excerpt(exc.response.text)}; is `engine` right for this server?") from None
+        except httpx.HTTPError as exc:
+            raise RemoteUnavailable(f"{where}: {_reason(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
+                                    "is `engine` right for this server?") from None  # fmt: skip
+        if facts.missing_model:
+            raise RemoteUnavailable(facts.missing_model)
+        n_ctx = self._n_ctx or facts.n_ctx
+        if not n_ctx:
+            raise RemoteUnavailable(f"{where} does not say its context size: set n_ctx for the model in config.toml")
+        self._n_ctx = n_ctx
+        return ModelDescription(
+            name=self._name, path=endpoint.url, architecture=facts.architecture or "remote", n_ctx=n_ctx,
+            n_ctx_train=facts.n_ctx_train or n_ctx, n_vocab=facts.n_vocab, n_params=facts.n_params, threads=0,
+            has_chat_template=bool(facts.chat_template), chat_template=facts.chat_template,
+            bos_token=facts.bos_token, eos_token=facts.eos_token, file_size=facts.size, rss_bytes=0,
+            load_ms=round((time.perf_counter() - started) * 1000.0, 1), gguf_name=facts.model_name,
+        )  # fmt: skip
+
+
+_DONE = object()
+
+
+@dataclass
+class _Facts:
+    n_ctx: int = 0
+    n_ctx_train: int = 0
+    n_vocab: int = 0
+    n_params: int = 0
+    size: int = 0
+    architecture: str = ""
+    chat_template: str = ""
+    bos_token: str = ""
+    eos_token: str = ""
+    model_name: str = ""
+    missing_model: str = ""
+
+
+async def _json(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> Any:
+    response = await client.request(method, path, json=body)
+    response.raise_for_status()
+    return response.json()
+
+
+async def _llama_server_facts(client: httpx.AsyncClient) -> _Facts:
+    props = await _json(client, "GET", "/props")
+    settings = props.get("default_generation_settings") or {}
+    facts = _Facts(n_ctx=int(settings.get("n_ctx") or 0), chat_template=str(props.get("chat_template") or ""),
+                   bos_token=str(props.get("bos_token") or ""), eos_token=str(props.get("eos_token") or ""),
+                   model_name=os.path.basename(str(props.get("model_path") or "")))  # fmt: skip
+    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError, IndexError):
+        meta = (await _json(client, "GET", "/v1/models"))["data"][0].get("meta") or {}
+        facts.n_ctx_train, facts.n_vocab = int(meta.get("n_ctx_train") or 0), int(meta.get("n_vocab") or 0)
+        facts.n_params, facts.size = int(meta.get("n_params") or 0), int(meta.get("size") or 0)
+    return facts
+
+
+async def _openai_facts(client: httpx.AsyncClient, model: str) -> _Facts:
+    listed = (await _json(client, "GET", "/v1/models"))["data"]
+    ids = [str(entry.get("id")) for entry in listed if isinstance(entry, dict)]
+    if model and model not in ids:
+        return _Facts(missing_model=f"the server does not list the model '{model}' (it has: "
+                                    f"{', '.join(ids) or 'none'}): set `model` in config.toml to one of them")
+    entry = next((e for e in listed if isinstance(e, dict) and (not model or e.get("id") == model)), {})
+    meta = entry.get("meta") or {}  # llama.cpp's server
+    return _Facts(n_ctx=int(entry.get("max_model_len") or 0),  # vLLM
+                  n_ctx_train=int(meta.get("n_ctx_train") or 0), n_vocab=int(meta.get("n_vocab") or 0),
+                  n_params=int(meta.get("n_params") or 0), size=int(meta.get("size") or 0),
+                  model_name=model or str(entry.get("id") or ""))  # fmt: skip
+
+
+async def _ollama_facts(client: httpx.AsyncClient, model: str) -> _Facts:
+    if not model:
+        return _Facts(missing_model="an Ollama model needs `model` (the name `ollama list` shows) in config.toml")
+    response = await client.post("/api/show", json={"model": model})
+    if response.status_code == 404:
+        return _Facts(missing_model=f"Ollama has no model '{model}': `ollama pull {model}` on that machine, "
+                                    "or set `model` to one `ollama list` shows")  # fmt: skip
+    response.raise_for_status()
+    shown = response.json()
+    info = shown.get("model_info") or {}
+    architecture = str(info.get("general.architecture") or "")
+    # Ollama's `template` is Go text/template, not Jinja: bastion renders with its built-in one for the
+    # architecture (or the model's `template` setting) instead.
+    return _Facts(n_ctx_train=int(info.get(f"{architecture}.context_length") or 0), architecture=architecture,
+                  n_params=int(info.get("general.parameter_count") or 0), model_name=model)  # fmt: skip
+
+
+async def _status_failure(response: httpx.Response, where: str) -> _Failure:
+    body = b""
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) >= ERROR_BODY_BYTES:
+            break
+    text = _excerpt(body.decode("utf-8", errors="replace"))
+    status = f"{response.status_code} {response.reason_phrase}".strip()
+    if response.status_code in (429, 503):
+        after = _retry_after_ms(response.headers.get("retry-after"))
+        return _Failure(ErrorCode.REMOTE_ERROR, f"{where} is busy ({status}): {text}", retryable=True,
+                        retry_after_ms=after if after is not None else int(RETRY_DELAY_S * 1000))  # fmt: skip
+    hint = ""
+    if response.status_code in (401, 403):
+        hint = "; check the API key (api_key_env or api_key_file)"
+    elif response.status_code == 404:
+        hint = "; check `url` (the server's base, without /v1) and `engine`"
+    return _Failure(ErrorCode.REMOTE_ERROR, f"{where} answered {status}: {text}{hint}")
+
+
+def _retry_after_ms(value: str | None) -> int | None:
+    try:
+        return max(0, int(float(value) * 1000)) if value else None
+    except ValueError:
+        return None  # an HTTP date: not worth parsing for a bounded retry
+
+
+def _excerpt(text: str) -> str:
+    """An error body, short and on one line (an HTML page shows its text, not its markup)."""
+    if "<html" in text[:500].lower():
+        import re
+
+        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        text = f"an HTML page{': ' + title.group(1).strip() if title else ''}"
+    text = " ".join(text.split())
+    return text[:300] + ("…" if len(text) > 300 else "") if text else "(no body)"
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response's lines, refusing one longer than MAX_LINE_BYTES instead of holding it all."""
+    pending = b""
+    async for chunk in response.aiter_raw():
+        pending += chunk
+        while (cut := pending.find(b"\n")) >= 0:
+            line, pending = pending[:cut], pending[cut + 1 :]
+            yield line.rstrip(b"\r")
+        if len(pending) > MAX_LINE_BYTES:
+            raise _Failure(ErrorCode.REMOTE_ERROR, f"the server sent a line longer than {MAX_LINE_BYTES} bytes")
+    if pending.strip():
+        yield pending
+
+
+def _payload(line: bytes, framing: Framing) -> Any:
+    """The JSON a stream line carries; None for lines that carry none (SSE comments, blank lines, other
+    fields); _DONE for OpenAI's end marker."""
+    if framing is Framing.SSE:
+        if not line.startswith(b"data:"):
+            return None  # event:, id:, retry:, a ': keep-alive' comment, the blank separator
+        line = line[5:].strip()
+        if line == b"[DONE]":
+            return _DONE
+    elif not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except ValueError:
+        raise _Failure(ErrorCode.REMOTE_ERROR,
+                       f"the server sent a line that is not JSON: {_excerpt(line[:200].decode(errors='replace'))}") from None

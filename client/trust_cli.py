@@ -218,11 +218,14 @@ def verify_audit(as_json: JsonFlag = False) -> None:
 
 
 def doctor(as_json: JsonFlag = False) -> None:
-    """Which confinement layers work on this machine, why the others do not, and how to fix them."""
+    """Which confinement layers work on this machine, why the others do not, and how to fix them;
+    and whether each remote model's engine answers (reachable, model listed, context size, streaming)."""
     with _connection(as_json) as connection:
         diagnosis = expect(connection, Diagnose(request_id=new_id()), Diagnosis, as_json)
     if as_json:
         render.json_line(diagnosis)
+        if not all(remote.ok for remote in diagnosis.remotes):
+            raise typer.Exit(EXIT_FAILURE)
         return
     print(f"confinement level: {diagnosis.confinement.level.value}")
     for layer in diagnosis.confinement.layers:
@@ -232,3 +235,13 @@ def doctor(as_json: JsonFlag = False) -> None:
             print(f"          fix: {layer.fix}")
     for note in diagnosis.notes:
         print(f"  {note}")
+    if diagnosis.remotes:
+        print("remote models:")
+    for remote in diagnosis.remotes:
+        print(f"  {remote.model}: {remote.engine.value} at {remote.url}: {'ok' if remote.ok else 'NOT USABLE'}")
+        for step in remote.steps:
+            print(f"    {'ok    ' if step.ok else 'FAILED'} {step.name:<10} {step.detail}")
+            if not step.ok and step.fix:
+                print(f"           fix: {step.fix}")
+    if not all(remote.ok for remote in diagnosis.remotes):
+        raise typer.Exit(EXIT_FAILURE)

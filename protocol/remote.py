@@ -58,3 +58,25 @@ class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def describe(self) -> str:
         model = f" model {self.model}" if self.model else ""
         return f"{self.engine.value} at {self.url}{model}"
+
+
+class ProbeStep(msgspec.Struct, frozen=True, kw_only=True):
+    """One check of a remote engine: what was checked, whether it passed, what was seen, what to do."""
+
+    name: str  # reachable, model, context, streaming
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+class RemoteProbe(msgspec.Struct, frozen=True, kw_only=True):
+    """What `bastion doctor` found when it tried one remote model's engine."""
+
+    model: str  # the registry's name
+    engine: RemoteEngine
+    url: str
+    steps: list[ProbeStep]
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps)

@@ -14,6 +14,7 @@ import msgspec
 
 from bastion.protocol.agent_events import ToolDecisionKind
 from bastion.protocol.common import Message
+from bastion.protocol.remote import RemoteProbe
 from bastion.protocol.sandbox_wire import ConfinementReport, SandboxedArgs, ToolEnvelope
 from bastion.protocol.tool_catalog import TrustFlag
 
@@ -147,3 +148,4 @@ class Diagnosis(Message, frozen=True, tag="diagnosis"):
     request_id: str
     confinement: ConfinementReport
     notes: list[str]
+    remotes: list[RemoteProbe] = []  # each remote model's engine, tried

@@ -47,8 +47,9 @@ from bastion.supervisor.control.sessions import SessionRequests
 from bastion.supervisor.control.trust import TrustRequests
 from bastion.supervisor.core import Supervisor
 from bastion.supervisor.models.loaded import LoadedModels
-from bastion.supervisor.models.registry import RegistryWatcher
+from bastion.supervisor.models.registry import RegistryWatcher, remote_models
 from bastion.supervisor.models.tokenizer import TokenCounters, VocabTokenCounter
+from bastion.supervisor.processes.remote_probes import probe_remotes
 from bastion.supervisor.processes.sandboxes import SandboxPool
 from bastion.supervisor.processes.workers import WorkerPool
 from bastion.supervisor.runs import ClientSink, generation_ids
@@ -103,7 +104,9 @@ def compose(
                                next_prompt=runs.next_prompt)
     return Supervisor(
         runs=runs, completions=completions, sessions=sessions, models=ModelRequests(layout=layout, registry=registry, models=models),
-        trust=TrustRequests(trust=trust, tools=tools, audit_path=layout.audit_log), loaded=models, sink=sink,
+        trust=TrustRequests(trust=trust, tools=tools, audit_path=layout.audit_log,
+                            remote_probes=lambda: probe_remotes(remote_models(registry.current()))),
+        loaded=models, sink=sink,
         request_shutdown=request_shutdown,
     )  # fmt: skip
 

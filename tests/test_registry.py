@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 
 from bastion.protocol import HomeLayout, KvCacheType
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
 from bastion.supervisor.errors import InvalidModelFileError, RegistryError, UnknownModelError
-from bastion.supervisor.models.registry import DEFAULT_N_CTX, ModelRegistry
-from bastion.supervisor.models.sources import ChunkedPackage, LocalPath, PackageFile, resolve_gguf
+from bastion.supervisor.models.registry import DEFAULT_N_CTX, REMOTE_PARALLEL, ModelRegistry
+from bastion.supervisor.models.sources import (
+    ChunkedPackage,
+    LocalPath,
+    PackageFile,
+    existing_gguf,
+    resolve_gguf,
+)
 from bastion.supervisor.templates.formatter import BuiltinTemplate
 
 
@@ -201,3 +208,53 @@ def test_parallel_sequences_are_set_per_model_within_bounds(layout: HomeLayout) 
         write_config(layout, f"[models.smollm2-135m]\nparallel = {bad}\n")
         with pytest.raises(RegistryError, match=r"models\.smollm2-135m\.parallel"):
             ModelRegistry.load(layout)
+
+
+def test_a_remote_model_is_an_engine_and_a_url(layout: HomeLayout) -> None:
+    write_config(layout, """
+[models.far]
+engine = "llama-server"
+url = "http://gpu-box:8080"
+api_key_env = "FAR_KEY"
+idle_timeout = "2m"
+
+[models.vllm]
+engine = "openai"
+url = "https://10.0.0.7:8000/"
+model = "Qwen/Qwen2.5-7B-Instruct"
+n_ctx = 32768
+parallel = 8
+""")
+    registry = ModelRegistry.load(layout)
+    far, vllm = registry.lookup("far"), registry.lookup("vllm")
+    assert far.source == RemoteEndpoint(engine=RemoteEngine.LLAMA_SERVER, url="http://gpu-box:8080",
+                                        api_key_env="FAR_KEY", idle_timeout_s=120.0)  # fmt: skip
+    assert far.n_ctx == 0 and far.parallel == REMOTE_PARALLEL  # the server's own context; its 4 slots
+    assert isinstance(vllm.source, RemoteEndpoint) and vllm.source.model == "Qwen/Qwen2.5-7B-Instruct"
+    assert (vllm.n_ctx, vllm.parallel) == (32768, 8)
+    assert existing_gguf(far, layout) is None
+
+
+def test_a_bundled_model_can_be_pointed_at_a_remote_and_back(layout: HomeLayout) -> None:
+    write_config(layout, '[models.smollm2-135m]\nengine = "ollama"\nurl = "http://127.0.0.1:11434"\nmodel = "smollm2:135m"\n')
+    assert isinstance(ModelRegistry.load(layout).lookup("smollm2-135m").source, RemoteEndpoint)
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ('engine = "llama-server"\nurl = "http://h:1"\napi_key = "sk-123"', "api_key_env"),
+    ('engine = "llama-server"', "needs `url`"),
+    ('engine = "llama-server"\nurl = "gpu-box:8080"', "http:// or https://"),
+    ('engine = "tgi"\nurl = "http://h:1"', "models.m.engine"),
+    ('engine = "ollama"\nurl = "http://h:1"', "needs `model`"),
+    ('engine = "openai"\nurl = "http://h:1"\napi_key_env = "A"\napi_key_file = "/k"', "not both"),
+    ('engine = "openai"\nurl = "http://h:1"\nidle_timeout = "soon"', "models.m.idle_timeout"),
+    ('engine = "openai"\nurl = "http://h:1"\nconnect_timeout = 0', "must be positive"),
+    ('engine = "openai"\nurl = "http://h:1"\nmode = "telepathy"', "models.m.mode"),
+    ('path = "/m.gguf"\nurl = "http://h:1"', "add engine"),
+    ('engine = "openai"\nurl = "http://h:1"\npath = "/m.gguf"', "no `source` or `path`"),
+])  # fmt: skip
+def test_a_wrong_remote_entry_says_what_is_wrong(layout: HomeLayout, entry: str, says: str) -> None:
+    write_config(layout, f"[models.m]\n{entry}\n")
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert says in err.value.message and str(layout.config_file) in err.value.message

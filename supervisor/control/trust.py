@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bastion.protocol.remote import RemoteProbe
 from bastion.protocol.sandbox_wire import level_reaches, tool_name
 from bastion.protocol.tool_catalog import SANDBOXED_TOOLS
 from bastion.protocol.trust import (
@@ -59,9 +61,15 @@ TrustAnswer = (ToolList | ToolInvoked | PolicyShown | PolicyChecked | ApprovalLi
 INVOKE_APPROVAL_TIMEOUT_S = 300.0
 
 
+async def _no_remotes() -> list[RemoteProbe]:
+    return []
+
+
 class TrustRequests:
-    def __init__(self, *, trust: Trust, tools: ToolRegistry, audit_path: Path) -> None:
+    def __init__(self, *, trust: Trust, tools: ToolRegistry, audit_path: Path,
+                 remote_probes: Callable[[], Awaitable[list[RemoteProbe]]] = _no_remotes) -> None:
         self._trust = trust
+        self._remote_probes = remote_probes
         self._tools = tools
         self._audit_path = audit_path
         self._calls = itertools.count(1)
@@ -101,12 +109,12 @@ class TrustRequests:
                 return AuditVerified(request_id=request_id, ok=report.ok, records=report.records,
                                      problems=[p.describe() for p in report.problems], path=str(self._audit_path))
             case Diagnose(request_id=request_id):
-                confinement = await self._trust.sandboxes.diagnose()
+                confinement, remotes = await asyncio.gather(self._trust.sandboxes.diagnose(), self._remote_probes())
                 level = confinement.level
                 notes = [f"{record.name} needs {record.required_level.value} confinement" +
                          ("" if level_reaches(level, record.required_level) else " — NOT AVAILABLE")
                          for record in SANDBOXED_TOOLS]  # fmt: skip
-                return Diagnosis(request_id=request_id, confinement=confinement, notes=notes)
+                return Diagnosis(request_id=request_id, confinement=confinement, notes=notes, remotes=remotes)
 
     async def _invoke(self, request: InvokeTool, client: bytes, sink: ClientSink) -> ToolInvoked:
         tool = self._tools.tool(tool_name(request.arguments))

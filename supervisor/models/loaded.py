@@ -447,7 +447,7 @@ def status_of(model: LoadedModel) -> ModelStatus:
         pass
     return ModelStatus(
         name=model.spec.name,
-        path=str(handle.model_path),
+        path=handle.launch.remote.url if handle.launch.remote else str(handle.model_path),
         state=state,
         pid=pid,
         architecture=description.architecture if description else "",

@@ -403,6 +403,11 @@ def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -
     )
 
 
+def remote_models(registry: ModelRegistry) -> list[tuple[str, RemoteEndpoint, int]]:
+    """(name, endpoint, n_ctx) of each model a remote engine serves."""
+    return [(spec.name, spec.source, spec.n_ctx) for spec in registry.specs() if isinstance(spec.source, RemoteEndpoint)]
+
+
 def _where(file: str, text: str, table: tuple[str, ...], key: str | None) -> str:
     """`file:line` for a key, best effort (tomllib keeps no positions after parsing)."""
     line = _line_of(text, table, key)

@@ -59,10 +59,17 @@ RETRY_AFTER_MAX_S = 30.0
 MAX_LINE_BYTES = 1024 * 1024  # a longer stream line is not any engine's protocol
 ERROR_BODY_BYTES = 2048
 DELTA_INTERVAL_S = 0.05  # as WorkerCore: text at most every 50 ms, the first token at once
+OLLAMA_DEFAULT_N_CTX = 4096
 
 
 class RemoteUnavailable(Exception):
-    """The remote engine could not be described at load: why, and what to do."""
+    """The remote engine cannot be used: why (the message), which check failed (`step`: api key,
+    reachable, model, context; see probe.py) and what to do (`fix`)."""
+
+    def __init__(self, message: str, *, step: str = "reachable", fix: str = "") -> None:
+        super().__init__(message)
+        self.step = step
+        self.fix = fix
 
 
 class _Failure(Exception):
@@ -82,6 +89,7 @@ class _Generation:
     last_emit: float = 0.0
     events: int = 0  # events that carried text
     end: StopReason | None = None  # how the server said the reply ended
+    counted: bool = False  # whether the server said how many tokens the prompt had
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -92,18 +100,21 @@ def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None
         key = environ.get(endpoint.api_key_env, "")
         if not key:
             raise RemoteUnavailable(f"the environment variable {endpoint.api_key_env} (api_key_env) is not set "
-                                    "for the supervisor: export it before `bastion up`")  # fmt: skip
+                                    "for the supervisor: export it before `bastion up`", step="api key",
+                                    fix=f"export {endpoint.api_key_env}=... then `bastion down` and run again")  # fmt: skip
         return key.strip()
     if endpoint.api_key_file:
         try:
             info = os.stat(endpoint.api_key_file)
             if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
                 raise RemoteUnavailable(f"the key file {endpoint.api_key_file} can be read by others "
-                                        f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it")  # fmt: skip
+                                        f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it", step="api key",
+                                        fix=f"chmod 600 {endpoint.api_key_file}")  # fmt: skip
             with open(endpoint.api_key_file, encoding="utf-8") as f:
                 return f.read().strip()
         except OSError as exc:
-            raise RemoteUnavailable(f"cannot read the key file {endpoint.api_key_file}: {exc.strerror}") from None
+            raise RemoteUnavailable(f"cannot read the key file {endpoint.api_key_file}: {exc.strerror}",
+                                    step="api key", fix="check api_key_file in config.toml") from None
     return ""
 
 
@@ -214,6 +225,9 @@ class RemoteCore:
         if generation.held:
             self._send(generation, token_delta(run, generation.held, run.finished))
             generation.held = ""
+        if not generation.counted and reason is not StopReason.CANCELLED:
+            # Not every server sends usage in a stream (llama-cpp-python's does not): say so, not "0".
+            run.cache_notes += ("the server reported no token counts: prompt_tokens is unknown",)
         self._send(generation, run_stats(run, 0))
         self._send(generation, run_finished(run, reason, 0))
         self._out.put(generation)
@@ -313,6 +327,7 @@ class RemoteCore:
                 generation.held, generation.last_emit = "", now
         if event.prompt_tokens is not None:
             run.prompt_tokens = event.prompt_tokens
+            generation.counted = True
         if event.cached_tokens is not None:
             run.cached_tokens = min(event.cached_tokens, run.prompt_tokens)
         if event.completion_tokens is not None:
@@ -335,20 +350,27 @@ class RemoteCore:
                     facts = await _ollama_facts(client, endpoint.model)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise RemoteUnavailable(f"cannot reach {where}: {_reason(exc)}; is the server running, and is `url` "
-                                    "in config.toml right?") from None  # fmt: skip
+                                    "in config.toml right?", fix="start the server, or correct `url`") from None  # fmt: skip
         except httpx.HTTPStatusError as exc:
-            raise RemoteUnavailable(f"{where} answered {exc.response.status_code} to {exc.request.url.path}: "
-                                    f"{_excerpt(exc.response.text)}; is `engine` right for this server?") from None
+            status = exc.response.status_code
+            fix = "check api_key_env / api_key_file" if status in (401, 403) else "check `engine` and `url`"
+            raise RemoteUnavailable(f"{where} answered {status} to {exc.request.url.path}: "
+                                    f"{_excerpt(exc.response.text)}; is `engine` right for this server?",
+                                    fix=fix) from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise RemoteUnavailable(f"{where}: {_reason(exc)}") from None
         except (ValueError, KeyError, TypeError) as exc:
             raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
-                                    "is `engine` right for this server?") from None  # fmt: skip
+                                    "is `engine` right for this server?", fix="check `engine`") from None  # fmt: skip
         if facts.missing_model:
-            raise RemoteUnavailable(facts.missing_model)
+            raise RemoteUnavailable(facts.missing_model, step="model", fix="set `model` in config.toml")
         n_ctx = self._n_ctx or facts.n_ctx
+        if not n_ctx and endpoint.engine is RemoteEngine.OLLAMA:
+            # Ollama sizes the context per request (options.num_ctx): its own default, within the model's.
+            n_ctx = min(OLLAMA_DEFAULT_N_CTX, facts.n_ctx_train or OLLAMA_DEFAULT_N_CTX)
         if not n_ctx:
-            raise RemoteUnavailable(f"{where} does not say its context size: set n_ctx for the model in config.toml")
+            raise RemoteUnavailable(f"{where} does not say its context size: set n_ctx for the model in config.toml",
+                                    step="context", fix="set n_ctx in the model's [models.NAME] table")
         self._n_ctx = n_ctx
         return ModelDescription(
             name=self._name, path=endpoint.url, architecture=facts.architecture or "remote", n_ctx=n_ctx,

@@ -1,0 +1,235 @@
+"""Remote engines through the real processes: a bastion model served by llama.cpp's own C++ server
+(as `xllamacpp` ships it prebuilt, serving the bundled SmolLM2 GGUF on loopback) and by a second
+bastion's gateway (its OpenAI and Ollama routes), driven with the real CLI and supervisor.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion.protocol.control import ListModels, ModelList
+from tests.e2e_support import Bastion, start_streaming
+from tests.real_models import smollm2_gguf
+from tests.test_gateway_e2e import free_port, serve_http
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
+
+SERVER = Path(__file__).parent.parent / "bench" / "serve_llama_server.py"
+SERVER_N_CTX = 2048
+SLOTS = 2
+SLOT_N_CTX = SERVER_N_CTX // SLOTS  # what each request may use: the context a bastion run budgets with
+
+
+class LlamaServer:
+    """llama.cpp's server on a loopback port, in a process of its own."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, str(SERVER), "--model", str(smollm2_gguf()), "--port", str(self.port),
+             "--n-ctx", str(SERVER_N_CTX), "--threads", "2", "--parallel", str(SLOTS)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        wait_until(self._healthy, timeout=120, interval=0.1, what="llama-server to load SmolLM2")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"llama-server exited: {self.process.stderr.read() if self.process.stderr else ''}")
+        try:
+            return httpx.get(f"{self.url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def slots_busy(self) -> int:
+        return sum(bool(slot.get("is_processing")) for slot in httpx.get(f"{self.url}/slots", timeout=5).json())
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[LlamaServer]:
+    server = LlamaServer()
+    yield server
+    server.stop()
+
+
+def remote_entry(name: str, url: str, engine: str = "llama-server", **more: str) -> str:
+    lines = [f"[models.{name}]", f'engine = "{engine}"', f'url = "{url}"']
+    lines += [f'{key} = "{value}"' for key, value in more.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def far(shared_bastion: Bastion, llama_server: LlamaServer) -> Bastion:
+    shared_bastion.home.mkdir(parents=True, exist_ok=True)
+    (shared_bastion.home / "config.toml").write_text(remote_entry("far", llama_server.url))
+    return shared_bastion
+
+
+def events_of(lines: list[dict], kind: str) -> list[dict]:
+    return [line for line in lines if line["type"] == kind]
+
+
+def test_a_model_served_by_llama_server_answers_with_bastion_s_template_and_the_server_s_figures(
+        far: Bastion) -> None:  # fmt: skip
+    code, lines = far.json("run", "--model", "far", "Name three colours.", "--max-tokens", "12", "--temperature", "0")
+    assert code == 0, lines
+    start, budget = events_of(lines, "run_start")[0], events_of(lines, "context_budget")[0]
+    assert start["model"] == "far" and start["template"].startswith("gguf")  # the server's /props template
+    assert budget["counting"] == "estimate" and budget["context_size"] == SLOT_N_CTX
+    stats = events_of(lines, "generation_stats")[0]
+    text = "".join(t["text"] for t in events_of(lines, "token"))
+    assert text.strip() and stats["completion_tokens"] == 12 and stats["prompt_tokens"] > 10
+    listing = far.ask(ListModels(request_id="ls"))
+    assert isinstance(listing, ModelList)
+    [model] = [m for m in listing.models if m.name == "far"]
+    assert model.n_ctx == SLOT_N_CTX and model.path == far_url(far)
+
+
+def far_url(bastion: Bastion) -> str:
+    return (bastion.home / "config.toml").read_text().split('url = "')[1].split('"')[0]
+
+
+def test_a_session_s_second_turn_is_served_from_the_server_s_cache(far: Bastion) -> None:
+    args = ("--model", "far", "--session", "cached", "--max-tokens", "8", "--temperature", "0")
+    code, first = far.json("run", *args, "Tell me about the sea.")
+    assert code == 0, first
+    code, second = far.json("run", *args, "And about rivers?")
+    assert code == 0, second
+    before, after = events_of(first, "generation_stats")[0], events_of(second, "generation_stats")[0]
+    # The second prompt starts with the whole first exchange, which the server's slot still holds.
+    assert after["prompt_tokens"] > before["prompt_tokens"]
+    assert after["cached_tokens"] >= before["prompt_tokens"]
+
+
+def test_cancelling_a_run_frees_the_server_s_slot(far: Bastion, llama_server: LlamaServer) -> None:
+    process, events, first_token, reader = start_streaming(
+        far, "--model", "far", "Count to a thousand.", "--max-tokens", "1500", "--ignore-eos", "--temperature", "0")
+    assert first_token.wait(120), events
+    assert llama_server.slots_busy() == 1
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=60)
+    reader.join(10)
+    assert [e for _, e in events if e["type"] == "run_end"][-1]["stop_reason"] == "cancelled"
+    wait_until(lambda: llama_server.slots_busy() == 0, timeout=10, what="the server to stop generating")
+
+
+def test_a_server_killed_mid_reply_keeps_the_partial_and_says_interrupted_then_unreachable(
+        bastion: Bastion) -> None:  # fmt: skip
+    server = LlamaServer()
+    try:
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        (bastion.home / "config.toml").write_text(remote_entry("doomed", server.url))
+        process, events, first_token, reader = start_streaming(
+            bastion, "--model", "doomed", "Count to a thousand.", "--max-tokens", "1500", "--ignore-eos")
+        assert first_token.wait(120), events
+        server.stop(signal.SIGKILL)
+        assert process.wait(timeout=60) == 1
+        reader.join(10)
+        kinds = [e["type"] for _, e in events]
+        error = next(e for _, e in events if e["type"] == "error")
+        assert error["code"] == "remote_interrupted" and "kept" in error["message"], error
+        assert "token" in kinds and kinds[-1] == "run_end"
+        code, lines = bastion.json("run", "--model", "doomed", "Hello?")  # the worker is still up; the server is not
+        assert code == 1 and events_of(lines, "error")[0]["code"] == "remote_unreachable", lines
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def test_a_remote_nobody_serves_fails_to_load_and_says_what_to_check(bastion: Bastion) -> None:
+    bastion.home.mkdir(parents=True, exist_ok=True)
+    (bastion.home / "config.toml").write_text(remote_entry("nowhere", f"http://127.0.0.1:{free_port()}"))
+    code, lines = bastion.json("run", "--model", "nowhere", "Hello?")
+    assert code == 1
+    error = events_of(lines, "error")[0]
+    assert error["code"] == "model_load_failed" and "cannot reach" in error["message"] and "url" in error["message"]
+
+
+def test_bastion_serves_a_model_through_another_bastion_s_openai_and_ollama_routes(
+        bastion: Bastion, tmp_path: Path) -> None:  # fmt: skip
+    upstream = Bastion(tmp_path / "upstream")
+    try:
+        gateway = serve_http(upstream)
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        # An OpenAI-compatible server need not say its context size: the entry does.
+        (bastion.home / "config.toml").write_text(
+            remote_entry("via-openai", gateway, "openai", model="smollm2-135m") + "n_ctx = 4096\n"
+            + remote_entry("via-ollama", gateway, "ollama", model="smollm2-135m"))  # fmt: skip
+        for name in ("via-openai", "via-ollama"):
+            code, lines = bastion.json("run", "--model", name, "Name a colour.", "--max-tokens", "6",
+                                       "--temperature", "0")  # fmt: skip
+            assert code == 0, (name, lines)
+            stats = events_of(lines, "generation_stats")[0]
+            assert "".join(t["text"] for t in events_of(lines, "token")).strip()
+            assert stats["completion_tokens"] == 6 and stats["prompt_tokens"] > 0, (name, stats)
+    finally:
+        upstream.cleanup()
+
+
+def test_llama_cpp_python_s_openai_server_is_a_completion_backend(bastion: Bastion) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(SERVER.with_name("serve_llama_cpp_python.py")), "--model", str(smollm2_gguf()),
+         "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--n_threads", "2"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def listening() -> bool:
+            assert server.poll() is None, "llama_cpp.server exited"
+            try:
+                return httpx.get(f"{url}/v1/models", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(listening, timeout=120, interval=0.1, what="llama_cpp.server to load SmolLM2")
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        (bastion.home / "config.toml").write_text(remote_entry("lcp", url, "openai") + "n_ctx = 2048\nparallel = 1\n")
+        code, lines = bastion.json("run", "--model", "lcp", "Name a colour.", "--max-tokens", "6", "--temperature", "0")
+        assert code == 0, lines
+        stats = events_of(lines, "generation_stats")[0]
+        assert "".join(t["text"] for t in events_of(lines, "token")).strip()
+        # Its stream carries no usage: the reply's tokens are counted as they come, the prompt's are unknown.
+        assert stats["completion_tokens"] == 6 and "no token counts" in stats["cache_note"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_doctor_tries_each_remote_and_says_what_to_fix(bastion: Bastion, llama_server: LlamaServer) -> None:
+    bastion.home.mkdir(parents=True, exist_ok=True)
+    (bastion.home / "config.toml").write_text(
+        remote_entry("good", llama_server.url)
+        + remote_entry("closed", f"http://127.0.0.1:{free_port()}")
+        + remote_entry("keyless", llama_server.url, api_key_env="BASTION_TEST_UNSET_KEY")
+        + remote_entry("unlisted", llama_server.url, "openai", model="no-such-model"))  # fmt: skip
+    code, lines = bastion.json("doctor")
+    assert code == 1  # not every remote is usable
+    probes = {probe["model"]: probe for probe in lines[0]["remotes"]}
+    assert set(probes) == {"good", "closed", "keyless", "unlisted"}
+
+    def failed(name: str) -> dict:
+        [step] = [step for step in probes[name]["steps"] if not step["ok"]]
+        return step
+
+    assert [(s["name"], s["ok"]) for s in probes["good"]["steps"]] == [
+        ("reachable", True), ("model", True), ("context", True), ("streaming", True)]
+    assert "tokens streamed" in probes["good"]["steps"][-1]["detail"]
+    assert failed("closed")["name"] == "reachable" and "url" in failed("closed")["fix"]
+    assert failed("keyless")["name"] == "api key" and "BASTION_TEST_UNSET_KEY" in failed("keyless")["fix"]
+    assert failed("unlisted")["name"] == "model" and "no-such-model" in failed("unlisted")["detail"]
+    text = bastion("doctor")
+    assert text.returncode == 1 and "closed: llama-server at" in text.stdout and "fix:" in text.stdout

@@ -41,6 +41,7 @@ from bastion.client.launcher import (
     supervisor_command,
     wait_until_stopped,
 )
+from bastion.client.models_cli import models_app
 from bastion.client.run_options import (
     AllowShellOption,
     AllowWriteOption,
@@ -100,6 +101,7 @@ app.add_typer(sessions_app, name="sessions")
 app.add_typer(tools_app, name="tools")
 app.add_typer(policy_app, name="policy")
 app.add_typer(audit_app, name="audit")
+app.add_typer(models_app, name="models")
 app.command()(chat)
 app.command()(approvals)
 app.command()(approve)

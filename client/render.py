@@ -28,6 +28,7 @@ from bastion.protocol.agent_events import (
     TurnStarted,
 )
 from bastion.protocol.control import ControlEvent, LoadProgress, LoadStage, ModelStatus
+from bastion.protocol.remote import BackendGauge
 from bastion.protocol.trust import ApprovalRequired
 
 _RESULT_PREVIEW = 200
@@ -222,7 +223,25 @@ def model_table(models: list[ModelStatus]) -> str:
             lines.append(f"  run `bastion load {model.name}` to try again")
         elif model.state is WorkerState.RESTARTING and model.failure:
             lines.append(f"{model.name} is restarting: {model.failure}")
+    for model in models:
+        if model.backends:
+            lines.append(f"{model.name} is served by:")
+            lines += [f"  {backend_line(backend)}" for backend in model.backends]
     return "\n".join(lines)
+
+
+def backend_line(backend: BackendGauge) -> str:
+    """`http://a:8080  healthy  1 in flight  3 sessions  cache hit 87% (1,234 of 1,420 prompt tokens)`."""
+    parts = [backend.url, "healthy" if backend.healthy else "DOWN", f"{backend.in_flight} in flight",
+             f"{backend.sessions} session{'s' if backend.sessions != 1 else ''}"]  # fmt: skip
+    if backend.prompt_tokens:
+        share = backend.cached_tokens / backend.prompt_tokens
+        parts.append(f"cache hit {share:.0%} ({backend.cached_tokens:,} of {backend.prompt_tokens:,} prompt tokens)")
+    if backend.contradicted:
+        parts.append(f"{backend.contradicted} cache claim(s) contradict what bastion sent it")
+    if not backend.healthy and backend.last_error:
+        parts.append(f"last error: {backend.last_error}")
+    return "  ".join(parts)
 
 
 def _context(model: ModelStatus) -> str:

@@ -14,6 +14,7 @@ from typing import Annotated
 import msgspec
 
 from bastion.protocol.errors import ErrorCode
+from bastion.protocol.remote import BackendGauge
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -84,6 +85,8 @@ class Heartbeat(Message, frozen=True, tag="heartbeat"):
     snapshot_ram_bytes: int = 0
     snapshots_disk: int = 0
     snapshot_disk_bytes: int = 0
+    # A remote model's servers (protocol/remote.py); empty for a local model.
+    backends: tuple[BackendGauge, ...] = ()
 
 
 class RequestFailed(Message, frozen=True, tag="error"):

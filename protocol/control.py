@@ -54,6 +54,7 @@ from bastion.protocol.completion import Turn
 from bastion.protocol.control_options import SamplingRequest as SamplingRequest
 from bastion.protocol.control_options import ToolChoice as ToolChoice
 from bastion.protocol.control_options import ToolChoiceMode as ToolChoiceMode
+from bastion.protocol.remote import BackendGauge
 from bastion.protocol.sessions import (
     ClearSession,
     DeleteSession,
@@ -194,6 +195,7 @@ class ModelStatus(msgspec.Struct, frozen=True, kw_only=True):
     kv_cache_type: str = "f16"  # how its KV cache is stored (KvCacheType's values)
     parallel: int = 1  # generations its worker decodes together, each with n_ctx positions
     running: int = 0  # generations in flight now (at most `parallel`; more wait in `queued`)
+    backends: list[BackendGauge] = []  # a remote model's servers (protocol/remote.py)
 
 
 class RunStarted(Message, frozen=True, tag="run_start"):

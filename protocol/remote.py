@@ -44,7 +44,10 @@ _Url = Annotated[str, msgspec.Meta(pattern=r"^https?://[^\s/]+(/\S*)?$")]
 
 class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     engine: RemoteEngine
-    url: _Url  # the server's base URL, e.g. http://gpu-box:8080 (no /v1)
+    url: _Url  # the server's base URL, e.g. http://gpu-box:8080 (no /v1); with `urls`, the first of them
+    # Several servers of the same model (scale-out): each session stays on one, new sessions go to the
+    # least busy healthy one, and a server that stops answering is taken out until it answers again.
+    urls: tuple[_Url, ...] = ()
     model: str = ""  # the remote's name for the model ('' : the server's only or default one)
     api_key_env: str = ""  # the environment variable holding the API key
     api_key_file: str = ""  # or a file holding it, readable by its owner only
@@ -55,9 +58,29 @@ class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # past it the reply is cut and reported interrupted.
     idle_timeout_s: _Seconds = 120.0
 
-    def describe(self) -> str:
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return self.urls or (self.url,)
+
+    def describe(self, url: str = "") -> str:
         model = f" model {self.model}" if self.model else ""
-        return f"{self.engine.value} at {self.url}{model}"
+        return f"{self.engine.value} at {url or self.url}{model}"
+
+
+class BackendGauge(msgspec.Struct, frozen=True, kw_only=True):
+    """One server of a remote model, as its worker sees it (heartbeats carry these; `bastion ps` shows them)."""
+
+    url: str
+    healthy: bool
+    in_flight: int = 0  # requests streaming from it now
+    sessions: int = 0  # sessions that stay on it
+    requests: int = 0  # requests it answered
+    prompt_tokens: int = 0  # the prompt tokens it reported, in all
+    cached_tokens: int = 0  # of which it said it reused from its cache
+    # Replies for which it claimed more reuse than any prompt bastion sent it shares with the
+    # new one: it restored another conversation's state, or other clients share the server.
+    contradicted: int = 0
+    last_error: str = ""
 
 
 class ProbeStep(msgspec.Struct, frozen=True, kw_only=True):

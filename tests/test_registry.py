@@ -258,3 +258,23 @@ def test_a_wrong_remote_entry_says_what_is_wrong(layout: HomeLayout, entry: str,
     with pytest.raises(RegistryError) as err:
         ModelRegistry.load(layout)
     assert says in err.value.message and str(layout.config_file) in err.value.message
+
+
+def test_a_remote_model_can_list_several_servers(layout: HomeLayout) -> None:
+    write_config(layout, '[models.pool]\nengine = "llama-server"\nurls = ["http://a:8080", "http://b:8080"]\n')
+    source = ModelRegistry.load(layout).lookup("pool").source
+    assert isinstance(source, RemoteEndpoint)
+    assert source.backends == ("http://a:8080", "http://b:8080") and source.url == "http://a:8080"
+
+
+@pytest.mark.parametrize(("servers", "says"), [
+    ('url = "http://a:1"\nurls = ["http://b:1"]', "one of the two"),
+    ("urls = []", "at least one"),
+    ('urls = ["http://a:1", "http://a:1"]', "different servers"),
+    ('urls = ["http://a:1", "b:1"]', "models.m.urls[1]"),
+])  # fmt: skip
+def test_a_wrong_server_list_says_what_is_wrong(layout: HomeLayout, servers: str, says: str) -> None:
+    write_config(layout, f'[models.m]\nengine = "openai"\n{servers}\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert says in err.value.message

@@ -8,10 +8,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from bastion.protocol.control import ListModels, ModelList
@@ -233,3 +234,55 @@ def test_doctor_tries_each_remote_and_says_what_to_fix(bastion: Bastion, llama_s
     assert failed("unlisted")["name"] == "model" and "no-such-model" in failed("unlisted")["detail"]
     text = bastion("doctor")
     assert text.returncode == 1 and "closed: llama-server at" in text.stdout and "fix:" in text.stdout
+
+
+def test_two_servers_of_one_model_keep_their_sessions_and_take_over_from_each_other(bastion: Bastion) -> None:
+    servers = [LlamaServer(), LlamaServer()]
+    try:
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        (bastion.home / "config.toml").write_text(
+            f'[models.pool]\nengine = "llama-server"\nurls = ["{servers[0].url}", "{servers[1].url}"]\n')
+
+        def turn(session: str, text: str) -> dict:
+            code, lines = bastion.json("run", "--model", "pool", "--session", session, text, "--max-tokens", "8",
+                                       "--temperature", "0")  # fmt: skip
+            assert code == 0, lines
+            return events_of(lines, "generation_stats")[0]
+
+        def backends() -> dict[str, dict]:
+            listing = bastion.ask(ListModels(request_id="ls"))
+            assert isinstance(listing, ModelList)
+            [model] = [m for m in listing.models if m.name == "pool"]
+            return {b.url: msgspec.structs.asdict(b) for b in model.backends}
+
+        def backends_when(condition: Callable[[dict[str, dict]], bool]) -> dict[str, dict] | None:
+            current = backends()
+            return current if condition(current) else None
+
+        first_a = turn("a", "Tell me about the sea.")
+        placed = wait_until(lambda: backends_when(lambda b: sum(x["sessions"] for x in b.values()) == 1), timeout=10,
+                            what="session a placed")  # fmt: skip
+        [home_of_a] = [server for server in servers if placed[server.url]["sessions"] == 1]
+        first_b = turn("b", "Tell me about mountains.")
+        # New sessions go to the least busy server: one each.
+        wait_until(lambda: [b["sessions"] for b in backends().values()] == [1, 1], timeout=10, what="one session each")
+        second_a, second_b = turn("a", "And rivers?"), turn("b", "And valleys?")
+        # Each stayed where its first turn is cached.
+        assert second_a["cached_tokens"] >= first_a["prompt_tokens"] and second_b["cached_tokens"] >= first_b["prompt_tokens"]
+        seen = wait_until(lambda: backends_when(lambda b: all(x["requests"] == 2 for x in b.values())),
+                          timeout=10, what="two requests each")  # fmt: skip
+        assert all(b["healthy"] and b["cached_tokens"] > 0 and b["contradicted"] == 0 for b in seen.values())
+        # The server that holds session a dies; a's next turn moves to the other and completes.
+        home_of_a.stop(signal.SIGKILL)
+        moved = turn("a", "And lakes?")
+        assert "moved from" in moved["cache_note"] and home_of_a.url in moved["cache_note"]
+        assert moved["cached_tokens"] < first_a["prompt_tokens"]  # the other server had never seen it
+        after = wait_until(lambda: backends_when(lambda b: not b[home_of_a.url]["healthy"]), timeout=10,
+                           what="the dead server marked down")  # fmt: skip
+        [survivor] = [s for s in servers if s is not home_of_a]
+        assert after[survivor.url]["sessions"] == 2 and after[survivor.url]["healthy"]
+        assert "DOWN" in bastion("ps").stdout
+    finally:
+        for server in servers:
+            server.stop(signal.SIGKILL)
+

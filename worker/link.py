@@ -46,6 +46,7 @@ from bastion.protocol import (
     worker_codec,
 )
 from bastion.protocol.common import Message
+from bastion.protocol.remote import BackendGauge
 from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
 from bastion.worker.config import WorkerConfig
 from bastion.worker.lifecycle import ExitCode, StopRequest, parent_gone
@@ -65,6 +66,7 @@ class Gauges(msgspec.Struct, frozen=True, kw_only=True):
     snapshot_ram_bytes: int = 0
     snapshots_disk: int = 0
     snapshot_disk_bytes: int = 0
+    backends: tuple[BackendGauge, ...] = ()
 
 
 def refusal(request: Generate, code: ErrorCode, message: str, kv_tokens: int, *,

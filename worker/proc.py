@@ -177,6 +177,8 @@ class WorkerProc:
         core = self._core
         if core is None:
             return Gauges()
+        if isinstance(core, RemoteCore):
+            return Gauges(progress=core.progress, backends=core.backend_gauges())
         store = core.snapshots
         if store is None:
             return Gauges(progress=core.progress, kv_tokens=core.kv_tokens)

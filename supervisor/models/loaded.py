@@ -448,6 +448,7 @@ def status_of(model: LoadedModel) -> ModelStatus:
     return ModelStatus(
         name=model.spec.name,
         path=handle.launch.remote.url if handle.launch.remote else str(handle.model_path),
+        backends=list(handle.backends),
         state=state,
         pid=pid,
         architecture=description.architecture if description else "",

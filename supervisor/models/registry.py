@@ -103,6 +103,7 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     # A remote engine (protocol/remote.py) instead of a GGUF.
     engine: RemoteEngine | UnsetType = UNSET
     url: str | UnsetType = UNSET
+    urls: list[str] | UnsetType = UNSET
     model: str | UnsetType = UNSET
     api_key_env: str | UnsetType = UNSET
     api_key_file: str | UnsetType = UNSET
@@ -115,7 +116,7 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
         return [key for key in _REMOTE_KEYS if getattr(self, key) is not UNSET]
 
 
-_REMOTE_KEYS = ("engine", "url", "model", "api_key_env", "api_key_file", "mode", "connect_timeout", "idle_timeout")
+_REMOTE_KEYS = ("engine", "url", "urls", "model", "api_key_env", "api_key_file", "mode", "connect_timeout", "idle_timeout")
 
 
 class _Layer(msgspec.Struct, frozen=True, kw_only=True):
@@ -367,13 +368,18 @@ def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -
     """A model a remote engine serves: `engine` and `url`, and what the worker that talks to it needs."""
     if not isinstance(entry.source, UnsetType) or not isinstance(entry.path, UnsetType):
         raise RegistryError(f"{where}: models.{name}: a remote model (engine) has no `source` or `path`")
-    if isinstance(entry.url, UnsetType):
+    if isinstance(entry.url, UnsetType) == isinstance(entry.urls, UnsetType):
         raise RegistryError(f"{where}: models.{name}: a remote model needs `url`, the server's base address "
-                            "(e.g. \"http://gpu-box:8080\")")
+                            "(e.g. \"http://gpu-box:8080\"), or `urls`, a list of servers of the same model; "
+                            "one of the two")  # fmt: skip
+    if isinstance(entry.urls, list) and (not entry.urls or len(set(entry.urls)) != len(entry.urls)):
+        raise RegistryError(f"{where}: models.{name}.urls: a list of different servers, at least one")
     if not isinstance(entry.api_key_env, UnsetType) and not isinstance(entry.api_key_file, UnsetType):
         raise RegistryError(f"{where}: models.{name}: give `api_key_env` or `api_key_file`, not both")
     fields = {key: getattr(entry, key) for key in ("engine", "url", "model", "api_key_env", "api_key_file", "mode")
               if getattr(entry, key) is not UNSET}  # fmt: skip
+    if isinstance(entry.urls, list):
+        fields["url"], fields["urls"] = entry.urls[0], entry.urls
     for key in ("connect_timeout", "idle_timeout"):
         if not isinstance(value := getattr(entry, key), UnsetType):
             fields[f"{key}_s"] = parse_duration(value)
@@ -384,7 +390,7 @@ def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -
     except msgspec.ValidationError as exc:
         detail, _, at = str(exc).partition(" - at `$")
         key = at.rstrip("`").lstrip(".").removesuffix("_s")
-        hint = " (http:// or https://, a host, an optional path)" if key == "url" else ""
+        hint = " (http:// or https://, a host, an optional path)" if key.startswith("url") else ""
         raise RegistryError(f"{where}: models.{name}.{key}: {detail}{hint}") from exc
     if endpoint.engine is RemoteEngine.OLLAMA and not endpoint.model:
         raise RegistryError(f"{where}: models.{name}: an Ollama model needs `model`, the name `ollama list` shows")

@@ -39,7 +39,7 @@ from bastion.protocol import (
     TokenLogprobs,
     WorkerState,
 )
-from bastion.protocol.remote import RemoteEndpoint
+from bastion.protocol.remote import BackendGauge, RemoteEndpoint
 from bastion.protocol.worker_wire import (
     FromWorker,
     Generate,
@@ -120,6 +120,7 @@ class WorkerHandle:
         self.snapshot_ram_bytes = 0
         self.snapshots_disk = 0
         self.snapshot_disk_bytes = 0
+        self.backends: tuple[BackendGauge, ...] = ()  # a remote model's servers, as its worker last said
         self.template_source = ""
         self.killed_as_hung = False
         self.hang_reason = ""
@@ -239,6 +240,7 @@ class WorkerHandle:
                 self.snapshot_ram_bytes = message.snapshot_ram_bytes
                 self.snapshots_disk = message.snapshots_disk
                 self.snapshot_disk_bytes = message.snapshot_disk_bytes
+                self.backends = message.backends
             case TokenDelta() | TokenLogprobs() | GenerationStats():
                 if (generation := self.running.get(message.request_id)) is not None:
                     generation.deliver(message)

@@ -11,13 +11,21 @@ is something to send. A cancel (polled every `CANCEL_POLL_S`) cancels the
 task, which closes the connection: llama.cpp's server, vLLM and Ollama all
 stop generating for a client that went away.
 
+What every `Generate` gets, in order (text held back by DELTA_INTERVAL_S is
+sent before the failure that ends it):
+
+    ran to an end   TokenDelta*  GenerationStats  GenerationFinished(stop|length|cancelled)
+    failed          TokenDelta*  RequestFailed  GenerationStats  GenerationFinished(error)
+
 Failures are classified (see ErrorCode):
     no connection before the first byte   one more try after RETRY_DELAY_S, then
                                           `remote_unreachable` (retryable)
     429 / 503                             retried after Retry-After when it is at
                                           most RETRY_AFTER_MAX_S, else retryable
     another error status, an `error` in   `remote_error`, the server's words quoted,
-    the stream, a line that is not JSON   no retry
+    the stream (or llama.cpp's SSE        no retry
+    `error:` field), a line that is not
+    JSON or longer than MAX_LINE_BYTES
     the stream cut, silent past the idle  `remote_interrupted`, the text before it
     timeout, or ended without its end     kept (the generation ends `error`)
 
@@ -43,8 +51,9 @@ from typing import Any
 import httpx
 
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
-from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine
 from bastion.protocol.worker_wire import FromWorker, Generate, ModelDescription
+from bastion.worker.remote.backends import Backend, Backends
 from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
@@ -60,6 +69,7 @@ MAX_LINE_BYTES = 1024 * 1024  # a longer stream line is not any engine's protoco
 ERROR_BODY_BYTES = 2048
 DELTA_INTERVAL_S = 0.05  # as WorkerCore: text at most every 50 ms, the first token at once
 OLLAMA_DEFAULT_N_CTX = 4096
+HEALTH_INTERVAL_S = 5.0
 
 
 class RemoteUnavailable(Exception):
@@ -90,6 +100,7 @@ class _Generation:
     events: int = 0  # events that carried text
     end: StopReason | None = None  # how the server said the reply ended
     counted: bool = False  # whether the server said how many tokens the prompt had
+    url: str = ""  # the server it is streaming from
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
 
@@ -129,15 +140,19 @@ class RemoteCore:
         self._timeout = httpx.Timeout(endpoint.idle_timeout_s, connect=endpoint.connect_timeout_s)
         self._headers = headers
         self._out: queue.SimpleQueue[tuple[Emit, FromWorker] | _Generation] = queue.SimpleQueue()
-        self._slots: dict[str, int] = {}  # session -> the llama-server slot that holds its prompt
+        self._slots: dict[tuple[str, str], int] = {}  # (server, session) -> the llama-server slot holding it
+        self._backends = Backends(endpoint.backends)
+        self._gauges = self._backends.gauges()  # as of the last change, for the IO thread's heartbeats
         self._active = 0
         self.progress = 0
         self.kv_tokens = 0  # the remote holds the KV state
         self.snapshots = None
         self._loop = asyncio.new_event_loop()
-        self._client: httpx.AsyncClient | None = None
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self._thread = threading.Thread(target=self._loop.run_forever, name="remote-http", daemon=True)
         self._thread.start()
+        if len(endpoint.backends) > 1:  # with one server there is nowhere to move its sessions to
+            self._health = asyncio.run_coroutine_threadsafe(self._watch_health(), self._loop)
 
     # -- the shell's side (engine thread) ---------------------------------
 
@@ -167,6 +182,10 @@ class RemoteCore:
                 emit, message = item
                 emit(message)
 
+    def backend_gauges(self) -> tuple[BackendGauge, ...]:
+        """Each server's state and figures (read from any thread)."""
+        return self._gauges
+
     def describe(self) -> ModelDescription:
         """What the remote serves, asked of it; RemoteUnavailable with what to do when it cannot say."""
         return asyncio.run_coroutine_threadsafe(self._describe(), self._loop).result()
@@ -175,8 +194,8 @@ class RemoteCore:
         async def shut() -> None:
             for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
                 task.cancel()
-            if self._client is not None:
-                await self._client.aclose()
+            for client in self._clients.values():
+                await client.aclose()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
@@ -185,11 +204,38 @@ class RemoteCore:
 
     # -- the loop's side ---------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self._endpoint.url.rstrip("/"), headers=self._headers,
-                                             timeout=self._timeout, follow_redirects=False)  # fmt: skip
-        return self._client
+    def _http(self, url: str) -> httpx.AsyncClient:
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = httpx.AsyncClient(base_url=url.rstrip("/"), headers=self._headers,
+                                                            timeout=self._timeout, follow_redirects=False)  # fmt: skip
+        return client
+
+    def _publish(self) -> None:
+        self._gauges = self._backends.gauges()
+
+    async def _watch_health(self) -> None:
+        """Every HEALTH_INTERVAL_S, ask each server whether it answers: one that does not is taken
+        out (its sessions move on their next request), one that does again is put back."""
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            for backend in list(self._backends):
+                if backend.in_flight and backend.healthy:
+                    continue  # streaming from it is proof enough
+                try:
+                    response = await self._http(backend.url).get(_HEALTH_PATHS[self._endpoint.engine],
+                                                                 timeout=self._endpoint.connect_timeout_s)  # fmt: skip
+                    alive = response.status_code < 500
+                    error = f"health check answered {response.status_code}"
+                except httpx.HTTPError as exc:
+                    alive, error = False, f"health check: {_reason(exc)}"
+                if alive and not backend.healthy:
+                    log.info("%s answers again: back in", backend.url)
+                    self._backends.answered(backend)
+                elif not alive and backend.healthy:
+                    log.warning("%s is down (%s): its sessions move", backend.url, error)
+                    self._backends.failed(backend, error, time.monotonic())
+            self._publish()
 
     def _send(self, generation: _Generation, message: FromWorker) -> None:
         self._out.put((generation.emit, message))
@@ -206,11 +252,13 @@ class RemoteCore:
         except asyncio.CancelledError:
             reason = StopReason.CANCELLED
         except _Failure as failure:
+            self._flush(generation, time.perf_counter())
             self._send(generation, RequestFailed(request_id=generation.request.request_id, code=failure.code,
                                                  message=failure.message, retryable=failure.retryable,
                                                  retry_after_ms=failure.retry_after_ms))  # fmt: skip
         except Exception as exc:  # a bug here must still end the request
             log.exception("remote generation %s failed", generation.request.request_id)
+            self._flush(generation, time.perf_counter())
             self._send(generation, RequestFailed(request_id=generation.request.request_id, code=ErrorCode.INTERNAL,
                                                  message=f"{type(exc).__name__}: {exc}"))  # fmt: skip
         finally:
@@ -222,9 +270,7 @@ class RemoteCore:
         run.finished = time.perf_counter()
         if not run.prefill_done:
             run.prefill_done = run.finished
-        if generation.held:
-            self._send(generation, token_delta(run, generation.held, run.finished))
-            generation.held = ""
+        self._flush(generation, run.finished)
         if not generation.counted and reason is not StopReason.CANCELLED:
             # Not every server sends usage in a stream (llama-cpp-python's does not): say so, not "0".
             run.cache_notes += ("the server reported no token counts: prompt_tokens is unknown",)
@@ -232,6 +278,12 @@ class RemoteCore:
         self._send(generation, run_finished(run, reason, 0))
         self._out.put(generation)
         self._wake()
+
+    def _flush(self, generation: _Generation, now: float) -> None:
+        """Send the text held back by DELTA_INTERVAL_S: all of it before a RequestFailed or the stats."""
+        if generation.held:
+            self._send(generation, token_delta(generation.run, generation.held, now))
+            generation.held = ""
 
     async def _watch_cancel(self, generation: _Generation, task: asyncio.Task[None]) -> None:
         while not generation.cancelled():
@@ -242,30 +294,68 @@ class RemoteCore:
         task.cancel()
 
     async def _attempts(self, generation: _Generation) -> StopReason:
-        """The request, tried again where the failure says it may help and nothing was generated yet."""
-        tries = 0
-        while True:
-            tries += 1
+        """The request, tried again where the failure says it may help and nothing was generated yet:
+        on another server at once when the one it went to could not be reached (failover), else once
+        more on the same one after RETRY_DELAY_S (or the server's Retry-After)."""
+        session = generation.request.session_id
+        placement = self._backends.place(session)
+        retried = False
+        for _ in range(len(self._endpoint.backends) + 1):
+            backend = placement.backend
+            if placement.moved_from:
+                generation.run.cache_notes += (f"moved from {placement.moved_from} (down) to {backend.url}: "
+                                               "its whole prompt evaluated there",)  # fmt: skip
             try:
-                return await self._once(generation)
+                end = await self._on(backend, generation)
             except _Failure as failure:
-                if generation.events or tries >= 2 or not failure.retryable:
+                if generation.events or not failure.retryable:
                     raise
+                if failure.code is ErrorCode.REMOTE_UNREACHABLE:
+                    self._backends.failed(backend, failure.message, time.monotonic())
+                    self._publish()
+                    other = self._backends.place(session, avoid=backend)
+                    if other.backend is not backend and other.backend.healthy:
+                        log.warning("%s; failing over to %s", failure.message, other.backend.url)
+                        placement = other
+                        continue
                 wait = RETRY_DELAY_S if failure.retry_after_ms is None else failure.retry_after_ms / 1000.0
-                if wait > RETRY_AFTER_MAX_S:
+                if retried or wait > RETRY_AFTER_MAX_S:
                     raise
+                retried = True
                 log.warning("%s; trying again in %.1f s", failure.message, wait)
                 await asyncio.sleep(wait)
+                placement = self._backends.place(session)
+            else:
+                self._backends.answered(backend)
+                run = generation.run
+                if self._backends.served(backend, "".join(run.streamed), run.prompt_tokens if generation.counted
+                                         else None, run.cached_tokens, generation.request.prompt):  # fmt: skip
+                    run.cache_notes += (f"{backend.url} claimed {run.cached_tokens} cached tokens, more than this "
+                                        "prompt shares with anything bastion sent it: it may have restored "
+                                        "another conversation's state",)  # fmt: skip
+                self._publish()
+                return end
+        raise AssertionError("unreachable: every path above returns or raises")
 
-    async def _once(self, generation: _Generation) -> StopReason:
+    async def _on(self, backend: Backend, generation: _Generation) -> StopReason:
+        backend.in_flight += 1
+        self._publish()
+        try:
+            return await self._once(generation, backend.url)
+        finally:
+            backend.in_flight -= 1
+            self._publish()
+
+    async def _once(self, generation: _Generation, url: str) -> StopReason:
         endpoint, request = self._endpoint, generation.request
-        slot = self._slots.get(request.session_id) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
+        generation.url = url
+        slot = self._slots.get((url, request.session_id)) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
         call = completion_request(endpoint, request.prompt, request.sampling, slot)
         if endpoint.engine is RemoteEngine.OLLAMA:
             call.body["options"]["num_ctx"] = self._n_ctx
-        where = endpoint.describe()
+        where = endpoint.describe(url)
         try:
-            async with self._http().stream("POST", call.path, json=call.body) as response:
+            async with self._http(url).stream("POST", call.path, json=call.body) as response:
                 if response.status_code >= 400:
                     raise await _status_failure(response, where)
                 end = await self._read(generation, response, call.framing)
@@ -287,7 +377,7 @@ class RemoteCore:
         return end
 
     async def _read(self, generation: _Generation, response: httpx.Response, framing: Framing) -> StopReason:
-        engine, where = self._endpoint.engine, self._endpoint.describe()
+        engine, where = self._endpoint.engine, self._endpoint.describe(generation.url)
         async for line in _lines(response):
             payload = _payload(line, framing)
             if payload is None:
@@ -312,7 +402,7 @@ class RemoteCore:
     def _take(self, generation: _Generation, event: Event) -> StopReason | None:
         run, now = generation.run, time.perf_counter()
         if event.slot is not None:
-            self._slots[generation.request.session_id] = event.slot
+            self._slots[(generation.url, generation.request.session_id)] = event.slot
         if event.text:
             generation.events += 1
             if not run.first_token:
@@ -337,9 +427,48 @@ class RemoteCore:
         return event.end
 
     async def _describe(self) -> ModelDescription:
+        """The first server that describes itself gives the model's facts; the others that cannot be
+        reached start out of rotation (health checks bring them back). None answering fails the load."""
         started = time.perf_counter()
-        endpoint, where = self._endpoint, self._endpoint.describe()
-        client = self._http()
+        endpoint = self._endpoint
+        failures: list[RemoteUnavailable] = []
+        for backend in list(self._backends):
+            try:
+                facts = await self._facts(backend.url)
+                break
+            except RemoteUnavailable as exc:
+                if exc.step != "reachable":
+                    raise  # a server that answers wrongly is a configuration to fix, not a server to skip
+                failures.append(exc)
+                self._backends.failed(backend, str(exc), time.monotonic())
+        else:
+            if len(failures) == 1:
+                raise failures[0]
+            raise RemoteUnavailable("no server of the model answers: " + "; ".join(map(str, failures)),
+                                    fix="start the servers, or correct `urls`")  # fmt: skip
+        self._publish()  # servers after the one that answered are found out by health checks and requests
+        if facts.missing_model:
+            raise RemoteUnavailable(facts.missing_model, step="model", fix="set `model` in config.toml")
+        n_ctx = self._n_ctx or facts.n_ctx
+        if not n_ctx and endpoint.engine is RemoteEngine.OLLAMA:
+            # Ollama sizes the context per request (options.num_ctx): its own default, within the model's.
+            n_ctx = min(OLLAMA_DEFAULT_N_CTX, facts.n_ctx_train or OLLAMA_DEFAULT_N_CTX)
+        if not n_ctx:
+            raise RemoteUnavailable(f"{endpoint.describe()} does not say its context size: set n_ctx for the model "
+                                    "in config.toml",
+                                    step="context", fix="set n_ctx in the model's [models.NAME] table")
+        self._n_ctx = n_ctx
+        return ModelDescription(
+            name=self._name, path=endpoint.url, architecture=facts.architecture or "remote", n_ctx=n_ctx,
+            n_ctx_train=facts.n_ctx_train or n_ctx, n_vocab=facts.n_vocab, n_params=facts.n_params, threads=0,
+            has_chat_template=bool(facts.chat_template), chat_template=facts.chat_template,
+            bos_token=facts.bos_token, eos_token=facts.eos_token, file_size=facts.size, rss_bytes=0,
+            load_ms=round((time.perf_counter() - started) * 1000.0, 1), gguf_name=facts.model_name,
+        )  # fmt: skip
+
+    async def _facts(self, url: str) -> _Facts:
+        endpoint, where = self._endpoint, self._endpoint.describe(url)
+        client = self._http(url)
         try:
             match endpoint.engine:
                 case RemoteEngine.LLAMA_SERVER:
@@ -359,29 +488,16 @@ class RemoteCore:
                                     fix=fix) from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise RemoteUnavailable(f"{where}: {_reason(exc)}") from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON, not an object
             raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
                                     "is `engine` right for this server?", fix="check `engine`") from None  # fmt: skip
-        if facts.missing_model:
-            raise RemoteUnavailable(facts.missing_model, step="model", fix="set `model` in config.toml")
-        n_ctx = self._n_ctx or facts.n_ctx
-        if not n_ctx and endpoint.engine is RemoteEngine.OLLAMA:
-            # Ollama sizes the context per request (options.num_ctx): its own default, within the model's.
-            n_ctx = min(OLLAMA_DEFAULT_N_CTX, facts.n_ctx_train or OLLAMA_DEFAULT_N_CTX)
-        if not n_ctx:
-            raise RemoteUnavailable(f"{where} does not say its context size: set n_ctx for the model in config.toml",
-                                    step="context", fix="set n_ctx in the model's [models.NAME] table")
-        self._n_ctx = n_ctx
-        return ModelDescription(
-            name=self._name, path=endpoint.url, architecture=facts.architecture or "remote", n_ctx=n_ctx,
-            n_ctx_train=facts.n_ctx_train or n_ctx, n_vocab=facts.n_vocab, n_params=facts.n_params, threads=0,
-            has_chat_template=bool(facts.chat_template), chat_template=facts.chat_template,
-            bos_token=facts.bos_token, eos_token=facts.eos_token, file_size=facts.size, rss_bytes=0,
-            load_ms=round((time.perf_counter() - started) * 1000.0, 1), gguf_name=facts.model_name,
-        )  # fmt: skip
+        return facts
 
 
 _DONE = object()
+# What a health check asks each engine for: cheap, and answered without a model at work.
+_HEALTH_PATHS = {RemoteEngine.LLAMA_SERVER: "/health", RemoteEngine.OPENAI: "/v1/models",
+                 RemoteEngine.OLLAMA: "/api/version"}
 
 
 @dataclass
@@ -507,9 +623,17 @@ async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
 
 
 def _payload(line: bytes, framing: Framing) -> Any:
-    """The JSON a stream line carries; None for lines that carry none (SSE comments, blank lines, other
-    fields); _DONE for OpenAI's end marker."""
+    """The JSON a stream line carries (an SSE `error:` field as `{"error": ...}`); None for lines that carry
+    none (SSE comments, blank lines, other fields); _DONE for OpenAI's end marker."""
     if framing is Framing.SSE:
+        if line.startswith(b"error:"):
+            # llama.cpp's server sends a failure mid-reply as an `error:` field (followed by `data: [DONE]`
+            # on its OpenAI-compatible endpoints): read as the `error` member the other engines send.
+            text = line[6:].strip()
+            try:
+                return {"error": json.loads(text) or "an error without a message"}
+            except ValueError:
+                return {"error": text.decode(errors="replace") or "an error without a message"}
         if not line.startswith(b"data:"):
             return None  # event:, id:, retry:, a ': keep-alive' comment, the blank separator
         line = line[5:].strip()

@@ -1,6 +1,6 @@
 """What each remote engine's HTTP API looks like, as data: the request that
 asks for a streamed completion of a raw prompt, and what one event of its
-stream means. Pure functions, no I/O (remote_core.py does the HTTP).
+stream means. Pure functions, no I/O (core.py does the HTTP).
 
     llama-server  POST /completion, server-sent events; the last event has
                   `stop: true`, `stop_type` and `timings` (prompt_n, cache_n,
@@ -14,7 +14,9 @@ stream means. Pure functions, no I/O (remote_core.py does the HTTP).
                   (the tokens it evaluated, not the prompt's) and `eval_count`
 
 A server's error arrives as an HTTP status, or as an `error` member inside
-the stream (all three put it there when they fail mid-reply).
+the stream (all three put it there when they fail mid-reply; llama.cpp's
+server sends it as an SSE `error:` field instead of `data:`, which core.py
+hands over as that member).
 """
 
 from __future__ import annotations

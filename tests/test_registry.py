@@ -278,3 +278,12 @@ def test_a_wrong_server_list_says_what_is_wrong(layout: HomeLayout, servers: str
     with pytest.raises(RegistryError) as err:
         ModelRegistry.load(layout)
     assert says in err.value.message
+
+
+def test_a_remote_model_s_vocabulary_is_a_path_relative_to_the_config(layout: HomeLayout) -> None:
+    write_config(layout, '[models.far]\nengine = "llama-server"\nurl = "http://a:1"\nvocab = "models/m.gguf"\n')
+    assert ModelRegistry.load(layout).lookup("far").vocab == str(layout.root / "models" / "m.gguf")
+    write_config(layout, '[models.local]\npath = "/m.gguf"\nvocab = "/v.gguf"\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "add engine" in err.value.message

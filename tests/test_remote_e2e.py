@@ -5,6 +5,7 @@ bastion's gateway (its OpenAI and Ollama routes), driven with the real CLI and s
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from bastion.protocol.control import ListModels, ModelList
 from tests.e2e_support import Bastion, start_streaming
 from tests.real_models import smollm2_gguf
-from tests.test_gateway_e2e import free_port, serve_http
+from tests.test_gateway_e2e import WEATHER_TOOL, client_of, free_port, serve_http
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
@@ -286,3 +287,69 @@ def test_two_servers_of_one_model_keep_their_sessions_and_take_over_from_each_ot
         for server in servers:
             server.stop(signal.SIGKILL)
 
+
+
+def test_an_api_key_reaches_the_server_and_nothing_of_bastion_s_keeps_it(bastion: Bastion, tmp_path: Path) -> None:
+    key = "sk-bastion-test-7f3a9c2e5d"
+    key_file = tmp_path / "upstream.key"
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    upstream = Bastion(tmp_path / "upstream")
+    try:
+        gateway = serve_http(upstream, "--api-key-file", str(key_file))
+        bastion.env["UPSTREAM_KEY"] = key  # the supervisor (started by the first command) inherits it
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        (bastion.home / "config.toml").write_text(
+            remote_entry("keyed", gateway, "openai", model="smollm2-135m", api_key_env="UPSTREAM_KEY")
+            + "n_ctx = 4096\n"
+            + remote_entry("filed", gateway, "openai", model="smollm2-135m", api_key_file=str(key_file))
+            + "n_ctx = 4096\n"
+            + remote_entry("keyless", gateway, "openai", model="smollm2-135m") + "n_ctx = 4096\n")  # fmt: skip
+        outputs = []
+        for name in ("keyed", "filed"):
+            code, lines = bastion.json("run", "--model", name, "Say hi.", "--max-tokens", "4")
+            assert code == 0, lines
+            outputs.append(json.dumps(lines))
+        code, lines = bastion.json("run", "--model", "keyless", "Say hi.", "--max-tokens", "4")
+        error = events_of(lines, "error")[0]
+        assert code == 1 and "401" in error["message"] and "api_key" in error["message"], error
+        outputs.append(json.dumps(lines) + bastion("ps").stdout)
+        # The key was used, and is in none of bastion's files, events, process arguments or logs.
+        workers = [" ".join(p.cmdline()) for p in bastion.processes()]
+        assert workers and not any(key in cmdline for cmdline in workers)
+        assert not any(key in text for text in outputs)
+        for path in bastion.home.rglob("*"):
+            if path.is_file():
+                assert key.encode() not in path.read_bytes(), path
+    finally:
+        upstream.cleanup()
+
+
+def test_with_the_gguf_s_vocabulary_here_a_remote_prompt_is_counted_exactly(
+        bastion: Bastion, llama_server: LlamaServer) -> None:  # fmt: skip
+    bastion.home.mkdir(parents=True, exist_ok=True)
+    (bastion.home / "config.toml").write_text(
+        remote_entry("counted", llama_server.url, vocab=str(smollm2_gguf()))
+        + remote_entry("estimated", llama_server.url))  # fmt: skip
+    budgets = {}
+    for name in ("counted", "estimated"):
+        code, lines = bastion.json("run", "--model", name, "Name three rivers of Europe.", "--max-tokens", "4")
+        assert code == 0, lines
+        budget, stats = events_of(lines, "context_budget")[0], events_of(lines, "generation_stats")[0]
+        budgets[name] = (budget["counting"], budget["used_tokens"], stats["prompt_tokens"])
+    assert budgets["counted"][0] == "vocabulary" and budgets["counted"][1] == budgets["counted"][2]  # as the server
+    counting, estimate, actual = budgets["estimated"]
+    assert counting == "estimate" and estimate > actual  # errs towards pruning early
+
+
+def test_a_remote_model_calls_a_client_s_tool_through_bastion_s_gateway_under_its_grammar(far: Bastion) -> None:
+    """The server completes bastion's prompt (the tools rendered by bastion's template) under the
+    call grammar bastion sends it; bastion parses the call and the OpenAI SDK gets tool_calls."""
+    gateway = serve_http(far)
+    answer = client_of(gateway).chat.completions.create(
+        model="far", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER_TOOL], tool_choice="required", temperature=0)  # fmt: skip
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)

@@ -52,11 +52,14 @@ class ModelAccess:
 
     async def counter(self, model: LoadedModel) -> TokenCounter:
         """The model's real tokenizer (a vocabulary-only load, once per model);
-        scripted models tokenize bytes, as their engine does."""
+        scripted models tokenize bytes, as their engine does; a remote model is
+        counted with the GGUF its `vocab` names, else by estimate."""
         if isinstance(model.spec.source, ScriptedReplies):
             return ByteTokenCounter()
         if isinstance(model.spec.source, RemoteEndpoint):
-            return EstimatedTokenCounter()
+            if model.spec.vocab is None:
+                return EstimatedTokenCounter()
+            return await asyncio.to_thread(self._counters.get, model.spec.vocab)
         return await asyncio.to_thread(self._counters.get, model.handle.model_path)
 
 

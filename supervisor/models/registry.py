@@ -76,6 +76,9 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     # None: the supervisor's defaults.
     kv_ram_bytes: int | None = None
     kv_disk_bytes: int | None = None
+    # A remote model's GGUF, or one with the same vocabulary, here: its prompts' tokens are then
+    # counted exactly (by a vocabulary-only load) instead of estimated.
+    vocab: str | None = None
 
 
 class MemorySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,12 +114,14 @@ class _Entry(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     mode: RemoteMode | UnsetType = UNSET
     connect_timeout: str | int | float | UnsetType = UNSET
     idle_timeout: str | int | float | UnsetType = UNSET
+    vocab: str | UnsetType = UNSET
 
     def remote_keys(self) -> list[str]:
         return [key for key in _REMOTE_KEYS if getattr(self, key) is not UNSET]
 
 
-_REMOTE_KEYS = ("engine", "url", "urls", "model", "api_key_env", "api_key_file", "mode", "connect_timeout", "idle_timeout")
+_REMOTE_KEYS = ("engine", "url", "urls", "model", "api_key_env", "api_key_file", "mode", "connect_timeout", "idle_timeout",
+                "vocab")
 
 
 class _Layer(msgspec.Struct, frozen=True, kw_only=True):
@@ -282,11 +287,12 @@ def _entry(file: str, text: str, name: str, raw: Any) -> _Entry:
             raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: {exc}") from exc
         if seconds <= 0:
             raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: must be positive")
-    if isinstance(entry.path, str):
-        path = Path(entry.path).expanduser()
-        # Relative paths are relative to the file that names them, not to the cwd.
-        resolved = path if path.is_absolute() else Path(file).parent / path
-        entry = msgspec.structs.replace(entry, path=str(resolved))
+    for key in ("path", "vocab"):
+        if isinstance(value := getattr(entry, key), str):
+            path = Path(value).expanduser()
+            # Relative paths are relative to the file that names them, not to the cwd.
+            resolved = path if path.is_absolute() else Path(file).parent / path
+            entry = msgspec.structs.replace(entry, **{key: str(resolved)})
     return entry
 
 
@@ -406,6 +412,7 @@ def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -
             parse_duration(entry.keep_alive) if not isinstance(entry.keep_alive, UnsetType)
             else DEFAULT_KEEP_ALIVE_S if memory.keep_alive_s is None else memory.keep_alive_s
         ),
+        vocab=None if isinstance(entry.vocab, UnsetType) else entry.vocab,
     )
 
 

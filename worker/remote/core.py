@@ -51,8 +51,10 @@ from typing import Any
 import httpx
 
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
+from bastion.protocol.common import GrammarUse
 from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine
-from bastion.protocol.worker_wire import FromWorker, Generate, ModelDescription
+from bastion.protocol.worker_wire import CallGrammar, FromWorker, Generate, ModelDescription
+from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import Backend, Backends
 from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
@@ -353,6 +355,8 @@ class RemoteCore:
         call = completion_request(endpoint, request.prompt, request.sampling, slot)
         if endpoint.engine is RemoteEngine.OLLAMA:
             call.body["options"]["num_ctx"] = self._n_ctx
+        if request.grammar is not None:
+            generation.run.grammar = _constrain(endpoint.engine, request.grammar, call.body)
         where = endpoint.describe(url)
         try:
             async with self._http(url).stream("POST", call.path, json=call.body) as response:
@@ -494,6 +498,32 @@ class RemoteCore:
         return facts
 
 
+def _constrain(engine: RemoteEngine, grammar: CallGrammar, body: dict[str, Any]) -> GrammarOutcome:
+    """Put `grammar` in a completion request where the engine takes one (llama.cpp's server: GBNF,
+    lazy with a trigger pattern, as the local worker builds it); say why not elsewhere."""
+    if engine is not RemoteEngine.LLAMA_SERVER:
+        return GrammarOutcome(GrammarUse.UNAVAILABLE, f"{engine.value} servers are not sent grammars; the reply "
+                                                      "was free text, parsed as usual")  # fmt: skip
+    from bastion.worker.grammar import (  # imports llama_cpp: only here
+        GrammarError,
+        call_gbnf,
+        trigger_pattern,
+    )
+
+    try:
+        body["grammar"] = call_gbnf(grammar)
+    except GrammarError as exc:
+        return GrammarOutcome(GrammarUse.FAILED, str(exc))
+    if not grammar.lazy:
+        return GrammarOutcome(GrammarUse.FULL)
+    body["grammar_lazy"] = True
+    # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: the whole reply so far must match; the
+    # grammar is fed from the first capture group on.
+    body["grammar_triggers"] = [{"type": _TRIGGER_PATTERN_FULL, "value": trigger_pattern(grammar.start)}]
+    return GrammarOutcome(GrammarUse.LAZY)
+
+
+_TRIGGER_PATTERN_FULL = 3
 _DONE = object()
 # What a health check asks each engine for: cheap, and answered without a model at work.
 _HEALTH_PATHS = {RemoteEngine.LLAMA_SERVER: "/health", RemoteEngine.OPENAI: "/v1/models",

@@ -7,6 +7,7 @@ or network produces it: an error status, an error inside the stream, garbage, a 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -22,6 +23,7 @@ from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, Sampling
 from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.remote import core as core_module
+from bastion.worker.remote import http_stream
 from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
 from tests.remote_double import Handler, HttpDouble, Received, Reply
 from tests.waiting import until, wait_until
@@ -377,20 +379,57 @@ def test_a_server_nobody_listens_for_is_unreachable_after_one_retry(
     cores: Cores, refused_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     attempts: list[str] = []
-    send = httpx.AsyncHTTPTransport.handle_async_request
+    connect = asyncio.open_connection
 
-    async def counted(self: httpx.AsyncHTTPTransport, request: httpx.Request) -> httpx.Response:
-        attempts.append(request.url.path)
-        return await send(self, request)
+    async def counted(host: str, port: int, **options: Any) -> Any:
+        attempts.append(f"{host}:{port}")
+        return await connect(host, port, **options)
 
-    monkeypatch.setattr(httpx.AsyncHTTPTransport, "handle_async_request", counted)
+    monkeypatch.setattr(http_stream.asyncio, "open_connection", counted)
     driven = cores(endpoint(refused_url))
     client = driven.generate()
     driven.drain()
     ended(client, StopReason.ERROR)
     assert client.failure.code is ErrorCode.REMOTE_UNREACHABLE and client.failure.retryable
     assert "cannot reach" in client.failure.message and refused_url in client.failure.message
-    assert attempts == ["/completion", "/completion"] and client.text == ""
+    assert attempts == [refused_url.removeprefix("http://")] * 2 and client.text == ""
+
+
+def test_a_host_name_that_does_not_resolve_is_unreachable_and_says_so(cores: Cores) -> None:
+    driven = cores(endpoint("http://no-such-host.invalid:8080"))
+    client = driven.generate()
+    driven.drain()
+    ended(client, StopReason.ERROR)
+    assert client.failure.code is ErrorCode.REMOTE_UNREACHABLE and "no-such-host.invalid" in client.failure.message
+    assert "Name or service not known" in client.failure.message or "resolution" in client.failure.message
+
+
+def test_https_to_a_plain_http_server_is_unreachable_with_the_tls_error(cores: Cores) -> None:
+    """A plain-HTTP server answers the TLS hello with HTTP: the handshake fails, and says so."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(STEP_TIMEOUT_S)
+
+    def answer_in_plain_http() -> None:
+        for _ in range(2):  # the attempt and its one retry
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    server = threading.Thread(target=answer_in_plain_http, daemon=True)
+    server.start()
+    try:
+        driven = cores(endpoint(f"https://127.0.0.1:{listener.getsockname()[1]}"))
+        client = driven.generate()
+        driven.drain()
+    finally:
+        listener.close()
+        server.join(STEP_TIMEOUT_S)
+    ended(client, StopReason.ERROR)
+    assert client.failure.code is ErrorCode.REMOTE_UNREACHABLE
+    assert "SSL" in client.failure.message or "TLS" in client.failure.message, client.failure.message
 
 
 def test_a_server_that_hangs_up_before_answering_is_tried_twice_then_unreachable(

@@ -135,7 +135,8 @@ def test_a_server_killed_mid_reply_keeps_the_partial_and_says_interrupted_then_u
         bastion.home.mkdir(parents=True, exist_ok=True)
         (bastion.home / "config.toml").write_text(remote_entry("doomed", server.url))
         process, events, first_token, reader = start_streaming(
-            bastion, "--model", "doomed", "Count to a thousand.", "--max-tokens", "1500", "--ignore-eos")
+            bastion, "--model", "doomed", "--session", "cut", "Count to a thousand.", "--max-tokens", "1500",
+            "--ignore-eos")  # fmt: skip
         assert first_token.wait(120), events
         server.stop(signal.SIGKILL)
         assert process.wait(timeout=60) == 1
@@ -144,6 +145,10 @@ def test_a_server_killed_mid_reply_keeps_the_partial_and_says_interrupted_then_u
         error = next(e for _, e in events if e["type"] == "error")
         assert error["code"] == "remote_interrupted" and "kept" in error["message"], error
         assert "token" in kinds and kinds[-1] == "run_end"
+        streamed = "".join(e["text"] for _, e in events if e["type"] == "token")
+        _, (detail,) = bastion.json("sessions", "show", "cut")
+        [reply] = [m for m in detail["messages"] if m["role"] == "assistant"]
+        assert reply["interrupted"] and reply["content"] == streamed and streamed  # the partial reply is kept
         code, lines = bastion.json("run", "--model", "doomed", "Hello?")  # the worker is still up; the server is not
         assert code == 1 and events_of(lines, "error")[0]["code"] == "remote_unreachable", lines
     finally:

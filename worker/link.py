@@ -92,6 +92,9 @@ class RequestSlots:
         # Threads the supervisor last asked for (0: none asked); read by the
         # engine thread between decode steps.
         self.threads = 0
+        # Told of each cancel as it is set, for a core that does not poll the flags
+        # between steps (a remote model's: its streams wait on the network).
+        self.on_cancel: Callable[[], None] = lambda: None
 
     def claim(self, request_id: str) -> bool:
         if len(self._cancelled) >= self.capacity:
@@ -113,6 +116,7 @@ class RequestSlots:
         if request_id not in self._cancelled:
             return False
         self._cancelled[request_id] = True
+        self.on_cancel()
         return True
 
     def cancel_any(self) -> None:

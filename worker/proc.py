@@ -237,6 +237,7 @@ class WorkerProc:
         try:
             core = RemoteCore(remote, name=self._config.name, n_ctx=self._config.n_ctx, wake=lambda: inbox.put(_WAKE),
                               api_key=read_api_key(remote))  # fmt: skip
+            self._slots.on_cancel = lambda: inbox.put(_WAKE)  # step() passes the cancel on to the stream
         except RemoteUnavailable as exc:
             return self._load_failed(emit, str(exc))
         try:

@@ -7,8 +7,9 @@ Each `Generate` becomes one streamed HTTP request, run as a task on an asyncio
 loop of the core's own thread; what the task has to say (`TokenDelta`,
 `RequestFailed`, `GenerationStats`, `GenerationFinished`) goes into a queue
 that `step()` empties on the engine thread, and `wake` tells the shell there
-is something to send. A cancel (polled every `CANCEL_POLL_S`) cancels the
-task, which closes the connection: llama.cpp's server, vLLM and Ollama all
+is something to send. A cancel (passed on by `step()`, which the shell
+wakes for it, and polled every `CANCEL_POLL_S` as well) cancels the task,
+which closes the connection: llama.cpp's server, vLLM and Ollama all
 stop generating for a client that went away.
 
 What every `Generate` gets, in order (text held back by DELTA_INTERVAL_S is
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import msgspec
 
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
 from bastion.protocol.common import GrammarUse
@@ -57,6 +59,7 @@ from bastion.protocol.worker_wire import CallGrammar, FromWorker, Generate, Mode
 from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import Backend, Backends
 from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
+from bastion.worker.remote.http_stream import Cut, Idle, StreamError, StreamResponse, Unreachable, post_stream
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ log = logging.getLogger(__name__)
 Emit = Callable[[FromWorker], None]
 Cancelled = Callable[[], bool]
 
-CANCEL_POLL_S = 0.02
+CANCEL_POLL_S = 0.5
 RETRY_DELAY_S = 0.5
 RETRY_AFTER_MAX_S = 30.0
 MAX_LINE_BYTES = 1024 * 1024  # a longer stream line is not any engine's protocol
@@ -91,7 +94,7 @@ class _Failure(Exception):
         self.code, self.message, self.retryable, self.retry_after_ms = code, message, retryable, retry_after_ms
 
 
-@dataclass
+@dataclass(eq=False)
 class _Generation:
     request: Generate
     emit: Emit
@@ -104,6 +107,11 @@ class _Generation:
     counted: bool = False  # whether the server said how many tokens the prompt had
     url: str = ""  # the server it is streaming from
     task: asyncio.Task[None] | None = field(default=None, repr=False)
+    cancel_sent: bool = False
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None) -> str:
@@ -146,6 +154,7 @@ class RemoteCore:
         self._backends = Backends(endpoint.backends)
         self._gauges = self._backends.gauges()  # as of the last change, for the IO thread's heartbeats
         self._active = 0
+        self._running: set[_Generation] = set()  # started, not yet ended (the engine thread's view)
         self.progress = 0
         self.kv_tokens = 0  # the remote holds the KV state
         self.snapshots = None
@@ -170,9 +179,15 @@ class RemoteCore:
     def start(self, request: Generate, emit: Emit, cancelled: Cancelled) -> None:
         generation = _Generation(request, emit, cancelled, Run(request=request, started=time.perf_counter()))
         self._active += 1
+        self._running.add(generation)
         asyncio.run_coroutine_threadsafe(self._serve(generation), self._loop)
 
     def step(self) -> None:
+        """Send what the streams queued, and pass on the cancels asked since the last step."""
+        for generation in list(self._running):
+            if not generation.cancel_sent and generation.cancelled():
+                generation.cancel_sent = True
+                self._loop.call_soon_threadsafe(generation.cancel)
         while True:
             try:
                 item = self._out.get_nowait()
@@ -180,6 +195,7 @@ class RemoteCore:
                 return
             if isinstance(item, _Generation):
                 self._active -= 1
+                self._running.discard(item)
             else:
                 emit, message = item
                 emit(message)
@@ -285,13 +301,14 @@ class RemoteCore:
         """Send the text held back by DELTA_INTERVAL_S: all of it before a RequestFailed or the stats."""
         if generation.held:
             self._send(generation, token_delta(generation.run, generation.held, now))
-            generation.held = ""
+            generation.held, generation.last_emit = "", now
 
     async def _watch_cancel(self, generation: _Generation, task: asyncio.Task[None]) -> None:
+        """A cancel comes through step() at once (the shell wakes it); this also catches one nobody
+        woke it for. And while the remote computes (a long prefill sends nothing), it shows the
+        supervisor's hang check this worker is alive: idle_timeout_s bounds the remote's silence."""
         while not generation.cancelled():
             await asyncio.sleep(CANCEL_POLL_S)
-            # Alive while the remote computes (a long prefill sends nothing): the supervisor's
-            # hang check must not kill this worker for it; idle_timeout_s bounds the remote's silence.
             self.progress += 1
         task.cancel()
 
@@ -359,30 +376,37 @@ class RemoteCore:
             generation.run.grammar = _constrain(endpoint.engine, request.grammar, call.body)
         where = endpoint.describe(url)
         try:
-            async with self._http(url).stream("POST", call.path, json=call.body) as response:
+            async with post_stream(url, call.path, msgspec.json.encode(call.body), self._headers,
+                                   connect_timeout_s=endpoint.connect_timeout_s,
+                                   idle_timeout_s=endpoint.idle_timeout_s) as response:  # fmt: skip
                 if response.status_code >= 400:
                     raise await _status_failure(response, where)
-                end = await self._read(generation, response, call.framing)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"cannot reach {where}: {_reason(exc)}",
+                return await self._read(generation, response, call.framing)
+        except Unreachable as exc:
+            raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"cannot reach {where}: {exc.reason}",
                            retryable=True) from None  # fmt: skip
-        except httpx.ReadTimeout:
+        except Idle:
             raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
                            f"{where} sent nothing for {endpoint.idle_timeout_s:g} s (idle_timeout_s); "
                            "the reply so far is kept") from None  # fmt: skip
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+        except Cut as exc:
             if not generation.events:
-                raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"{where} closed the connection: {_reason(exc)}",
+                raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"{where} closed the connection: {exc.reason}",
                                retryable=True) from None  # fmt: skip
             raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
-                           f"{where} cut the reply off: {_reason(exc)}; the reply so far is kept") from None
-        except httpx.HTTPError as exc:
-            raise _Failure(ErrorCode.REMOTE_ERROR, f"{where}: {_reason(exc)}") from None
-        return end
+                           f"{where} cut the reply off: {exc.reason}; the reply so far is kept") from None
 
-    async def _read(self, generation: _Generation, response: httpx.Response, framing: Framing) -> StopReason:
+    async def _read(self, generation: _Generation, response: StreamResponse, framing: Framing) -> StopReason:
         engine, where = self._endpoint.engine, self._endpoint.describe(generation.url)
         async for line in _lines(response):
+            if line is None:  # what has arrived is used up
+                self._flush(generation, time.perf_counter())
+                if generation.last_emit:
+                    # Once the first text is out, read at most every DELTA_INTERVAL_S: the server's
+                    # tokens gather in the socket meanwhile and come in one read, instead of one
+                    # wakeup of this process each, taken from the cores the server may decode on.
+                    await response.rest(DELTA_INTERVAL_S)
+                continue
             payload = _payload(line, framing)
             if payload is None:
                 continue
@@ -414,11 +438,9 @@ class RemoteCore:
             run.completion_tokens += max(1, event.tokens)
             run.chars += len(event.text)
             run.streamed.append(event.text)
-            if generation.last_emit and now - generation.last_emit < DELTA_INTERVAL_S:
-                generation.held += event.text
-            else:
-                self._send(generation, token_delta(run, generation.held + event.text, now))
-                generation.held, generation.last_emit = "", now
+            generation.held += event.text
+            if not generation.last_emit:  # the first text at once; the rest as each read is used up
+                self._flush(generation, now)
         if event.prompt_tokens is not None:
             run.prompt_tokens = event.prompt_tokens
             generation.counted = True
@@ -595,12 +617,11 @@ async def _ollama_facts(client: httpx.AsyncClient, model: str) -> _Facts:
                   n_params=int(info.get("general.parameter_count") or 0), model_name=model)  # fmt: skip
 
 
-async def _status_failure(response: httpx.Response, where: str) -> _Failure:
-    body = b""
-    async for chunk in response.aiter_bytes():
-        body += chunk
-        if len(body) >= ERROR_BODY_BYTES:
-            break
+async def _status_failure(response: StreamResponse, where: str) -> _Failure:
+    try:
+        body = await response.read_some(ERROR_BODY_BYTES)
+    except StreamError as exc:  # the status says enough
+        body = f"(its body: {exc.reason})".encode()
     text = _excerpt(body.decode("utf-8", errors="replace"))
     status = f"{response.status_code} {response.reason_phrase}".strip()
     if response.status_code in (429, 503):
@@ -638,10 +659,14 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-async def _lines(response: httpx.Response) -> AsyncIterator[bytes]:
-    """The response's lines, refusing one longer than MAX_LINE_BYTES instead of holding it all."""
+async def _lines(response: StreamResponse) -> AsyncIterator[bytes | None]:
+    """The response's lines, and None each time what has arrived is used up; refusing a line
+    longer than MAX_LINE_BYTES instead of holding it all."""
     pending = b""
-    async for chunk in response.aiter_raw():
+    async for chunk in response.body():
+        if chunk is None:
+            yield None
+            continue
         pending += chunk
         while (cut := pending.find(b"\n")) >= 0:
             line, pending = pending[:cut], pending[cut + 1 :]

@@ -85,6 +85,7 @@ class TokenCounting(enum.Enum):
     """How a context budget's token counts were made."""
 
     VOCABULARY = "vocabulary"  # with the model's own tokenizer: exact
+    REMOTE = "remote"  # by the remote server's own tokenizer (its /tokenize)
     ESTIMATE = "estimate"  # from the text's length (a remote model without its vocabulary here)
 
 

@@ -7,6 +7,7 @@ The worker's DEALER connects to the supervisor's workers ROUTER and speaks first
     worker  -> WorkerReady | WorkerLoadFailed        (after loading the GGUF)
     supervisor -> Generate ...; worker -> (TokenLogprobs? TokenDelta)* GenerationStats GenerationFinished
                                          | RequestFailed
+    supervisor -> CountTokens;  worker -> TokenCount | RequestFailed   (a remote model's tokenizer)
     both ways  Heartbeat every second
 """
 
@@ -158,6 +159,21 @@ class GenerationFinished(Message, frozen=True, tag="generation_finished"):
     keep_chars: int | None = None
 
 
+class CountTokens(Message, frozen=True, tag="count_tokens"):
+    """How many tokens `text` is to the model, as it would be a prompt (special tokens parsed,
+    BOS as the model adds it). Asked of a remote model's worker, which asks the server's own
+    tokenizer; answered with TokenCount, or RequestFailed when the server cannot say. Takes no
+    generation slot."""
+
+    request_id: str
+    text: str
+
+
+class TokenCount(Message, frozen=True, tag="token_count"):
+    request_id: str
+    count: int
+
+
 class SetThreads(Message, frozen=True, tag="set_threads"):
     """Use `threads` threads from the next decode step on, also mid-generation:
     the supervisor shares the cores among the workers that are busy."""
@@ -165,7 +181,7 @@ class SetThreads(Message, frozen=True, tag="set_threads"):
     threads: int
 
 
-ToWorker = HelloAccepted | Heartbeat | Generate | Cancel | Shutdown | RequestFailed | SetThreads
+ToWorker = HelloAccepted | Heartbeat | Generate | Cancel | Shutdown | RequestFailed | SetThreads | CountTokens
 FromWorker = (
     Hello
     | WorkerReady
@@ -176,4 +192,5 @@ FromWorker = (
     | GenerationStats
     | GenerationFinished
     | RequestFailed
+    | TokenCount
 )

@@ -62,6 +62,7 @@ from bastion.protocol.control import (
     UnloadModel,
 )
 from bastion.protocol.control_options import ToolChoice, ToolChoiceMode
+from bastion.protocol.remote import BackendGauge
 from bastion.protocol.sandbox_wire import (
     ConfinementLevel,
     ConfinementReport,
@@ -116,10 +117,12 @@ from bastion.protocol.trust import (
     VerifyAudit,
 )
 from bastion.protocol.worker_wire import (
+    CountTokens,
     Generate,
     GenerationFinished,
     ModelDescription,
     SetThreads,
+    TokenCount,
     WorkerLoadFailed,
     WorkerReady,
 )
@@ -145,10 +148,14 @@ SAMPLES: list[msgspec.Struct] = [
     Hello(protocol_version=PROTOCOL_VERSION, role=Role.CLIENT, name="cli", pid=1),
     HelloAccepted(protocol_version=PROTOCOL_VERSION, supervisor_pid=2),
     Heartbeat(seq=3, progress=4, kv_tokens=5, busy=True),
+    Heartbeat(seq=4, backends=(BackendGauge(url="http://a:1", healthy=False, sessions=2, cached_tokens=9,
+                                            contradicted=1, last_error="refused"),)),
     RequestFailed(request_id="r", code=ErrorCode.BUSY, message="full", retryable=True, retry_after_ms=100),
     Cancel(request_id="r"),
     Shutdown(request_id="r"),
     SetThreads(threads=1),
+    CountTokens(request_id="c1", text="<|im_start|>user\nhé"),
+    TokenCount(request_id="c1", count=5),
     TokenDelta(request_id="r", text="hé", n=2, tokens_per_s=50.5),
     TokenLogprobs(request_id="r", chosen=TokenChoice(token="\ufffd", token_bytes=b"\xc3", logprob=-0.25),
                   top=(TokenChoice(token="\ufffd", token_bytes=b"\xc3", logprob=-0.25),

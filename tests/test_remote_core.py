@@ -21,7 +21,7 @@ import pytest
 
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
-from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
+from bastion.protocol.worker_wire import CountTokens, FromWorker, Generate, GenerationFinished, TokenCount
 from bastion.worker.remote import core as core_module
 from bastion.worker.remote import http_stream
 from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
@@ -777,3 +777,39 @@ def test_the_double_reports_a_broken_script() -> None:
     finally:
         double.close()
     assert double.errors == ["RuntimeError: script bug"]
+
+
+# -- counting tokens ----------------------------------------------------------------------
+
+
+def count_with(driven: Any, text: str) -> FromWorker:
+    answers: list[FromWorker] = []
+    driven.core.count_tokens(CountTokens(request_id="c1", text=text), answers.append)
+    driven.step_until(lambda: answers, what="the count")
+    [answer] = answers
+    return answer
+
+
+def test_a_count_is_the_llama_servers_own_tokenization_of_the_prompt(serve: Serve, cores: Cores) -> None:
+    double = serve(routes({"/tokenize": lambda r: r.answer(200, {"tokens": [1, 2, 3, 4]})}))
+    answer = count_with(cores(endpoint(double.url)), "<|im_start|>user\nhi")
+    assert answer == TokenCount(request_id="c1", count=4)
+    body = double.received[0].json()
+    assert body["content"] == "<|im_start|>user\nhi" and body["add_special"] is True
+
+
+def test_a_count_reads_vllms_tokenize_answer(serve: Serve, cores: Cores) -> None:
+    double = serve(routes({"/tokenize": lambda r: r.answer(200, {"count": 7, "max_model_len": 4096})}))
+    answer = count_with(cores(endpoint(double.url, OPENAI)), "hello")
+    assert answer == TokenCount(request_id="c1", count=7) and double.received[0].json()["prompt"] == "hello"
+
+
+@pytest.mark.parametrize("engine", [OPENAI, OLLAMA])
+def test_a_server_without_a_tokenizer_route_says_so_instead_of_a_count(
+    serve: Serve, cores: Cores, engine: RemoteEngine
+) -> None:
+    double = serve(routes({}))
+    answer = count_with(cores(endpoint(double.url, engine)), "hello")
+    assert isinstance(answer, RequestFailed) and answer.code is ErrorCode.REMOTE_ERROR
+    assert "tokenize" in answer.message or "count" in answer.message
+    assert len(double.received) == (1 if engine is OPENAI else 0)  # Ollama is not even asked

@@ -43,7 +43,7 @@ import msgspec
 
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
 from bastion.protocol.common import MAX_TOP_LOGPROBS
-from bastion.protocol.worker_wire import FromWorker, Generate
+from bastion.protocol.worker_wire import CountTokens, FromWorker, Generate, TokenCount
 from bastion.worker.engine import (
     MIN_EVALUATED,
     BatchPart,
@@ -174,6 +174,11 @@ class WorkerCore:
     def ready(self) -> bool:
         """Whether `step()` has work now (the process shell blocks on its inbox otherwise)."""
         return bool(self._active)
+
+    def count_tokens(self, request: CountTokens, emit: Emit) -> None:
+        """The engine's own count of a text as a prompt (the supervisor counts a local model's
+        tokens itself; this answers the same question a remote model's worker does)."""
+        emit(TokenCount(request_id=request.request_id, count=len(self._engine.tokenize(request.text))))
 
     def generate(self, request: Generate, emit: Emit, cancelled: Cancelled) -> StopReason:
         """Serve `request` to its end (with any other started generation batched alongside)."""

@@ -47,7 +47,7 @@ from bastion.protocol import (
 )
 from bastion.protocol.common import Message
 from bastion.protocol.remote import BackendGauge
-from bastion.protocol.worker_wire import Generate, GenerationFinished, SetThreads
+from bastion.protocol.worker_wire import CountTokens, Generate, GenerationFinished, SetThreads
 from bastion.worker.config import WorkerConfig
 from bastion.worker.lifecycle import ExitCode, StopRequest, parent_gone
 
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 _END_OF_REQUEST = b"end"
 
-Inbox = queue.SimpleQueue  # of Generate | StopRequest; SimpleQueue.put is safe in signal handlers
+Inbox = queue.SimpleQueue  # of Generate | CountTokens | StopRequest; SimpleQueue.put is safe in signal handlers
 class Gauges(msgspec.Struct, frozen=True, kw_only=True):
     """What the engine thread reports through heartbeats: Heartbeat's fields
     of the same names."""
@@ -261,6 +261,8 @@ class SupervisorLink:
                     log.info("cancel of %s, which is not running", request_id)
             case Heartbeat():
                 pass
+            case CountTokens():
+                self._inbox.put(message)  # no slot: it generates nothing
             case SetThreads(threads=threads) if threads > 0:
                 self._slots.threads = threads
             case SetThreads(threads=threads):

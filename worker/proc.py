@@ -52,6 +52,7 @@ from bastion.protocol import (
     worker_codec,
 )
 from bastion.protocol.worker_wire import (
+    CountTokens,
     Generate,
     ModelDescription,
     WorkerLoadFailed,
@@ -271,6 +272,8 @@ class WorkerProc:
                     case Generate():
                         # The link frees the request's slot as it forwards GenerationFinished.
                         core.start(item, emit, self._slots.cancel_check(item.request_id))
+                    case CountTokens():
+                        core.count_tokens(item, emit)
                     case StopRequest():
                         stop = stop or item
             if stop is not None and core.active == 0:
@@ -279,9 +282,9 @@ class WorkerProc:
                 return stop.code
             core.step()
 
-    def _arrived(self, *, block: bool) -> list[Generate | StopRequest]:
+    def _arrived(self, *, block: bool) -> list[Generate | CountTokens | StopRequest]:
         """What the inbox holds now; with `block`, at least one item (or a wake)."""
-        items: list[Generate | StopRequest | str] = [self._inbox.get()] if block else []
+        items: list[Generate | CountTokens | StopRequest | str] = [self._inbox.get()] if block else []
         while True:
             try:
                 items.append(self._inbox.get_nowait())

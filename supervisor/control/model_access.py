@@ -7,6 +7,7 @@ Shared by runs (runs.py) and completions (completions.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from bastion.protocol.remote import RemoteEndpoint
 from bastion.supervisor.control.models import load_progress
@@ -16,11 +17,15 @@ from bastion.supervisor.models.sources import ScriptedReplies
 from bastion.supervisor.models.tokenizer import (
     ByteTokenCounter,
     EstimatedTokenCounter,
+    RemoteTokenCounter,
     TokenCounter,
     TokenCounters,
 )
+from bastion.supervisor.processes.worker_handle import CountFailed
 from bastion.supervisor.runs import ActiveRun
 from bastion.supervisor.templates.formatter import PromptFormatter
+
+log = logging.getLogger(__name__)
 
 
 class ModelAccess:
@@ -53,14 +58,28 @@ class ModelAccess:
     async def counter(self, model: LoadedModel) -> TokenCounter:
         """The model's real tokenizer (a vocabulary-only load, once per model);
         scripted models tokenize bytes, as their engine does; a remote model is
-        counted with the GGUF its `vocab` names, else by estimate."""
+        counted with the GGUF its `vocab` names, else by its server's own
+        tokenizer where the server has one, else by estimate."""
         if isinstance(model.spec.source, ScriptedReplies):
             return ByteTokenCounter()
         if isinstance(model.spec.source, RemoteEndpoint):
-            if model.spec.vocab is None:
-                return EstimatedTokenCounter()
-            return await asyncio.to_thread(self._counters.get, model.spec.vocab)
+            if model.spec.vocab is not None:
+                return await asyncio.to_thread(self._counters.get, model.spec.vocab)
+            return await _remote_counter_for(model)
         return await asyncio.to_thread(self._counters.get, model.handle.model_path)
+
+
+async def _remote_counter_for(model: LoadedModel) -> TokenCounter:
+    """The remote server's tokenizer when it has a route for it (asked once per worker), else the estimate."""
+    handle = model.handle
+    if handle.counts_tokens is None:
+        try:
+            await handle.count_tokens("")
+            handle.counts_tokens = True
+        except CountFailed as exc:
+            log.info("model %s: counting its prompts by estimate: %s", model.spec.name, exc)
+            handle.counts_tokens = False
+    return RemoteTokenCounter(handle.count_tokens) if handle.counts_tokens else EstimatedTokenCounter()
 
 
 def with_template(model: LoadedModel, template: str | None) -> PromptFormatter:

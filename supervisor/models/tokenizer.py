@@ -19,11 +19,13 @@ for the library. It must not render prompts or decide what to prune.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from bastion.protocol.agent_events import TokenCounting
 from bastion.supervisor.errors import InvalidModelFileError
@@ -138,6 +140,34 @@ class EstimatedTokenCounter:
 
 
 ESTIMATE_BYTES_PER_TOKEN = 3
+# The longest a count by a remote server may take before the estimate stands in for it.
+REMOTE_COUNT_TIMEOUT_S = 10.0
+
+
+class RemoteTokenCounter:
+    """Counts with a remote model's own tokenizer: its worker asks the server (CountTokens).
+    Built on the event loop; `count` is called from the threads the budget plans in, and
+    waits there for the answer. A count that fails or is asked on the loop itself (where
+    waiting would block the answer) is estimated instead, conservatively."""
+
+    counting = TokenCounting.REMOTE
+
+    def __init__(self, ask: Callable[[str], Coroutine[Any, Any, int]]) -> None:
+        self._ask = ask
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._fallback = EstimatedTokenCounter()
+        self.estimated = 0  # counts the estimate stood in for
+
+    def count(self, text: str) -> int:
+        if threading.get_ident() == self._loop_thread:
+            self.estimated += 1
+            return self._fallback.count(text)
+        try:
+            return asyncio.run_coroutine_threadsafe(self._ask(text), self._loop).result(REMOTE_COUNT_TIMEOUT_S)
+        except Exception:  # a server gone mid-plan: the run goes on with a safe count
+            self.estimated += 1
+            return self._fallback.count(text)
 
 
 class TokenCounters:

@@ -41,11 +41,13 @@ from bastion.protocol import (
 )
 from bastion.protocol.remote import BackendGauge, RemoteEndpoint
 from bastion.protocol.worker_wire import (
+    CountTokens,
     FromWorker,
     Generate,
     GenerationFinished,
     ModelDescription,
     SetThreads,
+    TokenCount,
     ToWorker,
     WorkerLoadFailed,
     WorkerReady,
@@ -68,6 +70,10 @@ def describe_exit(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
     return f"exited with code {returncode}"
+
+
+class CountFailed(Exception):
+    """A worker could not count a text's tokens (its remote has no tokenizer route, or it died)."""
 
 
 class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
@@ -135,6 +141,10 @@ class WorkerHandle:
         # stops generating (the pool shares the cores among busy workers).
         self.applied_threads = launch.threads
         self.on_activity: Callable[[], None] = lambda: None
+        self._counts: dict[str, asyncio.Future[int]] = {}  # CountTokens asked, by request id
+        # Whether its (remote) model's server counts tokens; None until asked.
+        self.counts_tokens: bool | None = None
+        self._counted = 0
         self._send = send
         self._config = config
 
@@ -149,6 +159,23 @@ class WorkerHandle:
 
     def send(self, message: ToWorker) -> None:
         self._send(self.identity, message)
+
+    async def count_tokens(self, text: str, timeout_s: float = 30.0) -> int:
+        """`text`'s tokens as the worker's model counts a prompt (a remote model: its server's own
+        tokenizer); CountFailed when it cannot say."""
+        if self.state not in (WorkerState.IDLE, WorkerState.BUSY):
+            raise CountFailed(f"model {self.name} is {self.state.value}")
+        self._counted += 1
+        request_id = f"count-{self._counted}"
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._counts[request_id] = answer
+        try:
+            self.send(CountTokens(request_id=request_id, text=text))
+            return await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise CountFailed(f"model {self.name}'s worker did not count within {timeout_s:g} s") from None
+        finally:
+            self._counts.pop(request_id, None)
 
     # --- runs -------------------------------------------------------------
 
@@ -246,6 +273,12 @@ class WorkerHandle:
                     generation.deliver(message)
             case RequestFailed(request_id=""):
                 log.warning("worker %s reported: %s (%s)", self.worker_id, message.message, message.code.value)
+            case TokenCount(request_id=request_id, count=count):
+                if (answer := self._counts.get(request_id)) is not None and not answer.done():
+                    answer.set_result(count)
+            case RequestFailed() if message.request_id in self._counts:
+                if not (answer := self._counts[message.request_id]).done():
+                    answer.set_exception(CountFailed(message.message))
             case RequestFailed():
                 if (generation := self.running.get(message.request_id)) is not None:
                     generation.deliver(message)
@@ -284,6 +317,9 @@ class WorkerHandle:
             code = ErrorCode.WORKER_UNRESPONSIVE
         for generation in [*self.running.values(), *self.queue]:
             generation.fail(code, report, retryable=not stopping)
+        for answer in self._counts.values():
+            if not answer.done():
+                answer.set_exception(CountFailed(self.exit_line))
         self.running.clear()
         self.queue.clear()
         self.on_activity()  # its share of the cores goes to the others

@@ -55,7 +55,14 @@ import msgspec
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine
-from bastion.protocol.worker_wire import CallGrammar, FromWorker, Generate, ModelDescription
+from bastion.protocol.worker_wire import (
+    CallGrammar,
+    CountTokens,
+    FromWorker,
+    Generate,
+    ModelDescription,
+    TokenCount,
+)
 from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import Backend, Backends
 from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
@@ -204,6 +211,11 @@ class RemoteCore:
         """Each server's state and figures (read from any thread)."""
         return self._gauges
 
+    def count_tokens(self, request: CountTokens, emit: Emit) -> None:
+        """Ask the server's own tokenizer (llama-server's and vLLM's `/tokenize`); TokenCount, or
+        RequestFailed when it has none (Ollama) or cannot be reached."""
+        asyncio.run_coroutine_threadsafe(self._count(request, emit), self._loop)
+
     def describe(self) -> ModelDescription:
         """What the remote serves, asked of it; RemoteUnavailable with what to do when it cannot say."""
         return asyncio.run_coroutine_threadsafe(self._describe(), self._loop).result()
@@ -231,6 +243,22 @@ class RemoteCore:
 
     def _publish(self) -> None:
         self._gauges = self._backends.gauges()
+
+    async def _count(self, request: CountTokens, emit: Emit) -> None:
+        endpoint = self._endpoint
+        backend = next((b for b in self._backends if b.healthy), None) or next(iter(self._backends))
+        answer: FromWorker
+        try:
+            count = await _remote_count(self._http(backend.url), endpoint, request.text)
+            answer = TokenCount(request_id=request.request_id, count=count)
+        except _NoTokenizer as exc:
+            answer = RequestFailed(request_id=request.request_id, code=ErrorCode.REMOTE_ERROR, message=str(exc))
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            answer = RequestFailed(request_id=request.request_id, code=ErrorCode.REMOTE_ERROR,
+                                   message=f"{endpoint.describe(backend.url)} could not count: {_reason(exc)}",
+                                   retryable=True)  # fmt: skip
+        self._out.put((emit, answer))
+        self._wake()
 
     async def _watch_health(self) -> None:
         """Every HEALTH_INTERVAL_S, ask each server whether it answers: one that does not is taken
@@ -518,6 +546,28 @@ class RemoteCore:
             raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
                                     "is `engine` right for this server?", fix="check `engine`") from None  # fmt: skip
         return facts
+
+
+class _NoTokenizer(Exception):
+    """The engine has no route that counts tokens."""
+
+
+async def _remote_count(client: httpx.AsyncClient, endpoint: RemoteEndpoint, text: str) -> int:
+    """`text`'s tokens as the server counts a prompt: special tokens parsed, BOS as the model adds it."""
+    match endpoint.engine:
+        case RemoteEngine.LLAMA_SERVER:
+            response = await client.post("/tokenize", json={"content": text, "add_special": True,
+                                                             "parse_special": True})  # fmt: skip
+            response.raise_for_status()
+            return len(response.json()["tokens"])
+        case RemoteEngine.OPENAI:  # vLLM's route; llama.cpp's server answers it too
+            response = await client.post("/tokenize", json={"model": endpoint.model, "prompt": text})
+            if response.status_code == 404:
+                raise _NoTokenizer(f"{endpoint.describe()} has no /tokenize route")
+            response.raise_for_status()
+            shown = response.json()
+            return int(shown["count"]) if "count" in shown else len(shown["tokens"])
+    raise _NoTokenizer(f"{endpoint.engine.value} servers have no route that counts tokens")
 
 
 def _constrain(engine: RemoteEngine, grammar: CallGrammar, body: dict[str, Any]) -> GrammarOutcome:

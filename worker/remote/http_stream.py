@@ -76,14 +76,16 @@ class StreamResponse:
         """Read nothing from the socket for `seconds`: what the server sends meanwhile waits in the
         kernel and comes in one read. (asyncio's transport would otherwise read each packet as it
         arrives, a wakeup each, whether or not anyone asked for the bytes.)"""
-        pausable = isinstance(self._transport, asyncio.ReadTransport) and self._transport.is_reading()
+        transport = self._transport
+        pausable = isinstance(transport, asyncio.ReadTransport) and transport.is_reading()
         if pausable:
-            self._transport.pause_reading()  # type: ignore[union-attr]
+            assert isinstance(transport, asyncio.ReadTransport)
+            transport.pause_reading()
         try:
             await asyncio.sleep(seconds)
         finally:
-            if pausable and not self._transport.is_closing():
-                self._transport.resume_reading()  # type: ignore[union-attr]
+            if pausable and isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+                transport.resume_reading()
 
     async def read_some(self, limit: int) -> bytes:
         """Up to about `limit` bytes of the body (an error page), less if it ends first."""

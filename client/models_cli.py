@@ -18,7 +18,7 @@ import typer
 from bastion.client import render
 from bastion.client.command_io import EXIT_FAILURE, EXIT_USAGE
 from bastion.protocol import MAX_PARALLEL, HomeLayout
-from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine, RemoteMode
 
 models_app = typer.Typer(help="The models config.toml names.", no_args_is_help=True, rich_markup_mode=None)
 
@@ -34,6 +34,9 @@ def add(
     model: Annotated[str, typer.Option("--model", help="The server's name for the model (Ollama: required).")] = "",
     api_key_env: Annotated[str, typer.Option("--api-key-env", help="The environment variable holding its API key.")] = "",
     api_key_file: Annotated[str, typer.Option("--api-key-file", help="A file of mode 0600 holding its API key.")] = "",
+    mode: Annotated[RemoteMode, typer.Option("--mode", help="completion: bastion formats the prompt; chat: the "
+                                             "server does (for servers that take only messages).")] = (
+        RemoteMode.COMPLETION),
     n_ctx: Annotated[int | None, typer.Option("--n-ctx", min=16,
                                               help="Context per request (default: the server's own).")] = None,
     parallel: Annotated[int | None, typer.Option("--parallel", min=1, max=MAX_PARALLEL,
@@ -44,7 +47,7 @@ def add(
         render.error(f"{name!r}: a model name is letters, digits and . _ : + - (starting with a letter or digit)")
         raise typer.Exit(EXIT_USAGE)
     fields = {"engine": engine.value, "url": url, "model": model, "api_key_env": api_key_env,
-              "api_key_file": api_key_file}  # fmt: skip
+              "api_key_file": api_key_file, "mode": "" if mode is RemoteMode.COMPLETION else mode.value}  # fmt: skip
     try:
         msgspec.convert({k: v for k, v in fields.items() if v}, type=RemoteEndpoint)
     except msgspec.ValidationError as exc:

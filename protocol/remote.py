@@ -17,7 +17,9 @@ Engines:
     ollama        Ollama: `/api/generate` with `raw: true`; `/api/show`
 Modes: `completion` sends the prompt bastion rendered with its own template,
 so templates, `--show-prompt`, tool-call parsing and token budgets behave as
-with a local model.
+with a local model; `chat`, for servers that take only messages, sends the
+conversation and the tools, and the server applies its template (llama-server
+and OpenAI-compatible servers: `/v1/chat/completions`; Ollama: `/api/chat`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ class RemoteEngine(enum.Enum):
 
 
 class RemoteMode(enum.Enum):
-    COMPLETION = "completion"
+    COMPLETION = "completion"  # bastion renders the prompt with the model's template and sends the text
+    CHAT = "chat"  # bastion sends the messages (and tools); the server applies its own template
 
 
 _Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from bastion.client.cli import app
 from bastion.protocol import HomeLayout
-from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.supervisor.models.registry import ModelRegistry
 
 
@@ -29,12 +29,15 @@ def test_an_added_remote_model_is_what_the_registry_reads(home: HomeLayout) -> N
     home.root.mkdir(parents=True)
     home.config_file.write_text('# my settings\ndefault = "smollm2-135m"\n')
     assert add("gpu", "--url", "http://gpu-box:8080")[0] == 0
+    assert add("lms", "--engine", "openai", "--url", "http://laptop:1234", "--mode", "chat")[0] == 0
     code, output = add("qwen", "--engine", "ollama", "--url", "http://10.0.0.2:11434", "--model", "qwen3:8b",
                        "--api-key-env", "QWEN_KEY", "--n-ctx", "8192", "--parallel", "2")  # fmt: skip
     assert code == 0 and "bastion doctor" in output
     text = home.config_file.read_text()
     assert text.startswith("# my settings\n") and "QWEN_KEY" in text
     registry = ModelRegistry.load(home)
+    lms = registry.lookup("lms").source
+    assert isinstance(lms, RemoteEndpoint) and lms.mode is RemoteMode.CHAT
     assert registry.lookup("gpu").source == RemoteEndpoint(engine=RemoteEngine.LLAMA_SERVER, url="http://gpu-box:8080")
     qwen = registry.lookup("qwen")
     assert qwen.source == RemoteEndpoint(engine=RemoteEngine.OLLAMA, url="http://10.0.0.2:11434", model="qwen3:8b",

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from bastion.protocol import ErrorCode, GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
-from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.remote import RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.protocol.worker_wire import CountTokens, FromWorker, Generate, GenerationFinished, TokenCount
 from bastion.worker.remote import core as core_module
 from bastion.worker.remote import http_stream
@@ -813,3 +813,71 @@ def test_a_server_without_a_tokenizer_route_says_so_instead_of_a_count(
     assert isinstance(answer, RequestFailed) and answer.code is ErrorCode.REMOTE_ERROR
     assert "tokenize" in answer.message or "count" in answer.message
     assert len(double.received) == (1 if engine is OPENAI else 0)  # Ollama is not even asked
+
+
+# -- chat mode ------------------------------------------------------------------------------
+
+
+CONVERSATION = json.dumps({"messages": [
+    {"role": "system", "content": "be brief"}, {"role": "user", "content": "12 times 34?"},
+    {"role": "assistant", "content": "<tool_call>{...}</tool_call>"},
+    {"role": "tool", "content": "408", "name": "calculator"}],
+    "tools": [{"type": "function", "function": {"name": "calculator", "parameters": {"type": "object"}}}]})  # fmt: skip
+
+
+def test_chat_mode_posts_the_messages_and_writes_the_server_s_tool_calls_back_as_text(
+    serve: Serve, cores: Cores
+) -> None:
+    async def handler(got: Received, reply: Reply) -> None:
+        await head(reply, OPENAI)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m1"}
+        await reply.event({**chunk, "choices": [{"index": 0, "delta": {"content": "Let me check."}}]})
+        for fragment in ('{"expres', 'sion": "1+1"}'):
+            await reply.event({**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+                {"index": 0, "function": {"name": "calculator" if "expres" in fragment else None,
+                                          "arguments": fragment}}]}}]})  # fmt: skip
+        await reply.event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        await reply.event({**chunk, "choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 9}})
+        await reply.send("data: [DONE]\n\n")
+        await reply.end()
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url, OPENAI, mode=RemoteMode.CHAT))
+    client = driven.generate(CONVERSATION)
+    driven.drain()
+    stats = ended(client, StopReason.STOP)
+    assert client.text == 'Let me check.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'
+    assert (stats.prompt_tokens, stats.completion_tokens) == (30, 9)
+    body = double.received[0].json()
+    assert double.received[0].path == "/v1/chat/completions" and body["tools"][0]["function"]["name"] == "calculator"
+    assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
+    assert body["messages"][-1]["content"] == "[calculator returned]\n408"
+
+
+def test_chat_mode_on_ollama_keeps_tool_messages_and_reads_its_whole_calls(serve: Serve, cores: Cores) -> None:
+    async def handler(got: Received, reply: Reply) -> None:
+        await head(reply, OLLAMA)
+        await reply.line({"model": "m1", "message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "calculator", "arguments": {"expression": "2*3"}}}]}, "done": False})  # fmt: skip
+        await reply.line({"model": "m1", "message": {"role": "assistant", "content": ""}, "done": True,
+                          "done_reason": "stop", "prompt_eval_count": 12, "eval_count": 5})  # fmt: skip
+        await reply.end()
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url, OLLAMA, mode=RemoteMode.CHAT))
+    client = driven.generate(CONVERSATION)
+    driven.drain()
+    ended(client, StopReason.STOP)
+    assert client.text == '<tool_call>\n{"name": "calculator", "arguments": {"expression": "2*3"}}\n</tool_call>'
+    body = double.received[0].json()
+    assert double.received[0].path == "/api/chat" and body["messages"][-1] == {
+        "role": "tool", "content": "408", "tool_name": "calculator"}  # fmt: skip
+
+
+def test_a_chat_mode_prompt_that_is_not_a_conversation_is_refused(serve: Serve, cores: Cores) -> None:
+    double = serve(routes({}))
+    driven = cores(endpoint(double.url, OPENAI, mode=RemoteMode.CHAT))
+    client = driven.generate("plain text, not the JSON a chat-mode formatter writes")
+    driven.drain()
+    ended(client, StopReason.ERROR)
+    assert client.failure.code is ErrorCode.INVALID_REQUEST and not double.received

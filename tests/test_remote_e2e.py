@@ -19,6 +19,7 @@ import pytest
 from bastion.protocol.control import ListModels, ModelList
 from tests.e2e_support import Bastion, start_streaming
 from tests.real_models import smollm2_gguf
+from tests.scripted import tool_call as scripted_call
 from tests.test_gateway_e2e import WEATHER_TOOL, client_of, free_port, serve_http
 from tests.waiting import wait_until
 
@@ -225,11 +226,13 @@ def test_doctor_tries_each_remote_and_says_what_to_fix(bastion: Bastion, llama_s
         remote_entry("good", llama_server.url)
         + remote_entry("closed", f"http://127.0.0.1:{free_port()}")
         + remote_entry("keyless", llama_server.url, api_key_env="BASTION_TEST_UNSET_KEY")
-        + remote_entry("unlisted", llama_server.url, "openai", model="no-such-model"))  # fmt: skip
+        + remote_entry("unlisted", llama_server.url, "openai", model="no-such-model")
+        + remote_entry("chatty", llama_server.url, mode="chat"))  # fmt: skip
     code, lines = bastion.json("doctor")
     assert code == 1  # not every remote is usable
     probes = {probe["model"]: probe for probe in lines[0]["remotes"]}
-    assert set(probes) == {"good", "closed", "keyless", "unlisted"}
+    assert set(probes) == {"good", "closed", "keyless", "unlisted", "chatty"}
+    assert all(step["ok"] for step in probes["chatty"]["steps"]), probes["chatty"]
 
     def failed(name: str) -> dict:
         [step] = [step for step in probes[name]["steps"] if not step["ok"]]
@@ -361,3 +364,44 @@ def test_a_remote_model_calls_a_client_s_tool_through_bastion_s_gateway_under_it
     assert choice.finish_reason == "tool_calls"
     [call] = choice.message.tool_calls
     assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+
+
+def test_chat_mode_sends_the_messages_and_the_server_formats_them(far: Bastion, llama_server: LlamaServer) -> None:
+    config = far.home / "config.toml"
+    if "far-chat" not in config.read_text():
+        config.write_text(config.read_text() + remote_entry("far-chat", llama_server.url, mode="chat"))
+    code, lines = far.json("run", "--model", "far-chat", "Name three colours.", "--max-tokens", "8",
+                           "--temperature", "0")  # fmt: skip
+    assert code == 0, lines
+    start, stats = events_of(lines, "run_start")[0], events_of(lines, "generation_stats")[0]
+    assert start["template"].startswith("server")  # which side formatted the prompt
+    assert "".join(t["text"] for t in events_of(lines, "token")).strip()
+    assert stats["completion_tokens"] == 8 and stats["prompt_tokens"] > 10  # the server's usage
+    shown = far("run", "--model", "far-chat", "Name three colours.", "--show-prompt")
+    assert shown.returncode == 0 and '"messages": [' in shown.stdout and "Name three colours." in shown.stdout
+
+
+@pytest.mark.parametrize("engine", ["openai", "ollama"])
+def test_a_chat_mode_model_s_tool_calls_come_back_as_calls_and_its_results_go_back(
+        bastion: Bastion, tmp_path: Path, engine: str) -> None:  # fmt: skip
+    """The upstream (a second bastion serving canned replies) parses the call itself and answers with
+    structured tool_calls; this bastion turns them back into a call it runs, and sends the result on."""
+    replies = tmp_path / "replies.json"
+    replies.write_text(json.dumps([scripted_call("calculator", expression="12*34"), "It is 408."]))
+    upstream = Bastion(tmp_path / "upstream")
+    upstream.home.mkdir(parents=True)
+    (upstream.home / "config.toml").write_text(
+        f'[models.canned]\nsource = {{ kind = "scripted", path = "{replies}" }}\n')
+    try:
+        gateway = serve_http(upstream)
+        bastion.home.mkdir(parents=True, exist_ok=True)
+        (bastion.home / "config.toml").write_text(
+            remote_entry("up", gateway, engine, model="canned", mode="chat") + "n_ctx = 4096\n")
+        code, lines = bastion.json("run", "--model", "up", "What is 12 times 34?", "--tools", "calculator")
+        assert code == 0, lines
+        [call] = events_of(lines, "tool_call")
+        assert call["name"] == "calculator" and json.loads(call["arguments"]) == {"expression": "12*34"}
+        assert "408" in "".join(e["text"] for e in events_of(lines, "tool_output"))
+        assert "".join(t["text"] for t in events_of(lines, "token")).endswith("It is 408.")
+    finally:
+        upstream.cleanup()

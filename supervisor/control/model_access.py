@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from bastion.protocol.remote import RemoteEndpoint
+from bastion.protocol.remote import RemoteEndpoint, RemoteMode
 from bastion.supervisor.control.models import load_progress
 from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
 from bastion.supervisor.models.registry import ModelSpec
@@ -82,8 +82,13 @@ async def _remote_counter_for(model: LoadedModel) -> TokenCounter:
     return RemoteTokenCounter(handle.count_tokens) if handle.counts_tokens else EstimatedTokenCounter()
 
 
+def formatter_chooses_nothing(model: LoadedModel) -> bool:
+    """A remote model in chat mode: its server applies its own template, whatever a request names."""
+    return isinstance(model.spec.source, RemoteEndpoint) and model.spec.source.mode is RemoteMode.CHAT
+
+
 def with_template(model: LoadedModel, template: str | None) -> PromptFormatter:
     """The model's formatter as this request sees it: with a template named, that built-in."""
-    if template is None or model.handle.description is None:
+    if template is None or model.handle.description is None or formatter_chooses_nothing(model):
         return model.formatter
     return PromptFormatter.for_model(model.handle.description, template)

@@ -36,7 +36,8 @@ import psutil
 
 from bastion.protocol import ErrorCode, HomeLayout
 from bastion.protocol.control import LoadStage, ModelStatus
-from bastion.protocol.remote import RemoteEndpoint
+from bastion.protocol.remote import RemoteEndpoint, RemoteMode
+from bastion.protocol.worker_wire import ModelDescription
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import (
     ModelBusyError,
@@ -215,7 +216,7 @@ class LoadedModels:
         """Settings the supervisor applies itself (template, description) take effect without a new worker."""
         description = model.handle.description
         if spec.template != model.spec.template and description is not None:
-            model.formatter = PromptFormatter.for_model(description, spec.template)
+            model.formatter = formatter_for(spec, description)
             model.handle.template_source = model.formatter.source
         model.spec = spec
 
@@ -272,7 +273,7 @@ class LoadedModels:
             description = await asyncio.wait_for(
                 asyncio.shield(handle.ready), self._config.worker_load_timeout_s
             )
-            formatter = PromptFormatter.for_model(description, spec.template)
+            formatter = formatter_for(spec, description)
         except TimeoutError:
             await self._pool.stop_unstarted(handle)
             raise ModelSourceError(
@@ -474,6 +475,13 @@ def status_of(model: LoadedModel) -> ModelStatus:
         snapshots_disk=gauges.snapshots_disk if gauges else 0,
         snapshot_disk_bytes=gauges.snapshot_disk_bytes if gauges else 0,
     )
+
+
+def formatter_for(spec: ModelSpec, description: ModelDescription) -> PromptFormatter:
+    """How `spec`'s prompts are written: by its template, or (a remote model in chat mode) by its server."""
+    if isinstance(spec.source, RemoteEndpoint) and spec.source.mode is RemoteMode.CHAT:
+        return PromptFormatter.for_remote_chat()
+    return PromptFormatter.for_model(description, spec.template)
 
 
 def _engine_of(spec: ModelSpec) -> str:

@@ -83,6 +83,7 @@ class TemplateOrigin(enum.Enum):
     OVERRIDE = "override"  # the model's registry entry (or the user) named a built-in
     GGUF = "gguf"  # the model's own tokenizer.chat_template
     BUILTIN = "builtin"  # the GGUF has none usable; picked from its name and architecture
+    SERVER = "server"  # a remote model in chat mode: its server applies its own template (see for_remote_chat)
 
 
 class TemplateChoice(msgspec.Struct, frozen=True, kw_only=True):
@@ -239,6 +240,16 @@ class PromptFormatter:
         assert choice.builtin is not None
         return cls(BUILTIN_SOURCES[choice.builtin], choice, description.bos_token, description.eos_token)
 
+    @classmethod
+    def for_remote_chat(cls) -> PromptFormatter:
+        """For a remote model in chat mode: the "prompt" is the conversation itself, as JSON
+        (`{"messages": [...], "tools": [...]}`), which the model's worker sends as messages; the
+        server formats it. Budgets count that text (a little more than the server will), and
+        `--show-prompt` shows what is sent."""
+        choice = TemplateChoice(origin=TemplateOrigin.SERVER, reason="bastion sends the messages; the server formats "
+                                                                     "them with its own template")  # fmt: skip
+        return cls(REMOTE_CHAT_SOURCE, choice, "", "")
+
     @property
     def source(self) -> str:
         """Which template renders, and why: `gguf (chatml family)`, `override:llama3`, `builtin:gemma (…)`."""
@@ -327,6 +338,10 @@ def _as_dict(message: ChatMessage) -> dict[str, str]:
     if message.reasoning:
         shaped["reasoning_content"] = message.reasoning
     return shaped
+
+
+# The conversation as the JSON document a chat-mode remote model's worker sends (see for_remote_chat).
+REMOTE_CHAT_SOURCE = '{{ {"messages": messages, "tools": tools} | tojson }}'
 
 
 def choose_template(description: ModelDescription, override: BuiltinTemplate | str | None) -> TemplateChoice:

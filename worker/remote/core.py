@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ import msgspec
 
 from bastion.protocol import ErrorCode, RequestFailed, StopReason
 from bastion.protocol.common import GrammarUse
-from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine
+from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.protocol.worker_wire import (
     CallGrammar,
     CountTokens,
@@ -65,7 +66,16 @@ from bastion.protocol.worker_wire import (
 )
 from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import Backend, Backends
-from bastion.worker.remote.dialects import Event, Framing, MalformedEvent, completion_request, parse_event
+from bastion.worker.remote.dialects import (
+    Event,
+    Framing,
+    MalformedEvent,
+    calls_as_text,
+    chat_request,
+    completion_request,
+    parse_chat_event,
+    parse_event,
+)
 from bastion.worker.remote.http_stream import Cut, Idle, StreamError, StreamResponse, Unreachable, post_stream
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
@@ -113,6 +123,7 @@ class _Generation:
     end: StopReason | None = None  # how the server said the reply ended
     counted: bool = False  # whether the server said how many tokens the prompt had
     url: str = ""  # the server it is streaming from
+    calls: dict[int, list[str]] = field(default_factory=dict)  # chat mode: [name, arguments] by index
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancel_sent: bool = False
 
@@ -397,11 +408,18 @@ class RemoteCore:
         endpoint, request = self._endpoint, generation.request
         generation.url = url
         slot = self._slots.get((url, request.session_id)) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
-        call = completion_request(endpoint, request.prompt, request.sampling, slot)
+        chat = endpoint.mode is RemoteMode.CHAT
+        try:
+            call = (chat_request(endpoint, request.prompt, request.sampling) if chat
+                    else completion_request(endpoint, request.prompt, request.sampling, slot))  # fmt: skip
+        except MalformedEvent as exc:
+            raise _Failure(ErrorCode.INVALID_REQUEST, str(exc)) from None
         if endpoint.engine is RemoteEngine.OLLAMA:
             call.body["options"]["num_ctx"] = self._n_ctx
         if request.grammar is not None:
-            generation.run.grammar = _constrain(endpoint.engine, request.grammar, call.body)
+            generation.run.grammar = (
+                GrammarOutcome(GrammarUse.UNAVAILABLE, "a chat-mode model's server is not sent grammars") if chat
+                else _constrain(endpoint.engine, request.grammar, call.body))  # fmt: skip
         where = endpoint.describe(url)
         try:
             async with post_stream(url, call.path, msgspec.json.encode(call.body), self._headers,
@@ -426,6 +444,8 @@ class RemoteCore:
 
     async def _read(self, generation: _Generation, response: StreamResponse, framing: Framing) -> StopReason:
         engine, where = self._endpoint.engine, self._endpoint.describe(generation.url)
+        openai_style = engine is RemoteEngine.OPENAI or (
+            self._endpoint.mode is RemoteMode.CHAT and engine is not RemoteEngine.OLLAMA)
         async for line in _lines(response):
             if line is None:  # what has arrived is used up
                 self._flush(generation, time.perf_counter())
@@ -441,14 +461,17 @@ class RemoteCore:
             if payload is _DONE:  # OpenAI's end of stream, after the usage chunk
                 return generation.end or StopReason.STOP
             try:
-                event = parse_event(engine, payload)
+                event = (parse_chat_event(engine, payload) if self._endpoint.mode is RemoteMode.CHAT
+                         else parse_event(engine, payload))  # fmt: skip
             except MalformedEvent as exc:
                 raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} sent what its protocol does not: {exc}") from None
             if event.error:
                 raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} failed: {event.error}")
             self.progress += 1
             end = self._take(generation, event)
-            if end is not None and engine is not RemoteEngine.OPENAI:
+            # An OpenAI-style stream (an OpenAI engine's, or any chat route but Ollama's) puts its
+            # usage after the finish: read on to its [DONE].
+            if end is not None and not openai_style:
                 return end
         if generation.end is not None:  # an OpenAI-compatible server that ends without [DONE]
             return generation.end
@@ -459,6 +482,16 @@ class RemoteCore:
         run, now = generation.run, time.perf_counter()
         if event.slot is not None:
             self._slots[(generation.url, generation.request.session_id)] = event.slot
+        for index, name, arguments in event.call_parts:
+            call = generation.calls.setdefault(index, ["", ""])
+            call[0] = call[0] or name
+            call[1] += arguments
+        if event.end is not None and generation.calls:
+            # Calls the server parsed itself go on as text, for bastion's parser, as if the model wrote them.
+            written = calls_as_text(generation.calls)
+            generation.calls = {}
+            before = event.text or "".join(generation.run.streamed)
+            event = dataclasses.replace(event, text=event.text + ("\n" if before else "") + written)
         if event.text:
             generation.events += 1
             if not run.first_token:

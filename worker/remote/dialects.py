@@ -22,8 +22,11 @@ hands over as that member).
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from bastion.protocol import SamplingParams, StopReason
 from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
@@ -50,6 +53,9 @@ class Event:
     completion_tokens: int | None = None
     error: str = ""  # the server reported a failure in the stream
     slot: int | None = None  # the llama-server slot that served the reply
+    # Chat mode: pieces of tool calls the server parsed itself, (index, name, arguments) each;
+    # OpenAI streams a call's name once and its JSON arguments in fragments, Ollama whole calls.
+    call_parts: tuple[tuple[int, str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,95 @@ def completion_request(endpoint: RemoteEndpoint, prompt: str, sampling: Sampling
             body = {"model": endpoint.model, "prompt": prompt, "raw": True, "stream": True, "options": options}
             return CompletionRequest("/api/generate", body, Framing.NDJSON)
     raise AssertionError(endpoint.engine)
+
+
+def chat_request(endpoint: RemoteEndpoint, document: str, sampling: SamplingParams) -> CompletionRequest:
+    """The HTTP request that streams a chat reply to the conversation `document` (the JSON
+    `{"messages": [...], "tools": [...]}` a chat-mode model's formatter writes). A tool result
+    goes to Ollama as a `tool` message; to an OpenAI-compatible server, which would want the
+    call's id, as a user message saying which tool answered."""
+    try:
+        conversation = json.loads(document)
+        messages, tools = conversation["messages"], conversation.get("tools")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise MalformedEvent(f"a chat-mode prompt is the conversation as JSON: {exc}") from None
+    sent = [_chat_message(endpoint.engine, message) for message in messages]
+    if endpoint.engine is RemoteEngine.OLLAMA:
+        request = completion_request(endpoint, "", sampling)
+        body = {"model": endpoint.model, "messages": sent, "stream": True, "options": request.body["options"]}
+        if tools:
+            body["tools"] = tools
+        return CompletionRequest("/api/chat", body, Framing.NDJSON)
+    request = completion_request(_as_openai(endpoint), "", sampling)
+    body = {key: value for key, value in request.body.items() if key != "prompt"}
+    body["messages"] = sent
+    if tools:
+        body["tools"] = tools
+    return CompletionRequest("/v1/chat/completions", body, Framing.SSE)
+
+
+def _as_openai(endpoint: RemoteEndpoint) -> RemoteEndpoint:
+    """`endpoint` spoken to as an OpenAI-compatible server (llama-server's chat route is one)."""
+    return msgspec.structs.replace(endpoint, engine=RemoteEngine.OPENAI)
+
+
+def _chat_message(engine: RemoteEngine, message: dict[str, Any]) -> dict[str, Any]:
+    role, content = message.get("role"), message.get("content", "")
+    if role == "tool":
+        name = message.get("name") or "the tool"
+        if engine is RemoteEngine.OLLAMA:
+            return {"role": "tool", "content": content, "tool_name": name}
+        return {"role": "user", "content": f"[{name} returned]\n{content}"}
+    return {"role": role, "content": content}
+
+
+def parse_chat_event(engine: RemoteEngine, payload: Any) -> Event:
+    """What one event of a chat stream says (OpenAI's chunks, or Ollama's /api/chat lines)."""
+    if not isinstance(payload, dict):
+        raise MalformedEvent(f"an event must be a JSON object, not {type(payload).__name__}")
+    if "error" in payload and payload["error"]:
+        return Event(error=_error_text(payload["error"]))
+    if engine is RemoteEngine.OLLAMA:
+        found = payload.get("message")
+        message: dict[str, Any] = found if isinstance(found, dict) else {}
+        calls = tuple((i, str((call.get("function") or {}).get("name", "")),
+                       json.dumps((call.get("function") or {}).get("arguments", {})))
+                      for i, call in enumerate(message.get("tool_calls") or []) if isinstance(call, dict))  # fmt: skip
+        done = _ollama_event({**payload, "response": _text(message, "content") if message else ""})
+        return Event(text=done.text, tokens=done.tokens, end=done.end, prompt_tokens=done.prompt_tokens,
+                     completion_tokens=done.completion_tokens, call_parts=calls)  # fmt: skip
+    choices = payload.get("choices")
+    if not isinstance(choices, list):
+        raise MalformedEvent("a chat chunk without `choices`")
+    delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
+    text, parts = "", []
+    if isinstance(delta, dict):
+        text = delta.get("content") or ""
+        if not isinstance(text, str):
+            raise MalformedEvent("`delta.content` must be a string")
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, dict):
+                raise MalformedEvent("a tool call must be a JSON object")
+            function = call.get("function") or {}
+            parts.append((int(call.get("index", 0)), str(function.get("name") or ""),
+                          str(function.get("arguments") or "")))  # fmt: skip
+    reshaped = {**payload, "choices": [{**choices[0], "text": text}] if choices else []}
+    completion = _openai_event(reshaped)
+    return Event(text=completion.text, tokens=completion.tokens, end=completion.end,
+                 prompt_tokens=completion.prompt_tokens, cached_tokens=completion.cached_tokens,
+                 completion_tokens=completion.completion_tokens, call_parts=tuple(parts))  # fmt: skip
+
+
+def calls_as_text(calls: dict[int, list[str]]) -> str:
+    """The tool calls a server parsed itself, written back as text bastion's parser reads."""
+    blocks = []
+    for _, (name, arguments) in sorted(calls.items()):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            parsed = arguments  # left for the parser's repair and its error to the model
+        blocks.append("<tool_call>\n" + json.dumps({"name": name, "arguments": parsed}) + "\n</tool_call>")
+    return "\n".join(blocks)
 
 
 def parse_event(engine: RemoteEngine, payload: Any) -> Event:

@@ -17,6 +17,7 @@ Exit status 0 when every check passed, 1 otherwise; the JSON says which.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 import msgspec
 
 from bastion.protocol import GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
-from bastion.protocol.remote import ProbeStep, RemoteEndpoint, RemoteProbe
+from bastion.protocol.remote import ProbeStep, RemoteEndpoint, RemoteMode, RemoteProbe
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
 from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
 
@@ -68,7 +69,10 @@ def probe(name: str, endpoint: RemoteEndpoint, n_ctx: int = 0) -> RemoteProbe:
 
 def _streaming(core: RemoteCore, wake: threading.Event, endpoint: RemoteEndpoint) -> ProbeStep:
     out: list[FromWorker] = []
-    request = Generate(request_id="probe", session_id="bastion-doctor", prompt=PROBE_PROMPT, snapshot=False,
+    prompt = PROBE_PROMPT
+    if endpoint.mode is RemoteMode.CHAT:  # the conversation itself, as a chat-mode model's formatter writes it
+        prompt = json.dumps({"messages": [{"role": "user", "content": PROBE_PROMPT}], "tools": None})
+    request = Generate(request_id="probe", session_id="bastion-doctor", prompt=prompt, snapshot=False,
                        sampling=SamplingParams(max_tokens=PROBE_TOKENS, temperature=0.0))  # fmt: skip
     started = time.perf_counter()
     core.start(request, out.append, lambda: False)

@@ -186,7 +186,7 @@ def test_bastion_serves_a_model_through_another_bastion_s_openai_and_ollama_rout
         upstream.cleanup()
 
 
-def test_llama_cpp_python_s_openai_server_is_a_completion_backend(bastion: Bastion) -> None:
+def test_llama_cpp_python_s_openai_server_is_a_backend_in_completion_and_chat_mode(bastion: Bastion) -> None:
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, str(SERVER.with_name("serve_llama_cpp_python.py")), "--model", str(smollm2_gguf()),
@@ -205,7 +205,9 @@ def test_llama_cpp_python_s_openai_server_is_a_completion_backend(bastion: Basti
 
         wait_until(listening, timeout=120, interval=0.1, what="llama_cpp.server to load SmolLM2")
         bastion.home.mkdir(parents=True, exist_ok=True)
-        (bastion.home / "config.toml").write_text(remote_entry("lcp", url, "openai") + "n_ctx = 2048\nparallel = 1\n")
+        (bastion.home / "config.toml").write_text(
+            remote_entry("lcp", url, "openai") + "n_ctx = 2048\nparallel = 1\n"
+            + remote_entry("lcp-chat", url, "openai", mode="chat") + "n_ctx = 2048\nparallel = 1\n")  # fmt: skip
         code, lines = bastion.json("run", "--model", "lcp", "Name a colour.", "--max-tokens", "6", "--temperature", "0")
         assert code == 0, lines
         stats = events_of(lines, "generation_stats")[0]
@@ -215,6 +217,13 @@ def test_llama_cpp_python_s_openai_server_is_a_completion_backend(bastion: Basti
         assert stats["completion_tokens"] == 6 and "no token counts" in stats["cache_note"]
         budget = events_of(lines, "context_budget")[0]
         assert budget["counting"] == "estimate" and budget["used_tokens"] > 10
+        # In chat mode its own template (the GGUF's, applied by llama-cpp-python) formats the prompt.
+        code, lines = bastion.json("run", "--model", "lcp-chat", "Name a colour.", "--max-tokens", "6",
+                                   "--temperature", "0")  # fmt: skip
+        assert code == 0, lines
+        assert events_of(lines, "run_start")[0]["template"].startswith("server")
+        assert "".join(t["text"] for t in events_of(lines, "token")).strip()
+        assert events_of(lines, "generation_stats")[0]["completion_tokens"] == 6
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -147,8 +147,13 @@ def test_json_schema_output_from_smollm2_parses(gateway: str) -> None:
 
 @pytest.mark.real_model
 def test_required_tool_choice_makes_smollm2_call_the_client_s_tool(gateway: str) -> None:
+    assert_required_call_to_weather(gateway, "smollm2-135m")
+
+
+def assert_required_call_to_weather(gateway: str, model: str) -> None:
+    """Asked about the weather with `get_weather` required, `model` answers with one valid call to it."""
     answer = client_of(gateway).chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        model=model, messages=[{"role": "user", "content": "What is the weather in Paris?"}],
         tools=[WEATHER_TOOL], tool_choice="required", temperature=0)  # fmt: skip
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls"

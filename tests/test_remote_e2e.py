@@ -20,7 +20,7 @@ from bastion.protocol.control import ListModels, ModelList
 from tests.e2e_support import Bastion, start_streaming
 from tests.real_models import smollm2_gguf
 from tests.scripted import tool_call as scripted_call
-from tests.test_gateway_e2e import WEATHER_TOOL, client_of, free_port, serve_http
+from tests.test_gateway_e2e import assert_required_call_to_weather, free_port, serve_http
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.real_model]
@@ -365,14 +365,7 @@ def test_a_remote_prompt_is_counted_by_the_server_s_tokenizer_or_the_gguf_s_voca
 def test_a_remote_model_calls_a_client_s_tool_through_bastion_s_gateway_under_its_grammar(far: Bastion) -> None:
     """The server completes bastion's prompt (the tools rendered by bastion's template) under the
     call grammar bastion sends it; bastion parses the call and the OpenAI SDK gets tool_calls."""
-    gateway = serve_http(far)
-    answer = client_of(gateway).chat.completions.create(
-        model="far", messages=[{"role": "user", "content": "What is the weather in Paris?"}],
-        tools=[WEATHER_TOOL], tool_choice="required", temperature=0)  # fmt: skip
-    choice = answer.choices[0]
-    assert choice.finish_reason == "tool_calls"
-    [call] = choice.message.tool_calls
-    assert call.function.name == "get_weather" and isinstance(json.loads(call.function.arguments)["city"], str)
+    assert_required_call_to_weather(serve_http(far), "far")
 
 
 def test_chat_mode_sends_the_messages_and_the_server_formats_them(far: Bastion, llama_server: LlamaServer) -> None:

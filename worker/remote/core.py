@@ -64,6 +64,7 @@ from bastion.protocol.worker_wire import (
     ModelDescription,
     TokenCount,
 )
+from bastion.worker.core import Cancelled, Emit
 from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import Backend, Backends
 from bastion.worker.remote.dialects import (
@@ -80,9 +81,6 @@ from bastion.worker.remote.http_stream import Cut, Idle, StreamError, StreamResp
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
 log = logging.getLogger(__name__)
-
-Emit = Callable[[FromWorker], None]
-Cancelled = Callable[[], bool]
 
 CANCEL_POLL_S = 0.5
 RETRY_DELAY_S = 0.5

@@ -21,7 +21,7 @@ Pure bookkeeping, no I/O; used from the core's event loop thread only.
 from __future__ import annotations
 
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from bastion.protocol.remote import BackendGauge
@@ -31,6 +31,9 @@ from bastion.protocol.remote import BackendGauge
 # check more lenient, never wrong).
 RECENT_TEXTS = 64
 RECENT_TEXT_CHARS = 256 * 1024
+# Sessions whose server is remembered, least recently served first out (one-shot runs are
+# sessions too: without a bound the map would grow with every request).
+REMEMBERED_SESSIONS = 4096
 
 
 @dataclass
@@ -60,7 +63,8 @@ class Placement:
 class Backends:
     def __init__(self, urls: tuple[str, ...]) -> None:
         self._all = [Backend(url) for url in urls]
-        self._home: dict[str, Backend] = {}  # session -> the server it stays on
+        # session -> the server that last served it, where it stays (see REMEMBERED_SESSIONS)
+        self._home: OrderedDict[str, Backend] = OrderedDict()
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._all)
@@ -76,7 +80,7 @@ class Backends:
         sessions = self._sessions()
         chosen = min(candidates, key=lambda b: (not b.healthy, b.in_flight, sessions.get(b.url, 0),
                                                 b.failed_at if not b.healthy else 0.0))  # fmt: skip
-        self._home[session] = chosen
+        # Only a session that was served elsewhere has moved (a first request that fails over has not).
         return Placement(chosen, moved_from=home.url if home is not None and home is not chosen else "")
 
     def failed(self, backend: Backend, error: str, now: float) -> None:
@@ -85,9 +89,14 @@ class Backends:
     def answered(self, backend: Backend) -> None:
         backend.healthy, backend.last_error = True, ""
 
-    def served(self, backend: Backend, text: str, prompt_tokens: int | None, cached_tokens: int | None,
-               prompt: str) -> bool:
-        """Count a finished reply; True when the server's cache claim contradicts what it was sent."""
+    def served(self, session: str, backend: Backend, text: str, prompt_tokens: int | None,
+               cached_tokens: int | None, prompt: str) -> bool:  # fmt: skip
+        """Count a finished reply (the session stays on `backend` from now on); True when the server's
+        cache claim contradicts what it was sent."""
+        self._home[session] = backend
+        self._home.move_to_end(session)
+        while len(self._home) > REMEMBERED_SESSIONS:
+            self._home.popitem(last=False)
         backend.requests += 1
         contradicted = False
         if prompt_tokens is not None:

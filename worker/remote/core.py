@@ -37,6 +37,7 @@ reply (`id_slot`), so the server's own prompt cache for it stays warm.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -66,7 +67,7 @@ from bastion.protocol.worker_wire import (
 )
 from bastion.worker.core import Cancelled, Emit
 from bastion.worker.engine import GrammarOutcome
-from bastion.worker.remote.backends import Backend, Backends
+from bastion.worker.remote.backends import REMEMBERED_SESSIONS, Backend, Backends
 from bastion.worker.remote.dialects import (
     Event,
     Framing,
@@ -166,7 +167,8 @@ class RemoteCore:
         self._timeout = httpx.Timeout(endpoint.idle_timeout_s, connect=endpoint.connect_timeout_s)
         self._headers = headers
         self._out: queue.SimpleQueue[tuple[Emit, FromWorker] | _Generation] = queue.SimpleQueue()
-        self._slots: dict[tuple[str, str], int] = {}  # (server, session) -> the llama-server slot holding it
+        # (server, session) -> the llama-server slot holding it, least recently used first out
+        self._slots: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
         self._backends = Backends(endpoint.backends)
         self._gauges = self._backends.gauges()  # as of the last change, for the IO thread's heartbeats
         self._active = 0
@@ -384,11 +386,13 @@ class RemoteCore:
             else:
                 self._backends.answered(backend)
                 run = generation.run
-                if self._backends.served(backend, "".join(run.streamed), run.prompt_tokens if generation.counted
-                                         else None, run.cached_tokens, generation.request.prompt):  # fmt: skip
+                if self._backends.served(session, backend, "".join(run.streamed),
+                                         run.prompt_tokens if generation.counted else None, run.cached_tokens,
+                                         generation.request.prompt):  # fmt: skip
                     run.cache_notes += (f"{backend.url} claimed {run.cached_tokens} cached tokens, more than this "
-                                        "prompt shares with anything bastion sent it: it may have restored "
-                                        "another conversation's state",)  # fmt: skip
+                                        "prompt shares with anything this model sent it: another client (or "
+                                        "bastion model) shares the server, or it restored another "
+                                        "conversation's state",)  # fmt: skip
                 self._publish()
                 return end
         raise AssertionError("unreachable: every path above returns or raises")
@@ -479,7 +483,11 @@ class RemoteCore:
     def _take(self, generation: _Generation, event: Event) -> StopReason | None:
         run, now = generation.run, time.perf_counter()
         if event.slot is not None:
-            self._slots[(generation.url, generation.request.session_id)] = event.slot
+            key = (generation.url, generation.request.session_id)
+            self._slots[key] = event.slot
+            self._slots.move_to_end(key)
+            while len(self._slots) > REMEMBERED_SESSIONS:
+                self._slots.popitem(last=False)
         for index, name, arguments in event.call_parts:
             call = generation.calls.setdefault(index, ["", ""])
             call[0] = call[0] or name

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 from typing import Annotated
 
 import msgspec
@@ -46,8 +47,9 @@ def add(
     if not _NAME.match(name) or name.endswith(".gguf"):
         render.error(f"{name!r}: a model name is letters, digits and . _ : + - (starting with a letter or digit)")
         raise typer.Exit(EXIT_USAGE)
+    key_file = str(Path(api_key_file).expanduser().absolute()) if api_key_file else ""
     fields = {"engine": engine.value, "url": url, "model": model, "api_key_env": api_key_env,
-              "api_key_file": api_key_file, "mode": "" if mode is RemoteMode.COMPLETION else mode.value}  # fmt: skip
+              "api_key_file": key_file, "mode": "" if mode is RemoteMode.COMPLETION else mode.value}  # fmt: skip
     try:
         msgspec.convert({k: v for k, v in fields.items() if v}, type=RemoteEndpoint)
     except msgspec.ValidationError as exc:
@@ -72,6 +74,11 @@ def add(
     lines = [f'[models.{_key(name)}]'] + [f"{key} = {_string(value)}" for key, value in fields.items() if value]
     lines += [f"{key} = {value}" for key, value in (("n_ctx", n_ctx), ("parallel", parallel)) if value is not None]
     table = "\n".join(lines) + "\n"
+    try:
+        tomllib.loads(table)
+    except tomllib.TOMLDecodeError as exc:
+        render.error(f"these values do not make a TOML table ({exc}); no control characters, please")
+        raise typer.Exit(EXIT_USAGE) from None
     try:
         config.parent.mkdir(parents=True, exist_ok=True)
         with open(config, "a", encoding="utf-8") as f:

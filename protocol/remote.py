@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -61,6 +62,13 @@ class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     # past it the reply is cut and reported interrupted.
     idle_timeout_s: _Seconds = 120.0
 
+    def __post_init__(self) -> None:
+        for url in (self.url, *self.urls):
+            problem = url_problem(url)
+            if problem:
+                shown = "a url" if "credentials" in problem else f"url {url!r}"  # a password is not repeated
+                raise ValueError(f"{shown}: {problem}")
+
     @property
     def backends(self) -> tuple[str, ...]:
         return self.urls or (self.url,)
@@ -68,6 +76,24 @@ class RemoteEndpoint(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     def describe(self, url: str = "") -> str:
         model = f" model {self.model}" if self.model else ""
         return f"{self.engine.value} at {url or self.url}{model}"
+
+
+def url_problem(url: str) -> str:
+    """Why `url` cannot be a server's base address, or ''. (The pattern on the field admits what
+    these catch: a port that is not a number or out of range, credentials in the address, which
+    would end up in logs and `bastion ps`.)"""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return str(exc)
+    if not parts.hostname:
+        return "it names no host"
+    if parts.username is not None or parts.password is not None:
+        return "credentials do not belong in the address: use api_key_env or api_key_file"
+    if port == 0:
+        return "port 0 is no port"
+    return ""
 
 
 class BackendGauge(msgspec.Struct, frozen=True, kw_only=True):

@@ -50,6 +50,8 @@ def test_an_added_remote_model_is_what_the_registry_reads(home: HomeLayout) -> N
     (("x", "--engine", "ollama", "--url", "http://h:1"), "needs --model"),
     (("x", "--url", "http://h:1", "--api-key-env", "A", "--api-key-file", "/k"), "not both"),
     (("../x", "--url", "http://h:1"), "a model name is"),
+    (("x", "--url", "http://h:1", "--model", "qwen\n[models.evil]"), "control characters"),
+    (("x", "--url", "http://admin:pw@h:1"), "credentials do not belong"),
 ])  # fmt: skip
 def test_a_wrong_remote_is_refused_and_nothing_is_written(home: HomeLayout, args: tuple[str, ...], says: str) -> None:
     code, output = add(*args)

@@ -287,3 +287,18 @@ def test_a_remote_model_s_vocabulary_is_a_path_relative_to_the_config(layout: Ho
     with pytest.raises(RegistryError) as err:
         ModelRegistry.load(layout)
     assert "add engine" in err.value.message
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("http://gpu:port", "Port could not be cast"),
+    ("http://gpu:99999", "out of range"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://admin:hunter2@gpu:8080", "credentials do not belong"),
+])  # fmt: skip
+def test_a_remote_url_that_parses_but_cannot_be_used_is_refused_at_load(layout: HomeLayout, url: str,
+                                                                         says: str) -> None:  # fmt: skip
+    write_config(layout, f'[models.m]\nengine = "openai"\nurl = "{url}"\n')
+    with pytest.raises(RegistryError) as err:
+        ModelRegistry.load(layout)
+    assert "models.m.url" in err.value.message and says in err.value.message
+    assert "hunter2" not in err.value.message

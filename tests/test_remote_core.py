@@ -881,3 +881,70 @@ def test_a_chat_mode_prompt_that_is_not_a_conversation_is_refused(serve: Serve, 
     driven.drain()
     ended(client, StopReason.ERROR)
     assert client.failure.code is ErrorCode.INVALID_REQUEST and not double.received
+
+
+def test_a_key_that_is_not_one_printable_line_is_refused_without_being_quoted(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-SECRET123\n# my note\n")
+    key_file.chmod(0o600)
+    with pytest.raises(RemoteUnavailable) as refused:
+        read_api_key(RemoteEndpoint(engine=OPENAI, url="http://h:1", api_key_file=str(key_file)))
+    assert refused.value.step == "api key" and "SECRET" not in str(refused.value)
+    with pytest.raises(RemoteUnavailable):
+        read_api_key(RemoteEndpoint(engine=OPENAI, url="http://h:1", api_key_env="K"), {"K": "sk-ünicode"})
+
+
+def test_a_redirect_is_an_error_to_fix_not_a_stream(serve: Serve, cores: Cores) -> None:
+    async def handler(got: Received, reply: Reply) -> None:
+        await reply.answer(301, "", reason="Moved Permanently", headers={"Location": "https://elsewhere/"})
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url))
+    client = driven.generate()
+    driven.drain()
+    ended(client, StopReason.ERROR)
+    assert client.failure.code is ErrorCode.REMOTE_ERROR and "301" in client.failure.message
+
+
+def test_a_chat_reply_retried_after_a_cut_starts_its_tool_call_afresh(
+    serve: Serve, cores: Cores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(core_module, "RETRY_DELAY_S", 0.0)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "model": "m1"}
+
+    def call_part(name: str | None, arguments: str) -> dict[str, Any]:
+        return {**chunk, "choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "function": {"name": name, "arguments": arguments}}]}}]}  # fmt: skip
+
+    async def handler(got: Received, reply: Reply) -> None:
+        await head(reply, OPENAI)
+        await reply.event(call_part("calculator", '{"expres'))
+        if len(double.received) == 1:  # the first attempt is cut before any text
+            reply.cut()
+            return
+        await reply.event(call_part(None, 'sion": "1+1"}'))
+        await reply.event({**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})
+        await reply.send("data: [DONE]\n\n")
+        await reply.end()
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url, OPENAI, mode=RemoteMode.CHAT))
+    client = driven.generate(CONVERSATION)
+    driven.drain()
+    ended(client, StopReason.STOP)
+    assert len(double.received) == 2
+    assert client.text == '<tool_call>\n{"name": "calculator", "arguments": {"expression": "1+1"}}\n</tool_call>'
+
+
+def test_a_malformed_chat_tool_call_is_a_remote_error(serve: Serve, cores: Cores) -> None:
+    async def handler(got: Received, reply: Reply) -> None:
+        await head(reply, OPENAI)
+        await reply.event({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": None, "function": 3}]}}]})
+        await reply.end()
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url, OPENAI, mode=RemoteMode.CHAT))
+    client = driven.generate(CONVERSATION)
+    driven.drain()
+    ended(client, StopReason.ERROR)
+    assert client.failure.code is ErrorCode.REMOTE_ERROR and "tool call" in client.failure.message

@@ -265,7 +265,7 @@ class WorkerProc:
         (a remote core: none to send)."""
         stop: StopRequest | None = None
         while True:
-            for item in self._arrived(block=not core.ready and stop is None):
+            for item in self._arrived(block=not core.ready and (stop is None or core.active > 0)):
                 match item:
                     case Generate() if stop is not None:
                         self._refuse(emit, item, ErrorCode.SHUTTING_DOWN, "the worker is shutting down")

@@ -74,10 +74,11 @@ async def _remote_counter_for(model: LoadedModel) -> TokenCounter:
     handle = model.handle
     if handle.counts_tokens is None:
         try:
-            await handle.count_tokens("")
-            handle.counts_tokens = True
+            handle.counts_tokens = await handle.count_tokens("Hello") > 0  # a route that reads the text
         except CountFailed as exc:
             log.info("model %s: counting its prompts by estimate: %s", model.spec.name, exc)
+            if exc.retryable:  # the server could not be asked now: ask again next run
+                return EstimatedTokenCounter()
             handle.counts_tokens = False
     return RemoteTokenCounter(handle.count_tokens) if handle.counts_tokens else EstimatedTokenCounter()
 

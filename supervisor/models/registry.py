@@ -287,7 +287,7 @@ def _entry(file: str, text: str, name: str, raw: Any) -> _Entry:
             raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: {exc}") from exc
         if seconds <= 0:
             raise RegistryError(f"{_where(file, text, ('models', name), key)}: models.{name}.{key}: must be positive")
-    for key in ("path", "vocab"):
+    for key in ("path", "vocab", "api_key_file"):
         if isinstance(value := getattr(entry, key), str):
             path = Path(value).expanduser()
             # Relative paths are relative to the file that names them, not to the cwd.
@@ -389,13 +389,11 @@ def _remote_spec(name: str, entry: _Entry, where: str, memory: MemorySettings) -
     for key in ("connect_timeout", "idle_timeout"):
         if not isinstance(value := getattr(entry, key), UnsetType):
             fields[f"{key}_s"] = parse_duration(value)
-    if isinstance(fields.get("api_key_file"), str):
-        fields["api_key_file"] = str(Path(fields["api_key_file"]).expanduser())
     try:
         endpoint = msgspec.convert(fields, type=RemoteEndpoint)
     except msgspec.ValidationError as exc:
         detail, _, at = str(exc).partition(" - at `$")
-        key = at.rstrip("`").lstrip(".").removesuffix("_s")
+        key = at.rstrip("`").lstrip(".").removesuffix("_s") or ("urls" if isinstance(entry.urls, list) else "url")
         hint = " (http:// or https://, a host, an optional path)" if key.startswith("url") else ""
         raise RegistryError(f"{where}: models.{name}.{key}: {detail}{hint}") from exc
     if endpoint.engine is RemoteEngine.OLLAMA and not endpoint.model:

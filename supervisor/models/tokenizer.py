@@ -157,15 +157,20 @@ class RemoteTokenCounter:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         self._fallback = EstimatedTokenCounter()
+        self._given_up = False
         self.estimated = 0  # counts the estimate stood in for
 
     def count(self, text: str) -> int:
-        if threading.get_ident() == self._loop_thread:
+        if threading.get_ident() == self._loop_thread or self._given_up:
             self.estimated += 1
             return self._fallback.count(text)
+        answer = asyncio.run_coroutine_threadsafe(self._ask(text), self._loop)
         try:
-            return asyncio.run_coroutine_threadsafe(self._ask(text), self._loop).result(REMOTE_COUNT_TIMEOUT_S)
-        except Exception:  # a server gone mid-plan: the run goes on with a safe count
+            return answer.result(REMOTE_COUNT_TIMEOUT_S)
+        except Exception as exc:  # a server gone mid-plan: the run goes on with a safe count
+            answer.cancel()
+            # A server too slow to answer would cost the timeout on every count of this plan.
+            self._given_up = self._given_up or isinstance(exc, TimeoutError)
             self.estimated += 1
             return self._fallback.count(text)
 

@@ -73,7 +73,12 @@ def describe_exit(returncode: int) -> str:
 
 
 class CountFailed(Exception):
-    """A worker could not count a text's tokens (its remote has no tokenizer route, or it died)."""
+    """A worker could not count a text's tokens: its remote has no tokenizer route, or (retryable) the
+    server could not be asked just now, or the worker died."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class WorkerLaunch(msgspec.Struct, frozen=True, kw_only=True):
@@ -173,7 +178,8 @@ class WorkerHandle:
             self.send(CountTokens(request_id=request_id, text=text))
             return await asyncio.wait_for(answer, timeout_s)
         except TimeoutError:
-            raise CountFailed(f"model {self.name}'s worker did not count within {timeout_s:g} s") from None
+            raise CountFailed(f"model {self.name}'s worker did not count within {timeout_s:g} s",
+                              retryable=True) from None
         finally:
             self._counts.pop(request_id, None)
 
@@ -278,7 +284,7 @@ class WorkerHandle:
                     answer.set_result(count)
             case RequestFailed() if message.request_id in self._counts:
                 if not (answer := self._counts[message.request_id]).done():
-                    answer.set_exception(CountFailed(message.message))
+                    answer.set_exception(CountFailed(message.message, retryable=message.retryable))
             case RequestFailed():
                 if (generation := self.running.get(message.request_id)) is not None:
                     generation.deliver(message)

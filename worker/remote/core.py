@@ -69,6 +69,7 @@ from bastion.worker.core import Cancelled, Emit
 from bastion.worker.engine import GrammarOutcome
 from bastion.worker.remote.backends import REMEMBERED_SESSIONS, Backend, Backends
 from bastion.worker.remote.dialects import (
+    CompletionRequest,
     Event,
     Framing,
     MalformedEvent,
@@ -95,7 +96,8 @@ HEALTH_INTERVAL_S = 5.0
 
 class RemoteUnavailable(Exception):
     """The remote engine cannot be used: why (the message), which check failed (`step`: api key,
-    reachable, model, context; see probe.py) and what to do (`fix`)."""
+    reachable, engine (it answers, but not as the engine configured), model, context; see probe.py)
+    and what to do (`fix`)."""
 
     def __init__(self, message: str, *, step: str = "reachable", fix: str = "") -> None:
         super().__init__(message)
@@ -140,7 +142,7 @@ def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None
             raise RemoteUnavailable(f"the environment variable {endpoint.api_key_env} (api_key_env) is not set "
                                     "for the supervisor: export it before `bastion up`", step="api key",
                                     fix=f"export {endpoint.api_key_env}=... then `bastion down` and run again")  # fmt: skip
-        return key.strip()
+        return _checked_key(key, f"the environment variable {endpoint.api_key_env}")
     if endpoint.api_key_file:
         try:
             info = os.stat(endpoint.api_key_file)
@@ -148,12 +150,23 @@ def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None
                 raise RemoteUnavailable(f"the key file {endpoint.api_key_file} can be read by others "
                                         f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it", step="api key",
                                         fix=f"chmod 600 {endpoint.api_key_file}")  # fmt: skip
-            with open(endpoint.api_key_file, encoding="utf-8") as f:
-                return f.read().strip()
+            with open(endpoint.api_key_file, encoding="utf-8", errors="replace") as f:
+                text = f.read()
         except OSError as exc:
             raise RemoteUnavailable(f"cannot read the key file {endpoint.api_key_file}: {exc.strerror}",
                                     step="api key", fix="check api_key_file in config.toml") from None
+        return _checked_key(text, f"the key file {endpoint.api_key_file}")
     return ""
+
+
+def _checked_key(raw: str, where: str) -> str:
+    """The key without surrounding white space; refused (never quoted) unless it is one line of printable
+    ASCII, which is all an HTTP header can carry: an error about the header would quote it."""
+    key = raw.strip()
+    if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+        raise RemoteUnavailable(f"{where} does not hold one API key (printable ASCII, one line, no spaces)",
+                                step="api key", fix=f"put the key alone in {where.split(' ', 2)[-1]}")  # fmt: skip
+    return key
 
 
 class RemoteCore:
@@ -164,11 +177,13 @@ class RemoteCore:
         self._n_ctx = n_ctx
         self._wake = wake
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._api_key = api_key
         self._timeout = httpx.Timeout(endpoint.idle_timeout_s, connect=endpoint.connect_timeout_s)
         self._headers = headers
         self._out: queue.SimpleQueue[tuple[Emit, FromWorker] | _Generation] = queue.SimpleQueue()
         # (server, session) -> the llama-server slot holding it, least recently used first out
         self._slots: collections.OrderedDict[tuple[str, str], int] = collections.OrderedDict()
+        self._slots_busy: set[tuple[str, int]] = set()  # (server, slot) a request of ours was sent to and holds
         self._backends = Backends(endpoint.backends)
         self._gauges = self._backends.gauges()  # as of the last change, for the IO thread's heartbeats
         self._active = 0
@@ -229,12 +244,21 @@ class RemoteCore:
 
     def describe(self) -> ModelDescription:
         """What the remote serves, asked of it; RemoteUnavailable with what to do when it cannot say."""
-        return asyncio.run_coroutine_threadsafe(self._describe(), self._loop).result()
+        try:
+            return asyncio.run_coroutine_threadsafe(self._describe(), self._loop).result()
+        except RemoteUnavailable as exc:
+            raise RemoteUnavailable(self.redacted(str(exc)), step=exc.step, fix=exc.fix) from None
+
+    def redacted(self, text: str) -> str:
+        """`text` without the API key (a server may echo the header it refused)."""
+        return text.replace(self._api_key, "***") if self._api_key else text
 
     def close(self) -> None:
         async def shut() -> None:
-            for task in [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their connections close on the way out
             for client in self._clients.values():
                 await client.aclose()
 
@@ -242,6 +266,8 @@ class RemoteCore:
             asyncio.run_coroutine_threadsafe(shut(), self._loop).result(timeout=5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     # -- the loop's side ---------------------------------------------------
 
@@ -282,7 +308,7 @@ class RemoteCore:
                 try:
                     response = await self._http(backend.url).get(_HEALTH_PATHS[self._endpoint.engine],
                                                                  timeout=self._endpoint.connect_timeout_s)  # fmt: skip
-                    alive = response.status_code < 500
+                    alive = 200 <= response.status_code < 300
                     error = f"health check answered {response.status_code}"
                 except httpx.HTTPError as exc:
                     alive, error = False, f"health check: {_reason(exc)}"
@@ -311,13 +337,14 @@ class RemoteCore:
         except _Failure as failure:
             self._flush(generation, time.perf_counter())
             self._send(generation, RequestFailed(request_id=generation.request.request_id, code=failure.code,
-                                                 message=failure.message, retryable=failure.retryable,
+                                                 message=self.redacted(failure.message), retryable=failure.retryable,
                                                  retry_after_ms=failure.retry_after_ms))  # fmt: skip
         except Exception as exc:  # a bug here must still end the request
-            log.exception("remote generation %s failed", generation.request.request_id)
+            log.error("remote generation %s failed: %s", generation.request.request_id,
+                      self.redacted(f"{type(exc).__name__}: {exc}"))  # fmt: skip
             self._flush(generation, time.perf_counter())
             self._send(generation, RequestFailed(request_id=generation.request.request_id, code=ErrorCode.INTERNAL,
-                                                 message=f"{type(exc).__name__}: {exc}"))  # fmt: skip
+                                                 message=self.redacted(f"{type(exc).__name__}: {exc}")))  # fmt: skip
         finally:
             watch.cancel()
         self._finish(generation, reason)
@@ -349,7 +376,9 @@ class RemoteCore:
         while not generation.cancelled():
             await asyncio.sleep(CANCEL_POLL_S)
             self.progress += 1
-        task.cancel()
+        while not task.done():  # a cancel can be swallowed by a wait it lands on as that wait ends
+            task.cancel()
+            await asyncio.sleep(CANCEL_POLL_S)
 
     async def _attempts(self, generation: _Generation) -> StopReason:
         """The request, tried again where the failure says it may help and nothing was generated yet:
@@ -358,6 +387,7 @@ class RemoteCore:
         session = generation.request.session_id
         placement = self._backends.place(session)
         retried = False
+        last: _Failure | None = None
         for _ in range(len(self._endpoint.backends) + 1):
             backend = placement.backend
             if placement.moved_from:
@@ -366,6 +396,7 @@ class RemoteCore:
             try:
                 end = await self._on(backend, generation)
             except _Failure as failure:
+                last = failure
                 if generation.events or not failure.retryable:
                     raise
                 if failure.code is ErrorCode.REMOTE_UNREACHABLE:
@@ -395,7 +426,9 @@ class RemoteCore:
                                         "conversation's state",)  # fmt: skip
                 self._publish()
                 return end
-        raise AssertionError("unreachable: every path above returns or raises")
+        # Servers came back and failed again while this request went round them: it has had its tries.
+        assert last is not None
+        raise last
 
     async def _on(self, backend: Backend, generation: _Generation) -> StopReason:
         backend.in_flight += 1
@@ -408,8 +441,13 @@ class RemoteCore:
 
     async def _once(self, generation: _Generation, url: str) -> StopReason:
         endpoint, request = self._endpoint, generation.request
-        generation.url = url
-        slot = self._slots.get((url, request.session_id)) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
+        # A retry starts afresh: nothing of an attempt that streamed no text is kept.
+        generation.url, generation.calls, generation.end, generation.counted = url, {}, None, False
+        pin = (url, request.session_id)
+        slot = self._slots.get(pin) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
+        if slot is not None and (url, slot) in self._slots_busy:
+            # llama-server holds a request for a busy slot back, even with others free: let it choose.
+            slot = None
         chat = endpoint.mode is RemoteMode.CHAT
         try:
             call = (chat_request(endpoint, request.prompt, request.sampling) if chat
@@ -423,11 +461,25 @@ class RemoteCore:
                 GrammarOutcome(GrammarUse.UNAVAILABLE, "a chat-mode model's server is not sent grammars") if chat
                 else _constrain(endpoint.engine, request.grammar, call.body))  # fmt: skip
         where = endpoint.describe(url)
+        if slot is not None:
+            self._slots_busy.add((url, slot))
+        try:
+            return await self._exchange(generation, call, where)
+        except _Failure:
+            if slot is not None:  # the slot may be gone (a restarted server with fewer): choose afresh next time
+                self._slots.pop(pin, None)
+            raise
+        finally:
+            if slot is not None:
+                self._slots_busy.discard((url, slot))
+
+    async def _exchange(self, generation: _Generation, call: CompletionRequest, where: str) -> StopReason:
+        endpoint, url = self._endpoint, generation.url
         try:
             async with post_stream(url, call.path, msgspec.json.encode(call.body), self._headers,
                                    connect_timeout_s=endpoint.connect_timeout_s,
                                    idle_timeout_s=endpoint.idle_timeout_s) as response:  # fmt: skip
-                if response.status_code >= 400:
+                if response.status_code >= 300:  # a redirect is not followed: the url is to fix
                     raise await _status_failure(response, where)
                 return await self._read(generation, response, call.framing)
         except Unreachable as exc:
@@ -561,8 +613,8 @@ class RemoteCore:
 
     async def _facts(self, url: str) -> _Facts:
         endpoint, where = self._endpoint, self._endpoint.describe(url)
-        client = self._http(url)
         try:
+            client = self._http(url)
             match endpoint.engine:
                 case RemoteEngine.LLAMA_SERVER:
                     facts = await _llama_server_facts(client)
@@ -575,15 +627,22 @@ class RemoteCore:
                                     "in config.toml right?", fix="start the server, or correct `url`") from None  # fmt: skip
         except httpx.HTTPStatusError as exc:
             status = exc.response.status_code
-            fix = "check api_key_env / api_key_file" if status in (401, 403) else "check `engine` and `url`"
+            if status in (401, 403):
+                raise RemoteUnavailable(f"{where} refused bastion ({status} to {exc.request.url.path}): "
+                                        f"{_excerpt(exc.response.text)}", step="api key",
+                                        fix="check api_key_env / api_key_file") from None  # fmt: skip
             raise RemoteUnavailable(f"{where} answered {status} to {exc.request.url.path}: "
                                     f"{_excerpt(exc.response.text)}; is `engine` right for this server?",
-                                    fix=fix) from None  # fmt: skip
+                                    step="engine", fix="check `engine` and `url`") from None  # fmt: skip
         except httpx.HTTPError as exc:
             raise RemoteUnavailable(f"{where}: {_reason(exc)}") from None
+        except httpx.InvalidURL as exc:
+            raise RemoteUnavailable(f"{where}: the url is not usable: {exc}", step="engine",
+                                    fix="correct `url`") from None  # fmt: skip
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON, not an object
             raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
-                                    "is `engine` right for this server?", fix="check `engine`") from None  # fmt: skip
+                                    "is `engine` right for this server?", step="engine",
+                                    fix="check `engine`") from None  # fmt: skip
         return facts
 
 
@@ -599,13 +658,16 @@ async def _remote_count(client: httpx.AsyncClient, endpoint: RemoteEndpoint, tex
                                                              "parse_special": True})  # fmt: skip
             response.raise_for_status()
             return len(response.json()["tokens"])
-        case RemoteEngine.OPENAI:  # vLLM's route; llama.cpp's server answers it too
-            response = await client.post("/tokenize", json={"model": endpoint.model, "prompt": text})
+        case RemoteEngine.OPENAI:  # vLLM's route reads `prompt`; llama.cpp's server, behind `openai`, `content`
+            response = await client.post("/tokenize", json={"model": endpoint.model, "prompt": text, "content": text})
             if response.status_code == 404:
                 raise _NoTokenizer(f"{endpoint.describe()} has no /tokenize route")
             response.raise_for_status()
             shown = response.json()
-            return int(shown["count"]) if "count" in shown else len(shown["tokens"])
+            count = int(shown["count"]) if "count" in shown else len(shown["tokens"])
+            if text and not count:  # a route of that name that did not read the text
+                raise _NoTokenizer(f"{endpoint.describe()}'s /tokenize counted nothing")
+            return count
     raise _NoTokenizer(f"{endpoint.engine.value} servers have no route that counts tokens")
 
 

@@ -153,12 +153,15 @@ def parse_chat_event(engine: RemoteEngine, payload: Any) -> Event:
     if engine is RemoteEngine.OLLAMA:
         found = payload.get("message")
         message: dict[str, Any] = found if isinstance(found, dict) else {}
-        calls = tuple((i, str((call.get("function") or {}).get("name", "")),
-                       json.dumps((call.get("function") or {}).get("arguments", {})))
-                      for i, call in enumerate(message.get("tool_calls") or []) if isinstance(call, dict))  # fmt: skip
+        calls = []
+        for i, call in enumerate(message.get("tool_calls") or []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict):
+                raise MalformedEvent("a tool call must be an object with a `function` object")
+            calls.append((i, str(function.get("name", "")), json.dumps(function.get("arguments", {}))))
         done = _ollama_event({**payload, "response": _text(message, "content") if message else ""})
         return Event(text=done.text, tokens=done.tokens, end=done.end, prompt_tokens=done.prompt_tokens,
-                     completion_tokens=done.completion_tokens, call_parts=calls)  # fmt: skip
+                     completion_tokens=done.completion_tokens, call_parts=tuple(calls))  # fmt: skip
     choices = payload.get("choices")
     if not isinstance(choices, list):
         raise MalformedEvent("a chat chunk without `choices`")
@@ -171,9 +174,10 @@ def parse_chat_event(engine: RemoteEngine, payload: Any) -> Event:
         for call in delta.get("tool_calls") or []:
             if not isinstance(call, dict):
                 raise MalformedEvent("a tool call must be a JSON object")
-            function = call.get("function") or {}
-            parts.append((int(call.get("index", 0)), str(function.get("name") or ""),
-                          str(function.get("arguments") or "")))  # fmt: skip
+            function, index = call.get("function") or {}, call.get("index", 0)
+            if not isinstance(function, dict) or not isinstance(index, int):
+                raise MalformedEvent("a tool call's `function` must be an object and its `index` a number")
+            parts.append((index, str(function.get("name") or ""), str(function.get("arguments") or "")))
     reshaped = {**payload, "choices": [{**choices[0], "text": text}] if choices else []}
     completion = _openai_event(reshaped)
     return Event(text=completion.text, tokens=completion.tokens, end=completion.end,

@@ -61,7 +61,10 @@ class StreamResponse:
         """The body's bytes as they come; None each time what has arrived is used up (the next
         bytes need another read of the socket)."""
         while True:
-            event = self._connection.next_event()
+            try:
+                event = self._connection.next_event()
+            except h11.RemoteProtocolError as exc:  # a body cut short, or not HTTP
+                raise Cut(f"the server broke HTTP: {exc}") from None
             if isinstance(event, h11.Data):
                 yield bytes(event.data)
             elif isinstance(event, h11.EndOfMessage):
@@ -109,9 +112,9 @@ async def post_stream(url: str, path: str, body: bytes, headers: dict[str, str],
     port = parts.port or (443 if secure else 80)
     target = (parts.path.rstrip("/") + path) or "/"
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(host, port, ssl=ssl.create_default_context() if secure else None),
-            connect_timeout_s)  # fmt: skip
+        async with asyncio.timeout(connect_timeout_s):
+            reader, writer = await asyncio.open_connection(
+                host, port, ssl=ssl.create_default_context() if secure else None)  # fmt: skip
     except TimeoutError:
         raise Unreachable(f"no connection within {connect_timeout_s:g} s") from None
     except ssl.SSLError as exc:
@@ -125,7 +128,8 @@ async def post_stream(url: str, path: str, body: bytes, headers: dict[str, str],
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         connection = h11.Connection(h11.CLIENT)
-        host_header = host if parts.port is None else f"{host}:{port}"
+        bracketed = f"[{host}]" if ":" in host else host  # an IPv6 literal
+        host_header = bracketed if parts.port is None else f"{bracketed}:{port}"
         request = h11.Request(method="POST", target=target, headers=[
             ("Host", host_header), ("Content-Type", "application/json"), ("Accept", "text/event-stream"),
             ("Content-Length", str(len(body))), ("Connection", "close"), *headers.items()])  # fmt: skip
@@ -155,7 +159,9 @@ async def post_stream(url: str, path: str, body: bytes, headers: dict[str, str],
 
 async def _receive(reader: asyncio.StreamReader, connection: h11.Connection, idle_timeout_s: float) -> None:
     try:
-        data = await asyncio.wait_for(reader.read(READ_BYTES), idle_timeout_s)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that lands as the read ends.
+        async with asyncio.timeout(idle_timeout_s):
+            data = await reader.read(READ_BYTES)
     except TimeoutError:
         raise Idle(f"nothing for {idle_timeout_s:g} s") from None
     except OSError as exc:

@@ -53,7 +53,8 @@ def probe(name: str, endpoint: RemoteEndpoint, n_ctx: int = 0) -> RemoteProbe:
         try:
             description = core.describe()
         except RemoteUnavailable as exc:
-            passed = {"reachable": [], "model": ["reachable"], "context": ["reachable", "model"]}.get(exc.step, [])
+            passed = {"reachable": [], "api key": ["reachable"], "engine": ["reachable"], "model": ["reachable"],
+                      "context": ["reachable", "model"]}.get(exc.step, [])  # fmt: skip
             steps += [ProbeStep(name=step, ok=True, detail="yes") for step in passed]
             steps.append(ProbeStep(name=exc.step, ok=False, detail=str(exc), fix=exc.fix))
             return report()

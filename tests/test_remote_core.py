@@ -948,3 +948,17 @@ def test_a_malformed_chat_tool_call_is_a_remote_error(serve: Serve, cores: Cores
     driven.drain()
     ended(client, StopReason.ERROR)
     assert client.failure.code is ErrorCode.REMOTE_ERROR and "tool call" in client.failure.message
+
+
+def test_log_probabilities_are_refused_not_silently_dropped(serve: Serve, cores: Cores) -> None:
+    double = serve(llama_reply("never sent"))
+    driven = cores(endpoint(double.url))
+    client = driven.generate(logprobs=2)
+    assert client.failure.code is ErrorCode.INVALID_REQUEST and "log-probabilities" in client.failure.message
+    assert client.finished.stop_reason is StopReason.ERROR and not double.received and driven.core.active == 0
+
+
+def test_a_context_larger_than_the_server_gives_a_request_is_cut_to_the_server_s(serve: Serve, cores: Cores) -> None:
+    props = {"default_generation_settings": {"n_ctx": 2048}, "chat_template": "", "bos_token": "", "eos_token": ""}
+    double = serve(routes({"/props": lambda r: r.answer(200, props)}))
+    assert cores(endpoint(double.url), n_ctx=16384).core.describe().n_ctx == 2048

@@ -127,16 +127,20 @@ class ByteTokenCounter:
 
 
 class EstimatedTokenCounter:
-    """For a model whose vocabulary is not here (one a remote engine serves): one
-    token per ESTIMATE_BYTES_PER_TOKEN bytes of UTF-8, rounded up, plus one. Real
-    tokenizers average 3.5 to 4.5 bytes a token on English prose and about 3 on
-    code, so this errs towards counting more and pruning a little early, never
-    towards overflowing the remote's context."""
+    """For a model whose vocabulary is not here and whose server cannot count: one
+    token per ESTIMATE_BYTES_PER_TOKEN bytes of ASCII, rounded up, and one per byte
+    of anything else, plus one. Real tokenizers average 3.5 to 4.5 bytes a token
+    on English prose and about 3 on code; outside ASCII, vocabularies that fall
+    back to bytes spend up to a token per byte. So this errs towards counting more
+    and pruning early; text denser than 3 characters a token (hex, base64) can
+    still be undercounted, which `vocab` or a server with /tokenize avoids."""
 
     counting = TokenCounting.ESTIMATE
 
     def count(self, text: str) -> int:
-        return -(-len(text.encode("utf-8")) // ESTIMATE_BYTES_PER_TOKEN) + 1
+        encoded = text.encode("utf-8")
+        ascii_bytes = sum(1 for byte in encoded if byte < 0x80)
+        return -(-ascii_bytes // ESTIMATE_BYTES_PER_TOKEN) + (len(encoded) - ascii_bytes) + 1
 
 
 ESTIMATE_BYTES_PER_TOKEN = 3

@@ -67,6 +67,7 @@ from bastion.protocol.worker_wire import (
 )
 from bastion.worker.core import Cancelled, Emit
 from bastion.worker.engine import GrammarOutcome
+from bastion.worker.link import refusal
 from bastion.worker.remote.backends import REMEMBERED_SESSIONS, Backend, Backends
 from bastion.worker.remote.dialects import (
     CompletionRequest,
@@ -211,6 +212,12 @@ class RemoteCore:
 
     def start(self, request: Generate, emit: Emit, cancelled: Cancelled) -> None:
         generation = _Generation(request, emit, cancelled, Run(request=request, started=time.perf_counter()))
+        if request.sampling.logprobs is not None:
+            # Said, not silently dropped: the figures come from a model's logits, which stay on the server.
+            for answer in refusal(request, ErrorCode.INVALID_REQUEST, "log-probabilities are not available from a "
+                                  "remote model; ask without logprobs", 0):  # fmt: skip
+                emit(answer)
+            return
         self._active += 1
         self._running.add(generation)
         asyncio.run_coroutine_threadsafe(self._serve(generation), self._loop)
@@ -594,6 +601,11 @@ class RemoteCore:
         self._publish()  # servers after the one that answered are found out by health checks and requests
         if facts.missing_model:
             raise RemoteUnavailable(facts.missing_model, step="model", fix="set `model` in config.toml")
+        if self._n_ctx and facts.n_ctx and self._n_ctx > facts.n_ctx:
+            # More than the server gives a request: prompts sized to it would be refused there.
+            log.warning("n_ctx %d is more than %s gives a request (%d): using %d", self._n_ctx, endpoint.describe(),
+                        facts.n_ctx, facts.n_ctx)  # fmt: skip
+            self._n_ctx = facts.n_ctx
         n_ctx = self._n_ctx or facts.n_ctx
         if not n_ctx and endpoint.engine is RemoteEngine.OLLAMA:
             # Ollama sizes the context per request (options.num_ctx): its own default, within the model's.

@@ -962,3 +962,25 @@ def test_a_context_larger_than_the_server_gives_a_request_is_cut_to_the_server_s
     props = {"default_generation_settings": {"n_ctx": 2048}, "chat_template": "", "bos_token": "", "eos_token": ""}
     double = serve(routes({"/props": lambda r: r.answer(200, props)}))
     assert cores(endpoint(double.url), n_ctx=16384).core.describe().n_ctx == 2048
+
+
+def test_a_remote_reply_that_loops_is_cut_where_the_loop_began_and_the_server_let_go(
+    serve: Serve, cores: Cores
+) -> None:
+    async def handler(got: Received, reply: Reply) -> None:
+        await head(reply, LLAMA)
+        for text in ["So", ",", " that", "'s", " me", "."] + [" That", "'s", " me", "."] * 40:
+            if got.closed.is_set():
+                return
+            await put(reply, LLAMA, piece(LLAMA, text))
+        await reply.hold()
+
+    double = serve(handler)
+    driven = cores(endpoint(double.url, idle_timeout_s=5.0))
+    client = driven.generate(max_tokens=500)
+    driven.drain()
+    ended(client, StopReason.REPETITION)
+    keep = client.finished.keep_chars
+    assert keep is not None and client.text[:keep].startswith("So, that's me.") and keep < 30  # one span kept
+    assert client.finished.completion_tokens < 60  # cut long before the 166 events or the 500 tokens
+    assert double.received[0].closed.wait(STEP_TIMEOUT_S)  # the loop was not left running on the server

@@ -81,6 +81,7 @@ from bastion.worker.remote.dialects import (
     parse_event,
 )
 from bastion.worker.remote.http_stream import Cut, Idle, StreamError, StreamResponse, Unreachable, post_stream
+from bastion.worker.repetition import RepetitionGuard, keep_whole_words
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class _Generation:
     counted: bool = False  # whether the server said how many tokens the prompt had
     url: str = ""  # the server it is streaming from
     calls: dict[int, list[str]] = field(default_factory=dict)  # chat mode: [name, arguments] by index
+    guard: RepetitionGuard | None = None  # sampling.loop_guard: a reply that keeps repeating itself is cut
     task: asyncio.Task[None] | None = field(default=None, repr=False)
     cancel_sent: bool = False
 
@@ -450,6 +452,8 @@ class RemoteCore:
         endpoint, request = self._endpoint, generation.request
         # A retry starts afresh: nothing of an attempt that streamed no text is kept.
         generation.url, generation.calls, generation.end, generation.counted = url, {}, None, False
+        sampling = request.sampling
+        generation.guard = RepetitionGuard() if sampling.loop_guard and not sampling.ignore_eos else None
         pin = (url, request.session_id)
         slot = self._slots.get(pin) if endpoint.engine is RemoteEngine.LLAMA_SERVER else None
         if slot is not None and (url, slot) in self._slots_busy:
@@ -531,8 +535,9 @@ class RemoteCore:
             self.progress += 1
             end = self._take(generation, event)
             # An OpenAI-style stream (an OpenAI engine's, or any chat route but Ollama's) puts its
-            # usage after the finish: read on to its [DONE].
-            if end is not None and not openai_style:
+            # usage after the finish: read on to its [DONE]. A loop is cut at once (the connection
+            # closes on the way out, which stops the server).
+            if end is StopReason.REPETITION or (end is not None and not openai_style):
                 return end
         if generation.end is not None:  # an OpenAI-compatible server that ends without [DONE]
             return generation.end
@@ -567,6 +572,14 @@ class RemoteCore:
             generation.held += event.text
             if not generation.last_emit:  # the first text at once; the rest as each read is used up
                 self._flush(generation, now)
+            run.char_ends.append(run.chars)
+            # Each event of these streams is a token; its text stands for its id in the guard.
+            if generation.guard is not None and generation.guard.push(hash(event.text)):
+                assert generation.guard.loop_start is not None
+                start = generation.guard.loop_start
+                run.keep_chars = keep_whole_words("".join(run.streamed), run.char_ends[start - 1] if start else 0)
+                generation.end = StopReason.REPETITION
+                return StopReason.REPETITION
         if event.prompt_tokens is not None:
             run.prompt_tokens = event.prompt_tokens
             generation.counted = True

@@ -24,7 +24,9 @@ from bastion.protocol.remote import RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.protocol.worker_wire import CountTokens, FromWorker, Generate, GenerationFinished, TokenCount
 from bastion.worker.remote import core as core_module
 from bastion.worker.remote import http_stream
-from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
+from bastion.worker.remote import replies as replies_module
+from bastion.worker.remote.core import RemoteCore
+from bastion.worker.remote.server_facts import RemoteUnavailable, read_api_key
 from tests.remote_double import Handler, HttpDouble, Received, Reply
 from tests.waiting import until, wait_until
 
@@ -575,7 +577,7 @@ def test_an_error_inside_the_stream_is_a_remote_error_quoting_the_server(
 def test_a_line_longer_than_the_limit_fails_instead_of_being_buffered(
     serve: Serve, cores: Cores, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(core_module, "MAX_LINE_BYTES", 256)
+    monkeypatch.setattr(replies_module, "MAX_LINE_BYTES", 256)
 
     async def handler(got: Received, reply: Reply) -> None:
         await head(reply, LLAMA)

@@ -64,7 +64,8 @@ from bastion.worker.engine import Engine, InvalidModelFile
 from bastion.worker.kv_snapshots import SnapshotStore, model_fingerprint
 from bastion.worker.lifecycle import ExitCode, StopRequest, die_with_parent, parent_gone
 from bastion.worker.link import Gauges, Inbox, Outbox, RequestSlots, SupervisorLink, refusal
-from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
+from bastion.worker.remote.core import RemoteCore
+from bastion.worker.remote.server_facts import RemoteUnavailable, read_api_key
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,11 @@ Failures are classified (see ErrorCode):
 
 llama.cpp's server: each session is pinned to the slot that served its first
 reply (`id_slot`), so the server's own prompt cache for it stays warm.
+
+Around it: dialects.py (each engine's requests and events, as data), http_stream.py (one
+streamed request), replies.py (a reply's lines and error statuses, classified),
+server_facts.py (the key, the server's description of the model, its token count) and
+backends.py (which server serves which session).
 """
 
 from __future__ import annotations
@@ -40,16 +45,12 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
-import json
 import logging
-import os
 import queue
-import stat
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import msgspec
@@ -58,7 +59,6 @@ from bastion.protocol import ErrorCode, RequestFailed, StopReason
 from bastion.protocol.common import GrammarUse
 from bastion.protocol.remote import BackendGauge, RemoteEndpoint, RemoteEngine, RemoteMode
 from bastion.protocol.worker_wire import (
-    CallGrammar,
     CountTokens,
     FromWorker,
     Generate,
@@ -77,10 +77,26 @@ from bastion.worker.remote.dialects import (
     calls_as_text,
     chat_request,
     completion_request,
+    constrain,
     parse_chat_event,
     parse_event,
 )
-from bastion.worker.remote.http_stream import Cut, Idle, StreamError, StreamResponse, Unreachable, post_stream
+from bastion.worker.remote.http_stream import Cut, Idle, StreamResponse, Unreachable, post_stream
+from bastion.worker.remote.replies import (
+    END_OF_STREAM,
+    ReplyFailure,
+    line_payload,
+    reply_lines,
+    status_failure,
+)
+from bastion.worker.remote.server_facts import (
+    NoTokenizer,
+    RemoteUnavailable,
+    count_at,
+    model_description,
+    reason,
+    server_facts,
+)
 from bastion.worker.repetition import RepetitionGuard, keep_whole_words
 from bastion.worker.run_report import Run, run_finished, run_stats, token_delta
 
@@ -89,29 +105,8 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.5
 RETRY_DELAY_S = 0.5
 RETRY_AFTER_MAX_S = 30.0
-MAX_LINE_BYTES = 1024 * 1024  # a longer stream line is not any engine's protocol
-ERROR_BODY_BYTES = 2048
 DELTA_INTERVAL_S = 0.05  # as WorkerCore: text at most every 50 ms, the first token at once
-OLLAMA_DEFAULT_N_CTX = 4096
 HEALTH_INTERVAL_S = 5.0
-
-
-class RemoteUnavailable(Exception):
-    """The remote engine cannot be used: why (the message), which check failed (`step`: api key,
-    reachable, engine (it answers, but not as the engine configured), model, context; see probe.py)
-    and what to do (`fix`)."""
-
-    def __init__(self, message: str, *, step: str = "reachable", fix: str = "") -> None:
-        super().__init__(message)
-        self.step = step
-        self.fix = fix
-
-
-class _Failure(Exception):
-    def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False,
-                 retry_after_ms: int | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.retryable, self.retry_after_ms = code, message, retryable, retry_after_ms
 
 
 @dataclass(eq=False)
@@ -134,42 +129,6 @@ class _Generation:
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
-
-
-def read_api_key(endpoint: RemoteEndpoint, environ: dict[str, str] | None = None) -> str:
-    """The API key `endpoint` names, '' when it names none; RemoteUnavailable when it cannot be read."""
-    environ = dict(os.environ) if environ is None else environ
-    if endpoint.api_key_env:
-        key = environ.get(endpoint.api_key_env, "")
-        if not key:
-            raise RemoteUnavailable(f"the environment variable {endpoint.api_key_env} (api_key_env) is not set "
-                                    "for the supervisor: export it before `bastion up`", step="api key",
-                                    fix=f"export {endpoint.api_key_env}=... then `bastion down` and run again")  # fmt: skip
-        return _checked_key(key, f"the environment variable {endpoint.api_key_env}")
-    if endpoint.api_key_file:
-        try:
-            info = os.stat(endpoint.api_key_file)
-            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise RemoteUnavailable(f"the key file {endpoint.api_key_file} can be read by others "
-                                        f"(mode {stat.S_IMODE(info.st_mode):04o}): chmod 600 it", step="api key",
-                                        fix=f"chmod 600 {endpoint.api_key_file}")  # fmt: skip
-            with open(endpoint.api_key_file, encoding="utf-8", errors="replace") as f:
-                text = f.read()
-        except OSError as exc:
-            raise RemoteUnavailable(f"cannot read the key file {endpoint.api_key_file}: {exc.strerror}",
-                                    step="api key", fix="check api_key_file in config.toml") from None
-        return _checked_key(text, f"the key file {endpoint.api_key_file}")
-    return ""
-
-
-def _checked_key(raw: str, where: str) -> str:
-    """The key without surrounding white space; refused (never quoted) unless it is one line of printable
-    ASCII, which is all an HTTP header can carry: an error about the header would quote it."""
-    key = raw.strip()
-    if not key or not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
-        raise RemoteUnavailable(f"{where} does not hold one API key (printable ASCII, one line, no spaces)",
-                                step="api key", fix=f"put the key alone in {where.split(' ', 2)[-1]}")  # fmt: skip
-    return key
 
 
 class RemoteCore:
@@ -295,13 +254,13 @@ class RemoteCore:
         backend = next((b for b in self._backends if b.healthy), None) or next(iter(self._backends))
         answer: FromWorker
         try:
-            count = await _remote_count(self._http(backend.url), endpoint, request.text)
+            count = await count_at(self._http(backend.url), endpoint, request.text)
             answer = TokenCount(request_id=request.request_id, count=count)
-        except _NoTokenizer as exc:
+        except NoTokenizer as exc:
             answer = RequestFailed(request_id=request.request_id, code=ErrorCode.REMOTE_ERROR, message=str(exc))
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
             answer = RequestFailed(request_id=request.request_id, code=ErrorCode.REMOTE_ERROR,
-                                   message=f"{endpoint.describe(backend.url)} could not count: {_reason(exc)}",
+                                   message=f"{endpoint.describe(backend.url)} could not count: {reason(exc)}",
                                    retryable=True)  # fmt: skip
         self._out.put((emit, answer))
         self._wake()
@@ -320,7 +279,7 @@ class RemoteCore:
                     alive = 200 <= response.status_code < 300
                     error = f"health check answered {response.status_code}"
                 except httpx.HTTPError as exc:
-                    alive, error = False, f"health check: {_reason(exc)}"
+                    alive, error = False, f"health check: {reason(exc)}"
                 if alive and not backend.healthy:
                     log.info("%s answers again: back in", backend.url)
                     self._backends.answered(backend)
@@ -343,7 +302,7 @@ class RemoteCore:
             reason = await self._attempts(generation)
         except asyncio.CancelledError:
             reason = StopReason.CANCELLED
-        except _Failure as failure:
+        except ReplyFailure as failure:
             self._flush(generation, time.perf_counter())
             self._send(generation, RequestFailed(request_id=generation.request.request_id, code=failure.code,
                                                  message=self.redacted(failure.message), retryable=failure.retryable,
@@ -396,7 +355,7 @@ class RemoteCore:
         session = generation.request.session_id
         placement = self._backends.place(session)
         retried = False
-        last: _Failure | None = None
+        last: ReplyFailure | None = None
         for _ in range(len(self._endpoint.backends) + 1):
             backend = placement.backend
             if placement.moved_from:
@@ -404,7 +363,7 @@ class RemoteCore:
                                                "its whole prompt evaluated there",)  # fmt: skip
             try:
                 end = await self._on(backend, generation)
-            except _Failure as failure:
+            except ReplyFailure as failure:
                 last = failure
                 if generation.events or not failure.retryable:
                     raise
@@ -464,19 +423,19 @@ class RemoteCore:
             call = (chat_request(endpoint, request.prompt, request.sampling) if chat
                     else completion_request(endpoint, request.prompt, request.sampling, slot))  # fmt: skip
         except MalformedEvent as exc:
-            raise _Failure(ErrorCode.INVALID_REQUEST, str(exc)) from None
+            raise ReplyFailure(ErrorCode.INVALID_REQUEST, str(exc)) from None
         if endpoint.engine is RemoteEngine.OLLAMA:
             call.body["options"]["num_ctx"] = self._n_ctx
         if request.grammar is not None:
             generation.run.grammar = (
                 GrammarOutcome(GrammarUse.UNAVAILABLE, "a chat-mode model's server is not sent grammars") if chat
-                else _constrain(endpoint.engine, request.grammar, call.body))  # fmt: skip
+                else constrain(endpoint.engine, request.grammar, call.body))  # fmt: skip
         where = endpoint.describe(url)
         if slot is not None:
             self._slots_busy.add((url, slot))
         try:
             return await self._exchange(generation, call, where)
-        except _Failure:
+        except ReplyFailure:
             if slot is not None:  # the slot may be gone (a restarted server with fewer): choose afresh next time
                 self._slots.pop(pin, None)
             raise
@@ -491,27 +450,27 @@ class RemoteCore:
                                    connect_timeout_s=endpoint.connect_timeout_s,
                                    idle_timeout_s=endpoint.idle_timeout_s) as response:  # fmt: skip
                 if response.status_code >= 300:  # a redirect is not followed: the url is to fix
-                    raise await _status_failure(response, where)
+                    raise await status_failure(response, where, RETRY_DELAY_S)
                 return await self._read(generation, response, call.framing)
         except Unreachable as exc:
-            raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"cannot reach {where}: {exc.reason}",
+            raise ReplyFailure(ErrorCode.REMOTE_UNREACHABLE, f"cannot reach {where}: {exc.reason}",
                            retryable=True) from None  # fmt: skip
         except Idle:
-            raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+            raise ReplyFailure(ErrorCode.REMOTE_INTERRUPTED,
                            f"{where} sent nothing for {endpoint.idle_timeout_s:g} s (idle_timeout_s); "
                            "the reply so far is kept") from None  # fmt: skip
         except Cut as exc:
             if not generation.events:
-                raise _Failure(ErrorCode.REMOTE_UNREACHABLE, f"{where} closed the connection: {exc.reason}",
+                raise ReplyFailure(ErrorCode.REMOTE_UNREACHABLE, f"{where} closed the connection: {exc.reason}",
                                retryable=True) from None  # fmt: skip
-            raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+            raise ReplyFailure(ErrorCode.REMOTE_INTERRUPTED,
                            f"{where} cut the reply off: {exc.reason}; the reply so far is kept") from None
 
     async def _read(self, generation: _Generation, response: StreamResponse, framing: Framing) -> StopReason:
         engine, where = self._endpoint.engine, self._endpoint.describe(generation.url)
         openai_style = engine is RemoteEngine.OPENAI or (
             self._endpoint.mode is RemoteMode.CHAT and engine is not RemoteEngine.OLLAMA)
-        async for line in _lines(response):
+        async for line in reply_lines(response):
             if line is None:  # what has arrived is used up
                 self._flush(generation, time.perf_counter())
                 if generation.last_emit:
@@ -520,18 +479,18 @@ class RemoteCore:
                     # wakeup of this process each, taken from the cores the server may decode on.
                     await response.rest(DELTA_INTERVAL_S)
                 continue
-            payload = _payload(line, framing)
+            payload = line_payload(line, framing)
             if payload is None:
                 continue
-            if payload is _DONE:  # OpenAI's end of stream, after the usage chunk
+            if payload is END_OF_STREAM:  # OpenAI's end of stream, after the usage chunk
                 return generation.end or StopReason.STOP
             try:
                 event = (parse_chat_event(engine, payload) if self._endpoint.mode is RemoteMode.CHAT
                          else parse_event(engine, payload))  # fmt: skip
             except MalformedEvent as exc:
-                raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} sent what its protocol does not: {exc}") from None
+                raise ReplyFailure(ErrorCode.REMOTE_ERROR, f"{where} sent what its protocol does not: {exc}") from None
             if event.error:
-                raise _Failure(ErrorCode.REMOTE_ERROR, f"{where} failed: {event.error}")
+                raise ReplyFailure(ErrorCode.REMOTE_ERROR, f"{where} failed: {event.error}")
             self.progress += 1
             end = self._take(generation, event)
             # An OpenAI-style stream (an OpenAI engine's, or any chat route but Ollama's) puts its
@@ -541,7 +500,7 @@ class RemoteCore:
                 return end
         if generation.end is not None:  # an OpenAI-compatible server that ends without [DONE]
             return generation.end
-        raise _Failure(ErrorCode.REMOTE_INTERRUPTED,
+        raise ReplyFailure(ErrorCode.REMOTE_INTERRUPTED,
                        f"{where} ended the stream before the reply's end; the reply so far is kept")
 
     def _take(self, generation: _Generation, event: Event) -> StopReason | None:
@@ -599,7 +558,7 @@ class RemoteCore:
         failures: list[RemoteUnavailable] = []
         for backend in list(self._backends):
             try:
-                facts = await self._facts(backend.url)
+                facts = await server_facts(self._http(backend.url), self._endpoint, backend.url)
                 break
             except RemoteUnavailable as exc:
                 if exc.step != "reachable":
@@ -612,268 +571,11 @@ class RemoteCore:
             raise RemoteUnavailable("no server of the model answers: " + "; ".join(map(str, failures)),
                                     fix="start the servers, or correct `urls`")  # fmt: skip
         self._publish()  # servers after the one that answered are found out by health checks and requests
-        if facts.missing_model:
-            raise RemoteUnavailable(facts.missing_model, step="model", fix="set `model` in config.toml")
-        if self._n_ctx and facts.n_ctx and self._n_ctx > facts.n_ctx:
-            # More than the server gives a request: prompts sized to it would be refused there.
-            log.warning("n_ctx %d is more than %s gives a request (%d): using %d", self._n_ctx, endpoint.describe(),
-                        facts.n_ctx, facts.n_ctx)  # fmt: skip
-            self._n_ctx = facts.n_ctx
-        n_ctx = self._n_ctx or facts.n_ctx
-        if not n_ctx and endpoint.engine is RemoteEngine.OLLAMA:
-            # Ollama sizes the context per request (options.num_ctx): its own default, within the model's.
-            n_ctx = min(OLLAMA_DEFAULT_N_CTX, facts.n_ctx_train or OLLAMA_DEFAULT_N_CTX)
-        if not n_ctx:
-            raise RemoteUnavailable(f"{endpoint.describe()} does not say its context size: set n_ctx for the model "
-                                    "in config.toml",
-                                    step="context", fix="set n_ctx in the model's [models.NAME] table")
-        self._n_ctx = n_ctx
-        return ModelDescription(
-            name=self._name, path=endpoint.url, architecture=facts.architecture or "remote", n_ctx=n_ctx,
-            n_ctx_train=facts.n_ctx_train or n_ctx, n_vocab=facts.n_vocab, n_params=facts.n_params, threads=0,
-            has_chat_template=bool(facts.chat_template), chat_template=facts.chat_template,
-            bos_token=facts.bos_token, eos_token=facts.eos_token, file_size=facts.size, rss_bytes=0,
-            load_ms=round((time.perf_counter() - started) * 1000.0, 1), gguf_name=facts.model_name,
-        )  # fmt: skip
+        description = model_description(facts, endpoint, name=self._name, n_ctx=self._n_ctx,
+                                        load_ms=(time.perf_counter() - started) * 1000.0)  # fmt: skip
+        self._n_ctx = description.n_ctx
+        return description
 
-    async def _facts(self, url: str) -> _Facts:
-        endpoint, where = self._endpoint, self._endpoint.describe(url)
-        try:
-            client = self._http(url)
-            match endpoint.engine:
-                case RemoteEngine.LLAMA_SERVER:
-                    facts = await _llama_server_facts(client)
-                case RemoteEngine.OPENAI:
-                    facts = await _openai_facts(client, endpoint.model)
-                case RemoteEngine.OLLAMA:
-                    facts = await _ollama_facts(client, endpoint.model)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            raise RemoteUnavailable(f"cannot reach {where}: {_reason(exc)}; is the server running, and is `url` "
-                                    "in config.toml right?", fix="start the server, or correct `url`") from None  # fmt: skip
-        except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            if status in (401, 403):
-                raise RemoteUnavailable(f"{where} refused bastion ({status} to {exc.request.url.path}): "
-                                        f"{_excerpt(exc.response.text)}", step="api key",
-                                        fix="check api_key_env / api_key_file") from None  # fmt: skip
-            raise RemoteUnavailable(f"{where} answered {status} to {exc.request.url.path}: "
-                                    f"{_excerpt(exc.response.text)}; is `engine` right for this server?",
-                                    step="engine", fix="check `engine` and `url`") from None  # fmt: skip
-        except httpx.HTTPError as exc:
-            raise RemoteUnavailable(f"{where}: {_reason(exc)}") from None
-        except httpx.InvalidURL as exc:
-            raise RemoteUnavailable(f"{where}: the url is not usable: {exc}", step="engine",
-                                    fix="correct `url`") from None  # fmt: skip
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # AttributeError: JSON, not an object
-            raise RemoteUnavailable(f"{where} does not answer as {endpoint.engine.value} does ({exc}); "
-                                    "is `engine` right for this server?", step="engine",
-                                    fix="check `engine`") from None  # fmt: skip
-        return facts
-
-
-class _NoTokenizer(Exception):
-    """The engine has no route that counts tokens."""
-
-
-async def _remote_count(client: httpx.AsyncClient, endpoint: RemoteEndpoint, text: str) -> int:
-    """`text`'s tokens as the server counts a prompt: special tokens parsed, BOS as the model adds it."""
-    match endpoint.engine:
-        case RemoteEngine.LLAMA_SERVER:
-            response = await client.post("/tokenize", json={"content": text, "add_special": True,
-                                                             "parse_special": True})  # fmt: skip
-            response.raise_for_status()
-            return len(response.json()["tokens"])
-        case RemoteEngine.OPENAI:  # vLLM's route reads `prompt`; llama.cpp's server, behind `openai`, `content`
-            response = await client.post("/tokenize", json={"model": endpoint.model, "prompt": text, "content": text})
-            if response.status_code == 404:
-                raise _NoTokenizer(f"{endpoint.describe()} has no /tokenize route")
-            response.raise_for_status()
-            shown = response.json()
-            count = int(shown["count"]) if "count" in shown else len(shown["tokens"])
-            if text and not count:  # a route of that name that did not read the text
-                raise _NoTokenizer(f"{endpoint.describe()}'s /tokenize counted nothing")
-            return count
-    raise _NoTokenizer(f"{endpoint.engine.value} servers have no route that counts tokens")
-
-
-def _constrain(engine: RemoteEngine, grammar: CallGrammar, body: dict[str, Any]) -> GrammarOutcome:
-    """Put `grammar` in a completion request where the engine takes one (llama.cpp's server: GBNF,
-    lazy with a trigger pattern, as the local worker builds it); say why not elsewhere."""
-    if engine is not RemoteEngine.LLAMA_SERVER:
-        return GrammarOutcome(GrammarUse.UNAVAILABLE, f"{engine.value} servers are not sent grammars; the reply "
-                                                      "was free text, parsed as usual")  # fmt: skip
-    from bastion.worker.grammar import (  # imports llama_cpp: only here
-        GrammarError,
-        call_gbnf,
-        trigger_pattern,
-    )
-
-    try:
-        body["grammar"] = call_gbnf(grammar)
-    except GrammarError as exc:
-        return GrammarOutcome(GrammarUse.FAILED, str(exc))
-    if not grammar.lazy:
-        return GrammarOutcome(GrammarUse.FULL)
-    body["grammar_lazy"] = True
-    # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: the whole reply so far must match; the
-    # grammar is fed from the first capture group on.
-    body["grammar_triggers"] = [{"type": _TRIGGER_PATTERN_FULL, "value": trigger_pattern(grammar.start)}]
-    return GrammarOutcome(GrammarUse.LAZY)
-
-
-_TRIGGER_PATTERN_FULL = 3
-_DONE = object()
 # What a health check asks each engine for: cheap, and answered without a model at work.
 _HEALTH_PATHS = {RemoteEngine.LLAMA_SERVER: "/health", RemoteEngine.OPENAI: "/v1/models",
                  RemoteEngine.OLLAMA: "/api/version"}
-
-
-@dataclass
-class _Facts:
-    n_ctx: int = 0
-    n_ctx_train: int = 0
-    n_vocab: int = 0
-    n_params: int = 0
-    size: int = 0
-    architecture: str = ""
-    chat_template: str = ""
-    bos_token: str = ""
-    eos_token: str = ""
-    model_name: str = ""
-    missing_model: str = ""
-
-
-async def _json(client: httpx.AsyncClient, method: str, path: str, body: Any = None) -> Any:
-    response = await client.request(method, path, json=body)
-    response.raise_for_status()
-    return response.json()
-
-
-async def _llama_server_facts(client: httpx.AsyncClient) -> _Facts:
-    props = await _json(client, "GET", "/props")
-    settings = props.get("default_generation_settings") or {}
-    facts = _Facts(n_ctx=int(settings.get("n_ctx") or 0), chat_template=str(props.get("chat_template") or ""),
-                   bos_token=str(props.get("bos_token") or ""), eos_token=str(props.get("eos_token") or ""),
-                   model_name=os.path.basename(str(props.get("model_path") or "")))  # fmt: skip
-    with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError, IndexError):
-        meta = (await _json(client, "GET", "/v1/models"))["data"][0].get("meta") or {}
-        facts.n_ctx_train, facts.n_vocab = int(meta.get("n_ctx_train") or 0), int(meta.get("n_vocab") or 0)
-        facts.n_params, facts.size = int(meta.get("n_params") or 0), int(meta.get("size") or 0)
-    return facts
-
-
-async def _openai_facts(client: httpx.AsyncClient, model: str) -> _Facts:
-    listed = (await _json(client, "GET", "/v1/models"))["data"]
-    ids = [str(entry.get("id")) for entry in listed if isinstance(entry, dict)]
-    if model and model not in ids:
-        return _Facts(missing_model=f"the server does not list the model '{model}' (it has: "
-                                    f"{', '.join(ids) or 'none'}): set `model` in config.toml to one of them")
-    entry = next((e for e in listed if isinstance(e, dict) and (not model or e.get("id") == model)), {})
-    meta = entry.get("meta") or {}  # llama.cpp's server
-    return _Facts(n_ctx=int(entry.get("max_model_len") or 0),  # vLLM
-                  n_ctx_train=int(meta.get("n_ctx_train") or 0), n_vocab=int(meta.get("n_vocab") or 0),
-                  n_params=int(meta.get("n_params") or 0), size=int(meta.get("size") or 0),
-                  model_name=model or str(entry.get("id") or ""))  # fmt: skip
-
-
-async def _ollama_facts(client: httpx.AsyncClient, model: str) -> _Facts:
-    if not model:
-        return _Facts(missing_model="an Ollama model needs `model` (the name `ollama list` shows) in config.toml")
-    response = await client.post("/api/show", json={"model": model})
-    if response.status_code == 404:
-        return _Facts(missing_model=f"Ollama has no model '{model}': `ollama pull {model}` on that machine, "
-                                    "or set `model` to one `ollama list` shows")  # fmt: skip
-    response.raise_for_status()
-    shown = response.json()
-    info = shown.get("model_info") or {}
-    architecture = str(info.get("general.architecture") or "")
-    # Ollama's `template` is Go text/template, not Jinja: bastion renders with its built-in one for the
-    # architecture (or the model's `template` setting) instead.
-    return _Facts(n_ctx_train=int(info.get(f"{architecture}.context_length") or 0), architecture=architecture,
-                  n_params=int(info.get("general.parameter_count") or 0), model_name=model)  # fmt: skip
-
-
-async def _status_failure(response: StreamResponse, where: str) -> _Failure:
-    try:
-        body = await response.read_some(ERROR_BODY_BYTES)
-    except StreamError as exc:  # the status says enough
-        body = f"(its body: {exc.reason})".encode()
-    text = _excerpt(body.decode("utf-8", errors="replace"))
-    status = f"{response.status_code} {response.reason_phrase}".strip()
-    if response.status_code in (429, 503):
-        after = _retry_after_ms(response.headers.get("retry-after"))
-        return _Failure(ErrorCode.REMOTE_ERROR, f"{where} is busy ({status}): {text}", retryable=True,
-                        retry_after_ms=after if after is not None else int(RETRY_DELAY_S * 1000))  # fmt: skip
-    hint = ""
-    if response.status_code in (401, 403):
-        hint = "; check the API key (api_key_env or api_key_file)"
-    elif response.status_code == 404:
-        hint = "; check `url` (the server's base, without /v1) and `engine`"
-    return _Failure(ErrorCode.REMOTE_ERROR, f"{where} answered {status}: {text}{hint}")
-
-
-def _retry_after_ms(value: str | None) -> int | None:
-    try:
-        return max(0, int(float(value) * 1000)) if value else None
-    except ValueError:
-        return None  # an HTTP date: not worth parsing for a bounded retry
-
-
-def _excerpt(text: str) -> str:
-    """An error body, short and on one line (an HTML page shows its text, not its markup)."""
-    if "<html" in text[:500].lower():
-        import re
-
-        title = re.search(r"<title>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
-        text = f"an HTML page{': ' + title.group(1).strip() if title else ''}"
-    text = " ".join(text.split())
-    return text[:300] + ("…" if len(text) > 300 else "") if text else "(no body)"
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:300]
-
-
-async def _lines(response: StreamResponse) -> AsyncIterator[bytes | None]:
-    """The response's lines, and None each time what has arrived is used up; refusing a line
-    longer than MAX_LINE_BYTES instead of holding it all."""
-    pending = b""
-    async for chunk in response.body():
-        if chunk is None:
-            yield None
-            continue
-        pending += chunk
-        while (cut := pending.find(b"\n")) >= 0:
-            line, pending = pending[:cut], pending[cut + 1 :]
-            yield line.rstrip(b"\r")
-        if len(pending) > MAX_LINE_BYTES:
-            raise _Failure(ErrorCode.REMOTE_ERROR, f"the server sent a line longer than {MAX_LINE_BYTES} bytes")
-    if pending.strip():
-        yield pending
-
-
-def _payload(line: bytes, framing: Framing) -> Any:
-    """The JSON a stream line carries (an SSE `error:` field as `{"error": ...}`); None for lines that carry
-    none (SSE comments, blank lines, other fields); _DONE for OpenAI's end marker."""
-    if framing is Framing.SSE:
-        if line.startswith(b"error:"):
-            # llama.cpp's server sends a failure mid-reply as an `error:` field (followed by `data: [DONE]`
-            # on its OpenAI-compatible endpoints): read as the `error` member the other engines send.
-            text = line[6:].strip()
-            try:
-                return {"error": json.loads(text) or "an error without a message"}
-            except ValueError:
-                return {"error": text.decode(errors="replace") or "an error without a message"}
-        if not line.startswith(b"data:"):
-            return None  # event:, id:, retry:, a ': keep-alive' comment, the blank separator
-        line = line[5:].strip()
-        if line == b"[DONE]":
-            return _DONE
-    elif not line.strip():
-        return None
-    try:
-        return json.loads(line)
-    except ValueError:
-        raise _Failure(ErrorCode.REMOTE_ERROR,
-                       f"the server sent a line that is not JSON: {_excerpt(line[:200].decode(errors='replace'))}") from None

@@ -29,7 +29,10 @@ from typing import Any
 import msgspec
 
 from bastion.protocol import SamplingParams, StopReason
+from bastion.protocol.common import GrammarUse
 from bastion.protocol.remote import RemoteEndpoint, RemoteEngine
+from bastion.protocol.worker_wire import CallGrammar
+from bastion.worker.engine import GrammarOutcome
 
 
 class Framing(enum.Enum):
@@ -277,3 +280,32 @@ def _error_text(error: Any) -> str:
     if isinstance(error, dict):
         return str(error.get("message") or error)[:500]
     return str(error)[:500]
+
+
+# llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL
+TRIGGER_PATTERN_FULL = 3
+
+
+def constrain(engine: RemoteEngine, grammar: CallGrammar, body: dict[str, Any]) -> GrammarOutcome:
+    """Put `grammar` in a completion request where the engine takes one (llama.cpp's server: GBNF,
+    lazy with a trigger pattern, as the local worker builds it); say why not elsewhere."""
+    if engine is not RemoteEngine.LLAMA_SERVER:
+        return GrammarOutcome(GrammarUse.UNAVAILABLE, f"{engine.value} servers are not sent grammars; the reply "
+                                                      "was free text, parsed as usual")  # fmt: skip
+    from bastion.worker.grammar import (  # imports llama_cpp: only here
+        GrammarError,
+        call_gbnf,
+        trigger_pattern,
+    )
+
+    try:
+        body["grammar"] = call_gbnf(grammar)
+    except GrammarError as exc:
+        return GrammarOutcome(GrammarUse.FAILED, str(exc))
+    if not grammar.lazy:
+        return GrammarOutcome(GrammarUse.FULL)
+    body["grammar_lazy"] = True
+    # llama.cpp's COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL: the whole reply so far must match; the
+    # grammar is fed from the first capture group on.
+    body["grammar_triggers"] = [{"type": TRIGGER_PATTERN_FULL, "value": trigger_pattern(grammar.start)}]
+    return GrammarOutcome(GrammarUse.LAZY)

@@ -28,7 +28,8 @@ import msgspec
 from bastion.protocol import GenerationStats, RequestFailed, SamplingParams, StopReason, TokenDelta
 from bastion.protocol.remote import ProbeStep, RemoteEndpoint, RemoteMode, RemoteProbe
 from bastion.protocol.worker_wire import FromWorker, Generate, GenerationFinished
-from bastion.worker.remote.core import RemoteCore, RemoteUnavailable, read_api_key
+from bastion.worker.remote.core import RemoteCore
+from bastion.worker.remote.server_facts import RemoteUnavailable, read_api_key
 
 PROBE_PROMPT = "Hello"
 PROBE_TOKENS = 4

@@ -22,7 +22,8 @@ import pytest
 from bastion.protocol import HomeLayout, KvCacheType
 from bastion.supervisor.config import SupervisorConfig
 from bastion.supervisor.errors import InsufficientMemoryError, ModelBusyError, RegistryError
-from bastion.supervisor.models.loaded import LoadedModels, status_of
+from bastion.supervisor.models.loaded import LoadedModels
+from bastion.supervisor.models.loaded_model import status_of
 from bastion.supervisor.models.memory import SCRIPTED_BYTES, BudgetSetting
 from bastion.supervisor.models.registry import DEFAULT_KEEP_ALIVE_S, MemorySettings, ModelRegistry, ModelSpec
 from bastion.supervisor.models.sources import ScriptedReplies

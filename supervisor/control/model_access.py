@@ -11,7 +11,8 @@ import logging
 
 from bastion.protocol.remote import RemoteEndpoint, RemoteMode
 from bastion.supervisor.control.models import load_progress
-from bastion.supervisor.models.loaded import LoadedModel, LoadedModels
+from bastion.supervisor.models.loaded import LoadedModels
+from bastion.supervisor.models.loaded_model import LoadedModel
 from bastion.supervisor.models.registry import ModelSpec
 from bastion.supervisor.models.sources import ScriptedReplies
 from bastion.supervisor.models.tokenizer import (

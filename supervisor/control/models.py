@@ -33,7 +33,8 @@ from bastion.protocol.control import (
     UnloadModel,
 )
 from bastion.supervisor.errors import SupervisorError, UnknownModelError
-from bastion.supervisor.models.loaded import LoadedModels, LoadProgressCallback, status_of
+from bastion.supervisor.models.loaded import LoadedModels, LoadProgressCallback
+from bastion.supervisor.models.loaded_model import status_of
 from bastion.supervisor.models.registry import ModelSpec, RegistryWatcher
 from bastion.supervisor.models.sources import existing_gguf
 

@@ -35,7 +35,7 @@ from bastion.supervisor.models.memory import Holder, MemoryBudget, plan_admissio
 from bastion.supervisor.models.usage import Cancellable, normalize_keep_alive
 
 if TYPE_CHECKING:
-    from bastion.supervisor.models.loaded import LoadedModel
+    from bastion.supervisor.models.loaded_model import LoadedModel
 
 log = logging.getLogger(__name__)
 
